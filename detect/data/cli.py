@@ -1,0 +1,124 @@
+"""CLI verbs for line data: ``defectkit synth`` and ``defectkit data import|check|stats|split``.
+
+Handlers only parse arguments and call the library functions the tests call; modules are imported
+inside the handlers so ``defectkit --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge_runtime.errors import UserInputError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("synth", help="generate a synthetic PCB line (PKU-Market-PCB defect classes)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (normalised COCO layout + line spec)")
+    p.add_argument("--line", default="pcb-demo", help="line id (default pcb-demo)")
+    p.add_argument("--count", type=int, default=300, help="number of boards (default 300)")
+    p.add_argument("--size", type=int, nargs=2, default=(320, 320), metavar=("W", "H"), help="image size (320 320)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    p.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg", help="image format")
+    p.add_argument("--defect-free", type=float, default=0.12, help="share of boards without defects (0.12)")
+    p.add_argument("--val", type=float, default=0.2, help="validation share of the split (0.2)")
+    p.set_defaults(func=_synth)
+
+    data = subparsers.add_parser("data", help="import, check, split and describe a line's data set")
+    sub = data.add_subparsers(dest="data_verb", metavar="ACTION")
+    sub.required = True
+
+    imp = sub.add_parser("import", help="convert COCO / VOC / YOLO / LabelMe labels into the kit's layout")
+    imp.add_argument("src", type=Path, help="folder (VOC, YOLO, LabelMe) or COCO JSON file / folder")
+    imp.add_argument("--format", dest="src_format", required=True, choices=("coco", "voc", "yolo", "labelme"))
+    imp.add_argument("--classes", help="comma-separated class names in contract order")
+    imp.add_argument("--spec", type=Path, help="line spec whose classes to use (instead of --classes)")
+    imp.add_argument("--line", help="line id of the line spec written to OUT (default: the folder name)")
+    imp.add_argument("--out", required=True, type=Path, help="output folder")
+    imp.add_argument("--images", type=Path, help="image folder (COCO: default beside the JSON)")
+    imp.add_argument("--drop-unknown", action="store_true", help="drop boxes of classes not in the list")
+    imp.add_argument("--val", type=float, default=0.2, help="validation share of the split (0.2)")
+    imp.add_argument("--seed", type=int, default=0, help="split seed (0)")
+    imp.set_defaults(func=_import)
+
+    chk = sub.add_parser("check", help="report every fault of a data set (exit code 2 if any)")
+    chk.add_argument("target", type=Path, help="line spec YAML, data set folder, or COCO JSON file")
+    chk.add_argument("--fix", type=Path, metavar="OUT", help="write a repaired copy into OUT")
+    chk.set_defaults(func=_check)
+
+    st = sub.add_parser("stats", help="per-class counts, box and image sizes (text and PNG)")
+    st.add_argument("target", type=Path, help="line spec YAML, data set folder, or COCO JSON file")
+    st.add_argument("--out", type=Path, help="PNG file for the histograms")
+    st.set_defaults(func=_stats)
+
+    sp = sub.add_parser("split", help="stratified train/val split of annotations/all.json")
+    sp.add_argument("target", type=Path, help="line spec YAML or data set folder")
+    sp.add_argument("--val", type=float, help="validation share (default: the line spec's data.val_fraction)")
+    sp.add_argument("--seed", type=int, help="split seed (default: the line spec's data.split_seed)")
+    sp.set_defaults(func=_split)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .synth import generate_line
+
+    spec = generate_line(
+        args.out, line=args.line, count=args.count, size=tuple(args.size), seed=args.seed,
+        defect_free_fraction=args.defect_free, val_fraction=args.val, image_format=args.image_format,
+    )
+    print(spec.source)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .importers import import_dataset, resolve_classes
+
+    classes = resolve_classes(args.classes, args.spec)
+    spec = import_dataset(
+        args.src_format, args.src, classes, args.out, line=args.line, images_dir=args.images,
+        drop_unknown=args.drop_unknown, val_fraction=args.val, seed=args.seed,
+    )
+    print(spec.source)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_target, fix_dataset_target
+
+    report = check_target(args.target)
+    print(report.format())
+    if args.fix:
+        fixed = fix_dataset_target(args.target, args.fix)
+        print(f"repaired copy written to {args.fix} ({len(fixed.changes)} change(s), see {fixed.report_path})")
+    return 0 if report.ok else 2
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .stats import dataset_stats, resolve_annotations
+
+    ann, images, classes = resolve_annotations(args.target)
+    stats = dataset_stats(ann, classes)
+    print(stats.format())
+    if args.out:
+        stats.plot(args.out)
+        print(f"histograms written to {args.out}")
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from detect.linespec import LineSpec
+
+    from .split import split_dataset
+
+    target = args.target
+    val, seed = args.val, args.seed
+    if target.suffix in (".yaml", ".yml"):
+        spec = LineSpec.load(target)
+        root = spec.paths.root
+        val = spec.data["val_fraction"] if val is None else val
+        seed = spec.data["split_seed"] if seed is None else seed
+    elif target.is_dir():
+        root = target
+    else:
+        raise UserInputError(f"data split: '{target}' is neither a line spec (.yaml) nor a data set folder.")
+    train, val_path = split_dataset(root, 0.2 if val is None else val, 0 if seed is None else seed)
+    print(f"wrote {train} and {val_path}")
+    return 0
