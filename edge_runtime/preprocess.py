@@ -1,0 +1,84 @@
+"""The one pre-processing of the kit: the trainer's evaluation and the edge box run the same steps.
+
+It reproduces PaddleDetection's PP-YOLOE TestReader (``Decode -> Resize{keep_ratio: false} ->
+NormalizeImage{is_scale: true} -> Permute``) without importing ppdet, and :func:`ppdet_test_transforms`
+gives the trainer that reader's configuration built from the same :class:`InputSpec`, so the two sides
+cannot drift apart (tests compare both on real images).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_runtime.errors import ConfigError, DataError
+from edge_runtime.modelspec import InputSpec
+
+
+def as_bgr(image: np.ndarray, where: str = "image") -> np.ndarray:
+    """Accept what cameras and cv2 give (H,W,3 BGR; grey H,W or H,W,1; BGRA) and return H,W,3 uint8 BGR."""
+    if not isinstance(image, np.ndarray):
+        raise DataError(f"{where}: expected a numpy image as cv2.imread returns it, got {type(image).__name__}.")
+    if image.dtype != np.uint8:
+        raise DataError(f"{where}: expected 8-bit pixels (uint8), got {image.dtype}. Convert with cv2.convertScaleAbs.")
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise DataError(f"{where}: expected an H x W x 3 BGR image, got shape {image.shape}.")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise DataError(f"{where}: empty image of shape {image.shape}.")
+    return image
+
+
+def preprocess(image_bgr: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """BGR uint8 image -> (image [1,3,h,w] float32, scale_factor [1,2] float32 = [[h/H, w/W]]).
+
+    Steps, in ppdet's order: colour to ``spec.color``, stretch-resize to (w, h) with ``spec.interp``,
+    ``* scale``, ``- mean``, ``/ std``, HWC -> CHW. The arithmetic mirrors ppdet's NormalizeImage
+    (float32 multiply by the scale, float64 mean/std applied in place) so the results agree bit for bit.
+    """
+    image = as_bgr(image_bgr)
+    src_h, src_w = image.shape[:2]
+    dst_h, dst_w = spec.size
+    if spec.color == "RGB":
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if (src_h, src_w) != (dst_h, dst_w):
+        image = cv2.resize(image, (dst_w, dst_h), interpolation=spec.cv2_interp)
+    out = image.astype(np.float32)
+    out *= np.float32(spec.scale)
+    if any(spec.mean):
+        out -= np.asarray(spec.mean, dtype=np.float64)[None, None, :]
+    if any(s != 1.0 for s in spec.std):
+        out /= np.asarray(spec.std, dtype=np.float64)[None, None, :]
+    chw = np.ascontiguousarray(out.transpose(2, 0, 1))[None]
+    scale_factor = np.array([[dst_h / src_h, dst_w / src_w]], dtype=np.float32)
+    return chw, scale_factor
+
+
+def ppdet_test_transforms(spec: InputSpec) -> list[dict[str, Any]]:
+    """PaddleDetection ``TestReader.sample_transforms`` equivalent to :func:`preprocess` for this spec.
+
+    The trainer puts this list in its reader config (or builds the operators from it), so evaluation
+    sees exactly the input the edge box computes.
+    """
+    if spec.color != "RGB":
+        raise ConfigError("ppdet's Decode always yields RGB: a 'BGR' input spec has no TestReader equivalent.")
+    if math.isclose(spec.scale, 1.0 / 255.0, rel_tol=1e-12):
+        is_scale = True
+    elif spec.scale == 1.0:
+        is_scale = False
+    else:
+        raise ConfigError(
+            f"input scale {spec.scale} has no ppdet NormalizeImage equivalent (it scales by 1/255 or not at all): "
+            "use scale 1/255 and fold other factors into mean/std."
+        )
+    return [
+        {"Decode": {}},
+        {"Resize": {"target_size": [spec.height, spec.width], "keep_ratio": False, "interp": spec.cv2_interp}},
+        {"NormalizeImage": {"mean": list(spec.mean), "std": list(spec.std), "is_scale": is_scale}},
+        {"Permute": {}},
+    ]
