@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Build (once, cached) and use an edge-box root filesystem: Debian bullseye, Python 3.9, Paddle Lite 2.13rc0,
+# ONNX Runtime, numpy, opencv-python-headless, cryptography and the kit's edge_runtime in /opt/edge.
+# PyPI has paddlelite only for Python <= 3.10, so the kit converts and runs .nb files in here (STACK.md).
+#
+#   scripts/edge_box.sh [build] [ROOT]         build or refresh (default ROOT: $DEFECTKIT_CACHE/edgebox-bullseye-py39)
+#   scripts/edge_box.sh run [--root ROOT] [--bind PATH]... [--] CMD...
+#                                              run CMD inside the box: project read-only at /opt/defectkit,
+#                                              /proc mounted, PYTHONPATH=/opt/defectkit, each --bind PATH
+#                                              read-write at the same path. Mounts live in a private mount
+#                                              namespace (unshare), so they vanish when CMD ends, even on a crash.
+#   scripts/edge_box.sh path                   print the default ROOT
+# Needs root (debootstrap, chroot, mount). A second build with the same recipe only refreshes edge_runtime.
+set -euo pipefail
+
+PROJECT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${DEFECTKIT_CACHE:-$HOME/.cache/defectkit}"
+DEFAULT_ROOT="$CACHE/edgebox-bullseye-py39"
+SUITE=bullseye
+MIRROR="${DEFECTKIT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# Pins chosen because they have cp39 manylinux wheels that run on bullseye's glibc 2.31.
+PIP_PACKAGES=(paddlelite==2.13rc0 numpy==1.23.5 opencv-python-headless==4.8.1.78 onnxruntime==1.19.2
+              cryptography==43.0.3)
+STAMP_NAME=.defectkit-edgebox-recipe
+BOX_PROJECT=/opt/defectkit   # where `run` mounts the project
+
+log() { printf 'edge_box: %s\n' "$*" >&2; }
+die() { printf 'edge_box: error: %s\n' "$*" >&2; exit 2; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, mount): run it with sudo"; }
+
+# The pip index settings the host uses, replicated inside the box. file:// mirrors are bind-mounted read-only
+# during the install; the public index is reached directly when no index-url is configured.
+host_pip_conf() {
+  local key val
+  printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\ndefault-timeout = 180\ndisable-pip-version-check = 1\n'
+  for key in index-url extra-index-url find-links; do
+    val="$(pip_config_get "$key")"
+    [ -n "$val" ] && printf '%s = %s\n' "$key" "$val"
+  done
+  return 0
+}
+
+pip_config_get() {  # value of a global pip setting: environment first, then pip's config files
+  local key="$1" env="PIP_$(echo "$1" | tr 'a-z-' 'A-Z_')"
+  if [ -n "${!env:-}" ]; then echo "${!env}"; return; fi
+  if command -v pip >/dev/null; then pip config get "global.$key" 2>/dev/null || true
+  else python3 -m pip config get "global.$key" 2>/dev/null || true; fi
+}
+
+local_pip_dirs() {  # directories behind file:// URLs and plain paths in the pip settings
+  host_pip_conf | sed -n 's/^\(index-url\|extra-index-url\|find-links\) = //p' | tr ' ' '\n' \
+    | sed -n 's#^file://##p; s#^\(/.*\)#\1#p' \
+    | while read -r d; do
+        d="${d%/}"; [ "${d##*/}" = simple ] && d="${d%/simple}"   # index pages link to ../../files
+        [ -d "$d" ] && echo "$d"
+      done | sort -u
+  return 0
+}
+
+recipe_hash() {
+  { echo "$SUITE ${PIP_PACKAGES[*]} python3,python3-pip,python3-venv"; host_pip_conf; } | sha256sum | cut -c1-16
+}
+
+# Runs "$@" in a private mount namespace with ROOT's /proc, /tmp and the given binds set up, then chroots.
+# Args: ROOT RO_BINDS(newline list "src dst") RW_BINDS(newline list of paths) -- CMD...
+IN_BOX_SCRIPT='
+set -euo pipefail
+root="$1" ro="$2" rw="$3"; shift 3
+mount -t proc proc "$root/proc"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+while read -r src dst; do
+  [ -n "$src" ] || continue
+  mkdir -p "$root$dst"; mount --bind "$src" "$root$dst"; mount -o remount,bind,ro "$root$dst"
+done <<< "$ro"
+while read -r p; do
+  [ -n "$p" ] || continue
+  mkdir -p "$root$p"; mount --bind "$p" "$root$p"
+done <<< "$rw"
+exec chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/edge/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  PYTHONPATH="${BOX_PYTHONPATH:-}" PYTHONDONTWRITEBYTECODE=1 "$@"
+'
+in_box() {
+  local root="$1" ro="$2" rw="$3"; shift 4
+  unshare --mount --propagation private --fork -- /bin/bash -c "$IN_BOX_SCRIPT" in_box "$root" "$ro" "$rw" "$@"
+}
+
+refresh_edge_runtime() {  # the kit's edge_runtime, copied (not linked) so the box stands alone
+  local root="$1" site
+  site="$(ls -d "$root"/opt/edge/lib/python3*/site-packages | head -n1)"
+  rm -rf "$root/opt/edge/kit.new"; mkdir -p "$root/opt/edge/kit.new"
+  cp -r "$PROJECT/edge_runtime" "$root/opt/edge/kit.new/"
+  find "$root/opt/edge/kit.new" -name __pycache__ -prune -exec rm -rf {} +
+  rm -rf "$root/opt/edge/kit.old"; [ -d "$root/opt/edge/kit" ] && mv "$root/opt/edge/kit" "$root/opt/edge/kit.old"
+  mv "$root/opt/edge/kit.new" "$root/opt/edge/kit"; rm -rf "$root/opt/edge/kit.old"
+  echo /opt/edge/kit > "$site/defectkit-edge-runtime.pth"
+}
+
+build() {
+  local root="${1:-$DEFAULT_ROOT}" want t0
+  need_root
+  mkdir -p "$(dirname "$root")"
+  exec 9>"$root.lock"; flock 9   # one builder/refresher at a time (tests may run in parallel)
+  want="$(recipe_hash)"
+  if [ -f "$root/$STAMP_NAME" ] && [ "$(cat "$root/$STAMP_NAME")" = "$want" ]; then
+    refresh_edge_runtime "$root"; log "up to date ($root, recipe $want); edge_runtime refreshed"; return 0
+  fi
+  if [ -e "$root" ]; then
+    log "recipe changed or build unfinished: rebuilding $root"
+    # Refuse to delete something that is not one of our boxes (or holds live mounts).
+    [ -d "$root/opt" ] || [ -d "$root/debootstrap" ] || [ -z "$(ls -A "$root")" ] \
+      || die "$root exists and is not an edge box: remove it or pass another ROOT"
+    if grep -q " $(realpath "$root")/" /proc/mounts; then die "$root has mounts in use: unmount them first"; fi
+    rm -rf "$root"
+  fi
+  command -v debootstrap >/dev/null || { log "installing debootstrap on the host"; \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+  mkdir -p "$root"
+  t0=$SECONDS
+  log "debootstrap $SUITE into $root"
+  debootstrap --variant=minbase --include=python3,python3-pip,python3-venv "$SUITE" "$root" "$MIRROR" \
+    > "$root.debootstrap.log" 2>&1 || { tail -n 20 "$root.debootstrap.log" >&2; die "debootstrap failed (log: $root.debootstrap.log)"; }
+  log "debootstrap took $((SECONDS - t0)) s"
+  cp /etc/resolv.conf "$root/etc/resolv.conf"
+  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+  host_pip_conf > "$root/etc/pip.conf"
+  local ro="" d
+  for d in $(local_pip_dirs); do ro+="$d $d"$'\n'; done
+  t0=$SECONDS
+  log "pip install ${PIP_PACKAGES[*]}"
+  in_box "$root" "$ro" "" -- /bin/sh -c \
+    "python3 -m venv /opt/edge && /opt/edge/bin/pip install -q --no-cache-dir $(printf "'%s' " "${PIP_PACKAGES[@]}")" >&2
+  log "pip took $((SECONDS - t0)) s"
+  in_box "$root" "" "" -- /opt/edge/bin/python -c \
+    "import paddlelite.lite, onnxruntime, cv2, numpy, cryptography; print('edge box ok', onnxruntime.__version__, numpy.__version__)" >&2
+  refresh_edge_runtime "$root"
+  rm -rf "$root/var/cache/apt/archives/"*.deb
+  echo "$want" > "$root/$STAMP_NAME"
+  log "built $root (recipe $want)"
+}
+
+run() {
+  local root="$DEFAULT_ROOT" rw=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --root) root="$2"; shift 2 ;;
+      --bind) [ -d "$2" ] || die "--bind $2: no such directory"; rw+="$(realpath "$2")"$'\n'; shift 2 ;;
+      --) shift; break ;;
+      *) break ;;
+    esac
+  done
+  [ $# -gt 0 ] || die "run: no command given (usage: edge_box.sh run [--root ROOT] [--bind PATH]... -- CMD...)"
+  need_root
+  [ -f "$root/$STAMP_NAME" ] || die "no edge box at $root: build it first with scripts/edge_box.sh build"
+  BOX_PYTHONPATH="$BOX_PROJECT" in_box "$root" "$PROJECT $BOX_PROJECT" "$rw" -- "$@"
+}
+
+export BOX_PYTHONPATH="${BOX_PYTHONPATH:-}"
+case "${1:-build}" in
+  build) shift || true; build "${1:-}" ;;
+  run) shift; run "$@" ;;
+  path) echo "$DEFAULT_ROOT" ;;
+  -h|--help|help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) build "$1" ;;
+esac
