@@ -19,7 +19,9 @@ VERB_MODULES: tuple[str, ...] = (
     "defectkit.demo",
     "detect.data.cli",
     "detect.cli",
+    "compress.cli",
     "edge_runtime.cli",
+    "fleet.cli",
 )
 
 

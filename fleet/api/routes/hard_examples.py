@@ -1,0 +1,60 @@
+"""POST /api/v1/hard-examples: JSON ``{"meta": {...}, "image_b64": "<JPEG>"}``; GET lists them (admin).
+
+JSON with base64 rather than multipart: the edge box builds it with the standard library alone and
+the metadata is validated by the same code (``edge_runtime.hard_examples``) on both sides.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Optional
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from edge_runtime.fileio import atomic_write_bytes
+from edge_runtime.hard_examples import SCHEMA, hard_example_errors
+from fleet import store
+from fleet.api.deps import AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, parse_json, read_body
+from fleet.settings import CollectorSettings
+
+router = APIRouter(prefix="/api/v1/hard-examples", tags=["hard-examples"])
+
+
+def _store(settings: CollectorSettings, meta: dict, image: bytes) -> str:
+    with store.session(path=settings.db) as conn:
+        if store.hard_example_exists(conn, hard_example_id=meta["id"]):
+            return "duplicate"
+        path = settings.data_dir / meta["line"] / meta["device_id"] / f"{meta['id']}.jpg"
+        atomic_write_bytes(path, image)  # file first: a crash leaves an orphan file, never a row without image
+        return store.insert_hard_example(conn, meta=meta, image_path=str(path),
+                                         image_sha256=hashlib.sha256(image).hexdigest(), image_bytes=len(image))
+
+
+@router.post("", status_code=201)
+async def post_hard_example(request: Request, settings: SettingsDep, device: CurrentDevice) -> JSONResponse:
+    obj = parse_json(await read_body(request, settings.max_hard_example_bytes, "hard example"), "hard example")
+    if not isinstance(obj, dict) or set(obj) != {"meta", "image_b64"}:
+        raise HTTPException(status_code=422, detail='hard example must be {"meta": {...}, "image_b64": "<JPEG>"}')
+    errs = hard_example_errors(obj["meta"])
+    if errs:
+        raise HTTPException(status_code=422, detail=f"hard-example meta does not follow {SCHEMA}: " + "; ".join(errs))
+    meta = obj["meta"]
+    check_claim(device, meta["device_id"], "hard example")
+    try:
+        image = base64.b64decode(obj["image_b64"], validate=True)
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise HTTPException(status_code=400, detail=f"image_b64 is not valid base64: {exc}") from exc
+    if not image.startswith(b"\xff\xd8"):
+        raise HTTPException(status_code=422, detail="image_b64 does not hold a JPEG (no FF D8 start marker)")
+    outcome = await run_in_threadpool(_store, settings, meta, image)
+    return JSONResponse({"id": meta["id"], "duplicate": outcome == "duplicate"},
+                        status_code=201 if outcome == "inserted" else 200)
+
+
+@router.get("")
+def get_hard_examples(db: DbDep, _: AdminDep, line: Optional[str] = None, device: Optional[str] = None,
+                      limit: int = Query(100, ge=1, le=1000)) -> dict:
+    return {"hard_examples": store.list_hard_examples(db, line=line, device=device, limit=limit)}

@@ -1,0 +1,42 @@
+"""POST /api/v1/reports (devices) and GET /api/v1/reports (admin)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from edge_runtime.report import SCHEMA, report_errors
+from fleet import store
+from fleet.api.deps import AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, parse_json, read_body
+from fleet.settings import CollectorSettings
+
+router = APIRouter(prefix="/api/v1/reports", tags=["reports"])
+
+
+def _store(settings: CollectorSettings, report: dict) -> str:
+    with store.session(path=settings.db) as conn:
+        return store.insert_report(conn, report=report)
+
+
+@router.post("", status_code=201)
+async def post_report(request: Request, settings: SettingsDep, device: CurrentDevice) -> JSONResponse:
+    """Store a report once: 201 new, 200 with duplicate=true if its id is already stored."""
+    obj = parse_json(await read_body(request, settings.max_report_bytes, "report"), "report")
+    errs = report_errors(obj)  # the edge box's own schema code
+    if errs:
+        raise HTTPException(status_code=422, detail=f"report does not follow {SCHEMA}: " + "; ".join(errs))
+    check_claim(device, obj["device_id"], "report")
+    outcome = await run_in_threadpool(_store, settings, obj)
+    if outcome == "conflict":
+        raise HTTPException(status_code=409, detail=f"report id {obj['id']} is already used by another device")
+    return JSONResponse({"id": obj["id"], "duplicate": outcome == "duplicate"},
+                        status_code=201 if outcome == "inserted" else 200)
+
+
+@router.get("")
+def get_reports(db: DbDep, _: AdminDep, line: Optional[str] = None, device: Optional[str] = None,
+                limit: int = Query(100, ge=1, le=1000)) -> dict:
+    return {"count": store.count_reports(db, line=line, device=device),
+            "reports": store.list_reports(db, line=line, device=device, limit=limit)}

@@ -1,0 +1,84 @@
+"""``defectkit collector serve|list``: run the collector, or read what its store holds."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edge_runtime.errors import UserInputError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("collector", help="central collector of edge reports and hard examples",
+                              description="The central collector: receives reports and hard examples from edge boxes.")
+    add_commands(p)
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="collector_cmd", metavar="COMMAND")
+    sub.required = True
+    s = sub.add_parser("serve", help="serve the collector HTTP API (prints its URL)")
+    s.add_argument("--db", required=True, type=Path, help="SQLite store (created if missing)")
+    s.add_argument("--host", default="127.0.0.1", help="listen address; non-loopback needs --tokens (default %(default)s)")
+    s.add_argument("--port", default=8765, type=int, help="listen port; 0 = any free port (default %(default)s)")
+    s.add_argument("--tokens", type=Path, help="token file (JSON/YAML): {admin: TOKEN, devices: {DEVICE_ID: TOKEN}}")
+    s.add_argument("--data-dir", type=Path, help="hard-example images (default: <db stem>_hard_examples beside the db)")
+    s.add_argument("--max-report-kb", type=int, default=1024, help="largest report body (default %(default)s KB)")
+    s.add_argument("--max-hard-example-kb", type=int, default=5120,
+                   help="largest hard-example body, base64 image included (default %(default)s KB)")
+    s.set_defaults(func=_serve)
+    ls = sub.add_parser("list", help="list what the store holds (reads the db directly)")
+    ls.add_argument("--db", required=True, type=Path, help="SQLite store of the collector")
+    ls.add_argument("--what", choices=("reports", "hard-examples", "devices"), default="reports")
+    ls.add_argument("--line", help="only this line")
+    ls.add_argument("--device", help="only this device")
+    ls.add_argument("--limit", type=int, default=20, help="newest N (default %(default)s)")
+    ls.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    ls.set_defaults(func=_list)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fleet.collector import serve
+    from fleet.settings import CollectorSettings
+
+    settings = CollectorSettings(db=args.db, host=args.host, port=args.port, tokens_file=args.tokens,
+                                 data_dir=args.data_dir, max_report_bytes=args.max_report_kb * 1024,
+                                 max_hard_example_bytes=args.max_hard_example_kb * 1024)
+    serve(settings)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from fleet import store
+
+    if not args.db.is_file():
+        raise UserInputError(f"collector store {args.db} does not exist; give the --db that 'collector serve' uses")
+    with store.session(path=args.db) as conn:
+        if args.what == "reports":
+            rows = store.list_reports(conn, line=args.line, device=args.device, limit=args.limit)
+            cols = [("id", lambda r: r["id"]), ("device", lambda r: r["device_id"]), ("line", lambda r: r["line"]),
+                    ("bundle", lambda r: r["bundle_version"]), ("window_end", lambda r: r["window"]["end"]),
+                    ("frames", lambda r: r["counts"]["frames"]), ("ng", lambda r: r["counts"]["ng"]),
+                    ("drift", lambda r: r["drift"]["state"]), ("alarm", lambda r: "ALARM" if r["alarm"] else "")]
+            total = store.count_reports(conn, line=args.line, device=args.device)
+        elif args.what == "hard-examples":
+            rows = store.list_hard_examples(conn, line=args.line, device=args.device, limit=args.limit)
+            cols = [("id", lambda r: r["id"]), ("device", lambda r: r["device_id"]), ("line", lambda r: r["line"]),
+                    ("time", lambda r: r["time"]), ("max_score", lambda r: f"{r['max_score']:.3f}"),
+                    ("image", lambda r: r["image_path"])]
+            total = len(rows)
+        else:
+            rows = store.list_devices(conn)
+            cols = [("device", lambda r: r["device_id"]), ("line", lambda r: r["line"] or ""),
+                    ("reports", lambda r: r["reports"]), ("token", lambda r: "yes" if r["has_token"] else "no")]
+            total = len(rows)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    table = [[name for name, _ in cols]] + [[str(f(r)) for _, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(f"{len(rows)} shown of {total} {args.what}")
+    return 0
