@@ -1,0 +1,282 @@
+"""Sliding-window drift monitor: per-feature none / warn / alarm with hysteresis, cheap per frame.
+
+``update`` costs one row write into a ring buffer; every ``eval_every`` frames the window is compared with
+the reference (PSI + KS per continuous feature, PSI + chi-square per categorical group), p-values are
+corrected for testing many features at once, and each feature's state machine takes one step.
+A feature enters alarm only after ``hysteresis`` consecutive evaluations at the alarm level and leaves
+warn/alarm only after ``hysteresis`` consecutive evaluations below the warn level, so a line sitting at
+a threshold does not flap.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from edge_runtime.drift.detectors import CategoricalDetector, KSDetector, PSIDetector, Score
+from edge_runtime.drift.features import check_frame
+from edge_runtime.drift.reference import DriftReference, group_counts
+from edge_runtime.drift.stats import adjust_p_values
+from edge_runtime.errors import ConfigError
+
+STATES = ("none", "warn", "alarm")
+CORRECTIONS = ("bonferroni", "fdr", "none")
+MIN_VALID = 20  # fewer finite window values (or reference values) than this: the feature is not scored
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """The ``drift`` section of detect/defaults.yaml (kept equal to it by a test; the box has no YAML)."""
+
+    window: int = 200
+    psi_warn: float = 0.1
+    psi_alarm: float = 0.25
+    ks_p_warn: float = 0.01
+    ks_p_alarm: float = 0.001
+    eval_every: int = 10
+    hysteresis: int = 3
+    min_frames: int = 100
+    correction: str = "bonferroni"
+    psi_max_bins: int = 10
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None, where: str = "drift settings") -> "DriftSettings":
+        """Settings from a dict (a line spec's ``drift`` section, a bundle manifest); unknown keys refused."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in (values or {}).items():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(known))}."
+                raise ConfigError(f"{where}: unknown key 'drift.{key}'.{hint}")
+            default = getattr(cls, key)
+            if isinstance(default, str):
+                ok = isinstance(value, str)
+            elif isinstance(default, int) and not isinstance(default, bool) and not isinstance(default, float):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                value = float(value) if ok else value
+            if not ok:
+                raise ConfigError(f"{where}: 'drift.{key}' must be {type(default).__name__}, got {value!r}.")
+            kwargs[key] = value
+        settings = cls(**kwargs)
+        settings.validate(where)
+        return settings
+
+    def validate(self, where: str = "drift settings") -> None:
+        problems = []
+        if self.window < MIN_VALID:
+            problems.append(f"window must be at least {MIN_VALID} frames (got {self.window})")
+        if not 1 <= self.min_frames <= self.window:
+            problems.append(f"min_frames must be between 1 and window={self.window} (got {self.min_frames})")
+        if self.eval_every < 1 or self.hysteresis < 1:
+            problems.append(f"eval_every and hysteresis must be >= 1 (got {self.eval_every}, {self.hysteresis})")
+        if not 0 < self.psi_warn <= self.psi_alarm:
+            problems.append(f"need 0 < psi_warn <= psi_alarm (got {self.psi_warn}, {self.psi_alarm})")
+        if not 0 < self.ks_p_alarm <= self.ks_p_warn < 1:
+            problems.append(f"need 0 < ks_p_alarm <= ks_p_warn < 1 (got {self.ks_p_alarm}, {self.ks_p_warn})")
+        if self.correction not in CORRECTIONS:
+            problems.append(f"correction must be one of {', '.join(CORRECTIONS)} (got {self.correction!r})")
+        if self.psi_max_bins < 2:
+            problems.append(f"psi_max_bins must be >= 2 (got {self.psi_max_bins})")
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+
+
+def psi_bins(window: int, n_ref: int, psi_warn: float, max_bins: int) -> int:
+    """Bins such that sampling noise alone gives a PSI of at most a third of ``psi_warn``.
+
+    Without drift PSI ~ (bins - 1) * (1/window + 1/n_ref) on average, so ten bins on a 200-frame window
+    would sit at half the warn level and warn on noise; seven bins keep the noise at a third of it.
+    """
+    noise_per_bin = 1.0 / window + 1.0 / max(1, n_ref)
+    return int(min(max_bins, max(2, 1 + math.floor(psi_warn / (3.0 * noise_per_bin)))))
+
+
+class Hysteresis:
+    """One feature's none / warn / alarm state machine over per-evaluation levels 0, 1 (warn), 2 (alarm)."""
+
+    def __init__(self, m: int):
+        self.m = m
+        self.state = "none"
+        self._alarm_run = self._high_run = self._clear_run = 0
+
+    def step(self, level: int) -> str:
+        self._alarm_run = self._alarm_run + 1 if level >= 2 else 0
+        self._high_run = self._high_run + 1 if level >= 1 else 0
+        self._clear_run = self._clear_run + 1 if level == 0 else 0
+        if self._alarm_run >= self.m:
+            self.state = "alarm"
+        elif self.state == "none" and self._high_run >= self.m:
+            self.state = "warn"
+        elif self.state != "none" and self._clear_run >= self.m:
+            self.state = "none"
+        return self.state
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+class DriftMonitor:
+    """Compares a sliding window of frame features with a :class:`DriftReference`.
+
+    ``features`` restricts monitoring to some feature / group names (default: all in the reference).
+    """
+
+    def __init__(
+        self,
+        reference: DriftReference,
+        settings: DriftSettings | Mapping[str, Any] | None = None,
+        features: Iterable[str] | None = None,
+    ):
+        if not isinstance(settings, DriftSettings):
+            settings = DriftSettings.from_mapping(settings)
+        settings.validate()
+        self.settings = settings
+        self.reference = reference
+        wanted = set(features) if features is not None else None
+        known = set(reference.continuous) | set(reference.categorical)
+        if wanted is not None and wanted - known:
+            raise ConfigError(f"drift monitor: unknown features {sorted(wanted - known)}; the reference has {sorted(known)}.")
+        s = settings
+        self._continuous: dict[str, tuple[int, PSIDetector, KSDetector]] = {}
+        self._categorical: dict[str, tuple[list[int], CategoricalDetector]] = {}
+        self._unscored: list[str] = []
+        keys: list[str] = []
+        for name, ref in reference.continuous.items():
+            if wanted is not None and name not in wanted:
+                continue
+            if ref.samples.size < MIN_VALID:
+                self._unscored.append(name)  # e.g. score_mean when the model found nothing on the training images
+                continue
+            bins = psi_bins(s.window, ref.samples.size, s.psi_warn, s.psi_max_bins)
+            psi_det = PSIDetector(bins, s.psi_alarm, min_samples=MIN_VALID).fit(ref.samples)
+            self._continuous[name] = (len(keys), psi_det, KSDetector(s.ks_p_alarm).fit(ref.samples))
+            keys.append(name)
+        for name, cref in reference.categorical.items():
+            if wanted is not None and name not in wanted:
+                continue
+            cols = list(range(len(keys), len(keys) + len(cref.group.keys)))
+            keys.extend(cref.group.keys)
+            det = CategoricalDetector(s.psi_alarm, s.ks_p_alarm, labels=cref.group.labels).fit_counts(cref.counts, cref.units)
+            self._categorical[name] = (cols, det)
+        self._keys = keys
+        self._buffer = np.full((s.window, len(keys)), np.nan)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the window and all states (after a model swap the output statistics start afresh)."""
+        self._buffer[:] = np.nan
+        self._pos = 0
+        self._count = 0
+        self.frames = 0
+        self.evaluations = 0
+        self._machines = {name: Hysteresis(self.settings.hysteresis) for name in [*self._continuous, *self._categorical]}
+        self._last: dict[str, dict[str, Any]] = {}
+
+    @property
+    def state(self) -> str:
+        """The worst feature state: none, warn or alarm."""
+        worst = max((STATES.index(m.state) for m in self._machines.values()), default=0)
+        return STATES[worst]
+
+    def update(self, features: Mapping[str, float]) -> str:
+        """Add one frame's features (from :func:`frame_features`); evaluate every ``eval_every`` frames."""
+        try:
+            row = [features[k] for k in self._keys]
+        except KeyError:
+            check_frame(features, self._keys, f"drift monitor, frame {self.frames}")
+            raise
+        self._buffer[self._pos] = row
+        self._pos = (self._pos + 1) % self.settings.window
+        self._count = min(self._count + 1, self.settings.window)
+        self.frames += 1
+        if self._count >= self.settings.min_frames and self.frames % self.settings.eval_every == 0:
+            self.evaluate()
+        return self.state
+
+    def evaluate(self) -> str:
+        """Score the current window against the reference and step every feature's state machine."""
+        s = self.settings
+        data = self._buffer[: self._count]
+        results: dict[str, dict[str, Any]] = {}
+        p_names: list[str] = []
+        p_values: list[float] = []
+        for name, (col, psi_det, ks_det) in self._continuous.items():
+            x = data[:, col]
+            x = x[np.isfinite(x)]
+            ref = self.reference.continuous[name]
+            entry = {"kind": "continuous", "psi": None, "ks_stat": None, "ks_p": None, "p_adj": None,
+                     "window_mean": _num(float(x.mean())) if x.size else None, "ref_mean": _num(ref.mean)}
+            if x.size >= MIN_VALID:
+                ks: Score = ks_det.score(x)
+                entry.update(psi=psi_det.score(x).distance, ks_stat=ks.distance, ks_p=ks.p_val)
+                p_names.append(name)
+                p_values.append(float(ks.p_val))
+            results[name] = entry
+        for name, (cols, det) in self._categorical.items():
+            cref = self.reference.categorical[name]
+            mat = group_counts(cref.group, data[:, cols])
+            counts = mat.sum(axis=0)
+            key_mean = float(data[:, cols].sum(axis=1).mean()) if data.shape[0] else None
+            ref_key_mean = float(cref.counts[1:].sum() if cref.group.complement else cref.counts.sum()) / self.reference.frames
+            entry = {"kind": "categorical", "psi": None, "ks_stat": None, "ks_p": None, "chi2": None, "chi2_p": None,
+                     "p_adj": None, "window_mean": key_mean, "ref_mean": ref_key_mean,
+                     "window_shares": _shares(cref.group.labels, counts), "ref_shares": _shares(cref.group.labels, cref.counts)}
+            if counts.sum() > 0:
+                sc = det.score_counts(counts, int(np.count_nonzero(mat.sum(axis=1) > 0)))
+                entry.update(psi=sc.distance, chi2=sc.statistic, chi2_p=sc.p_val)
+                p_names.append(name)
+                p_values.append(float(sc.p_val))
+            results[name] = entry
+        for name, p_adj in zip(p_names, adjust_p_values(p_values, s.correction)):
+            results[name]["p_adj"] = p_adj
+        for name, entry in results.items():
+            if entry["p_adj"] is None:
+                entry["state"] = self._machines[name].state  # nothing to score: the state holds
+                continue
+            psi_val, p_adj = entry["psi"], entry["p_adj"]
+            level = 2 if (psi_val >= s.psi_alarm or p_adj < s.ks_p_alarm) else 1 if (psi_val >= s.psi_warn or p_adj < s.ks_p_warn) else 0
+            entry["level"] = level
+            entry["state"] = self._machines[name].step(level)
+        self._last = results
+        self.evaluations += 1
+        return self.state
+
+    def snapshot(self) -> dict[str, Any]:
+        """The report form: worst state and, per feature, state and the numbers of the last evaluation."""
+        feats: dict[str, Any] = {}
+        for name in [*self._continuous, *self._categorical]:
+            entry = dict(self._last.get(name, {"kind": "categorical" if name in self._categorical else "continuous"}))
+            entry["state"] = self._machines[name].state
+            for key in ("psi", "ks_stat", "ks_p", "window_mean", "ref_mean"):
+                entry[key] = _num(entry.get(key))
+            for key in ("p_adj", "chi2", "chi2_p"):
+                if key in entry:
+                    entry[key] = _num(entry[key])
+            entry.pop("level", None)
+            feats[name] = entry
+        for name in self._unscored:
+            feats[name] = {"kind": "continuous", "state": "none", "psi": None, "ks_stat": None, "ks_p": None,
+                           "window_mean": None, "ref_mean": _num(self.reference.continuous[name].mean),
+                           "note": "too few reference values to score"}
+        return {
+            "state": self.state,
+            "frames": self.frames,
+            "window_frames": self._count,
+            "evaluations": self.evaluations,
+            "correction": self.settings.correction,
+            "features": feats,
+        }
+
+
+def _shares(labels: tuple[str, ...], counts: np.ndarray) -> dict[str, float] | None:
+    total = float(np.sum(counts))
+    if total <= 0:
+        return None
+    return {label: float(c) / total for label, c in zip(labels, counts)}
