@@ -118,3 +118,11 @@ def test_cli(tmp_path: Path, capsys) -> None:
     assert len(list((tmp_path / "images").glob("*.png"))) == 4
     assert main(["synth", "--out", str(tmp_path), "--count", "1"]) == 2
     assert "--count must be at least 2" in capsys.readouterr().err
+
+
+def test_example_line_specs_load() -> None:
+    lines = Path(__file__).resolve().parents[1] / "lines"
+    demo = LineSpec.load(lines / "pcb-demo.yaml")
+    assert demo.classes == PKU and demo.model_size == "tiny" and demo.image_size == 320
+    surface = LineSpec.load(lines / "example-surface.yaml")
+    assert surface.runtime["class_thresholds"] == {"stain": 0.6} and surface.data["val_fraction"] == 0.25

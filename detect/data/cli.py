@@ -71,10 +71,10 @@ def _synth(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from .importers import import_dataset, resolve_classes
 
-    classes = resolve_classes(args.classes, args.spec)
+    classes, base = resolve_classes(args.classes, args.spec, args.src_format, args.src)
     spec = import_dataset(
         args.src_format, args.src, classes, args.out, line=args.line, images_dir=args.images,
-        drop_unknown=args.drop_unknown, val_fraction=args.val, seed=args.seed,
+        drop_unknown=args.drop_unknown, val_fraction=args.val, seed=args.seed, base_spec=base,
     )
     print(spec.source)
     return 0

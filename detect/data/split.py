@@ -33,6 +33,21 @@ def strata(coco: dict[str, Any]) -> dict[int, list[int]]:
     return groups
 
 
+def _allocate(sizes: dict[int, int], fraction: float, total: int) -> dict[int, int]:
+    """Validation images per stratum: proportional, summing to round(total * fraction) where possible,
+    and at least one image on each side for every stratum that has two or more."""
+    exact = {k: n * fraction for k, n in sizes.items()}
+    alloc = {k: min(max(int(np.floor(e)), 1 if sizes[k] >= 2 else 0), max(sizes[k] - 1, 0)) for k, e in exact.items()}
+    left = int(round(total * fraction)) - sum(alloc.values())
+    for k in sorted(exact, key=lambda k: (-(exact[k] - np.floor(exact[k])), k)):
+        if left <= 0:
+            break
+        if alloc[k] < sizes[k] - 1:
+            alloc[k] += 1
+            left -= 1
+    return alloc
+
+
 def stratified_split(coco: dict[str, Any], val_fraction: float, seed: int = 0) -> tuple[dict, dict]:
     """Return (train, val) COCO dicts; deterministic for a given seed."""
     if not 0.0 < val_fraction < 1.0:
@@ -40,15 +55,12 @@ def stratified_split(coco: dict[str, Any], val_fraction: float, seed: int = 0) -
     if len(coco["images"]) < 2:
         raise DataError(f"cannot split {len(coco['images'])} image(s) into train and val: need at least 2.")
     rng = np.random.default_rng(seed)
+    groups = {key: sorted(ids) for key, ids in sorted(strata(coco).items())}
+    n_val = _allocate({k: len(v) for k, v in groups.items()}, val_fraction, len(coco["images"]))
     val_ids: list[int] = []
-    groups = strata(coco)
-    for key in sorted(groups):
-        ids = sorted(groups[key])
+    for key, ids in groups.items():
         order = rng.permutation(len(ids))
-        n_val = int(round(len(ids) * val_fraction))
-        if len(ids) >= 2:
-            n_val = min(max(n_val, 1), len(ids) - 1)
-        val_ids.extend(ids[i] for i in order[:n_val])
+        val_ids.extend(ids[i] for i in order[: n_val[key]])
     val_set = set(val_ids)
     if not val_set:  # tiny sets: every stratum had one image
         val_set = {sorted(im["id"] for im in coco["images"])[-1]}
