@@ -126,3 +126,15 @@ def test_example_line_specs_load() -> None:
     assert demo.classes == PKU and demo.model_size == "tiny" and demo.image_size == 320
     surface = LineSpec.load(lines / "example-surface.yaml")
     assert surface.runtime["class_thresholds"] == {"stain": 0.6} and surface.data["val_fraction"] == 0.25
+
+
+def test_rerun_replaces_own_boards_but_never_foreign_files(tmp_path: Path) -> None:
+    generate_line(tmp_path, line="re", count=6, progress=False)
+    generate_line(tmp_path, line="re", count=3, progress=False)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"re_{i:05d}.jpg" for i in range(3)]
+    (tmp_path / "images" / "customer.jpg").write_bytes(b"precious")
+    from edge_runtime.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="customer.jpg"):
+        generate_line(tmp_path, line="re", count=3, progress=False)
+    assert (tmp_path / "images" / "customer.jpg").read_bytes() == b"precious"

@@ -65,7 +65,7 @@ class DatasetStats:
         axes[1].hist(self.box_sizes or [0], bins=30)
         axes[1].set_title("box size sqrt(w*h) [px]")
         sizes = list(self.image_sizes.items())
-        axes[2].scatter([w for (w, _), _ in sizes], [h for (_, h), _ in sizes], s=[20 + 5 * n for _, n in sizes])
+        axes[2].scatter([w for (w, _), _ in sizes], [h for (_, h), _ in sizes], s=[20 + 300 * n / max(self.image_sizes.values()) for _, n in sizes])
         axes[2].set_xlabel("width [px]")
         axes[2].set_ylabel("height [px]")
         axes[2].set_title("image sizes")

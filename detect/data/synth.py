@@ -8,13 +8,13 @@ the kit's normalised layout plus a line spec.
 """
 from __future__ import annotations
 
-import shutil
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from edge_runtime.errors import ConfigError, DataError
+from edge_runtime.errors import ConfigError, DataError, UserInputError
 from edge_runtime.fileio import atomic_write_bytes
 from detect.linespec import LineSpec, load_defaults
 
@@ -64,6 +64,22 @@ def _check_args(count: int, size: tuple[int, int], defect_free_fraction: float, 
         raise ConfigError(f"synth: --format must be one of {', '.join(IMAGE_FORMATS)}, got '{image_format}'.")
 
 
+def _clear_previous_run(layout: Layout, line: str) -> None:
+    """Remove boards of an earlier synth run (another count would leave stale files); refuse foreign files."""
+    if not layout.images.exists():
+        return
+    ours = re.compile(rf"^{re.escape(line)}_\d{{5}}\.(jpg|png)$")
+    files = list(layout.images.iterdir())
+    others = [f.name for f in files if not ours.match(f.name)]
+    if others:
+        raise UserInputError(
+            f"synth: '{layout.images}' already holds other files ({', '.join(sorted(others)[:3])}...); "
+            "choose an empty or new --out folder (synth never deletes data it did not write)."
+        )
+    for f in files:
+        f.unlink()
+
+
 def synth_images(
     images_dir: Path,
     count: int,
@@ -110,8 +126,7 @@ def generate_line(
     _check_args(count, size, defect_free_fraction, val_fraction, image_format)
     out_dir = Path(out_dir)
     layout = Layout(out_dir)
-    if layout.images.exists():  # stale boards from an earlier run with another count would linger
-        shutil.rmtree(layout.images)
+    _clear_previous_run(layout, line)
     images, annotations = synth_images(
         layout.images, count, size, seed, defect_free_fraction, image_format, DEFECT_CLASSES, line, progress
     )
