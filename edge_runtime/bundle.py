@@ -24,12 +24,13 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Union
 
 from edge_runtime.errors import BundleError, ConfigError, require
 from edge_runtime.modelspec import FORMATS, NMS_PLACES, PRECISIONS, TARGETS, InputSpec, PostprocessSpec
+from edge_runtime.modelspec import file_sha256 as sha256_file
 
 SCHEMA = "defectkit.bundle/1"
 SIGNATURE_SCHEMA = "defectkit.bundle-signature/1"
@@ -240,14 +241,6 @@ def _model_from(d: Mapping[str, Any], source: str) -> ModelEntry:
 # ---------------------------------------------------------------------------------------------- keys, signature
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_public_key(key: PublicKeyLike):
     """An Ed25519 public key from a PEM file path, PEM bytes or a key object."""
     require("cryptography", "edge", "Bundle verification")
@@ -408,4 +401,4 @@ def verify_bundle(path: str | Path, public_key: PublicKeyLike, extract_to: str |
                 raise BundleError(f"bundle {path}: {rel} is a symbolic link: bundle refused")
             if full.is_file() and rel not in allowed:
                 raise BundleError(f"bundle {path}: file {rel} is not listed in {MANIFEST}: bundle refused")
-    return Manifest(**{**manifest.__dict__, "root": root})
+    return replace(manifest, root=root)
