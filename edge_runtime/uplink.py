@@ -94,12 +94,13 @@ class Uplink:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UserInputError(f"collector URL {base_url!r} is not usable: give http://HOST:PORT or https://HOST")
-        if not token or any(ch.isspace() for ch in token.strip()):
+        token = (token or "").strip()
+        if not token or any(ch.isspace() for ch in token):
             raise UserInputError(f"the token for device {device_id!r} is empty or contains spaces: check the token file")
         self.base_url = base_url.rstrip("/")
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         self._prefix = parts.path.rstrip("/")
-        self.device_id, self._token, self.spool = device_id, token.strip(), spool
+        self.device_id, self._token, self.spool = device_id, token, spool
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self._ssl = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None

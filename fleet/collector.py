@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
+import threading
 from typing import Callable, Optional, Sequence
 
 from edge_runtime.errors import DefectkitError, require
@@ -46,7 +48,48 @@ def serve(settings: CollectorSettings, *, announce: Callable[[str], None] = prin
         f"{len(settings.tokens.devices)} device token(s)"
     announce(f"collector listening on {settings.url} (db {settings.db}, {mode})")
     sys.stdout.flush()
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises SIGTERM after its graceful shutdown; make that a clean exit (status 0) for systemd
+        signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+class CollectorThread:
+    """The collector in a background thread of this process (tests, the local demo); ``stop()`` ends it."""
+
+    def __init__(self, settings: CollectorSettings) -> None:
+        uvicorn = require("uvicorn", "fleet", "the collector")
+        from fleet.app import create_app
+
+        self.settings = settings
+        app = create_app(settings)
+        self._sock = bind_socket(settings.host, settings.port)
+        settings.port = self._sock.getsockname()[1]
+        self.url = settings.url
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=2))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name="defectkit-collector", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> "CollectorThread":
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"collector thread on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
