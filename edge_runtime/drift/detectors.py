@@ -77,8 +77,10 @@ class PSIDetector(_Fitted):
                 f"PSIDetector: the reference has {ref.size} finite values, at least {self.min_samples} are needed; "
                 "build the reference from more frames."
             )
-        qs = np.quantile(ref, np.linspace(0.0, 1.0, self.n_bins + 1)[1:-1])
-        self.edges = np.unique(qs)
+        # inverted-CDF quantiles are observed values, so a discrete feature gets no empty in-between bins
+        srt = np.sort(ref)
+        probs = np.linspace(0.0, 1.0, self.n_bins + 1)[1:-1]
+        self.edges = np.unique(srt[np.clip(np.ceil(probs * srt.size).astype(np.int64) - 1, 0, srt.size - 1)])
         self.ref_shares = smoothed_shares(self._counts(ref), self.alpha)
         self._fitted = True
         return self

@@ -34,7 +34,7 @@ class DriftSettings:
     window: int = 200
     psi_warn: float = 0.1
     psi_alarm: float = 0.25
-    ks_p_warn: float = 0.01
+    ks_p_warn: float = 0.05
     ks_p_alarm: float = 0.001
     eval_every: int = 10
     hysteresis: int = 3
@@ -88,13 +88,14 @@ class DriftSettings:
 
 
 def psi_bins(window: int, n_ref: int, psi_warn: float, max_bins: int) -> int:
-    """Bins such that sampling noise alone gives a PSI of at most a third of ``psi_warn``.
+    """Bins such that sampling noise alone gives a PSI of at most a quarter of ``psi_warn``.
 
-    Without drift PSI ~ (bins - 1) * (1/window + 1/n_ref) on average, so ten bins on a 200-frame window
-    would sit at half the warn level and warn on noise; seven bins keep the noise at a third of it.
+    Without drift PSI ~ (bins - 1) * (1/window + 1/n_ref) on average (a chi-square over the bins), so ten
+    bins on a 200-frame window would sit at half the warn level and warn on noise; five bins against a
+    2000-value reference keep it at a quarter, where a chance warning needs a 1-in-100 window.
     """
     noise_per_bin = 1.0 / window + 1.0 / max(1, n_ref)
-    return int(min(max_bins, max(2, 1 + math.floor(psi_warn / (3.0 * noise_per_bin)))))
+    return int(min(max_bins, max(2, 1 + math.floor(psi_warn / (4.0 * noise_per_bin)))))
 
 
 class Hysteresis:
@@ -144,7 +145,8 @@ class DriftMonitor:
         if wanted is not None and wanted - known:
             raise ConfigError(f"drift monitor: unknown features {sorted(wanted - known)}; the reference has {sorted(known)}.")
         s = settings
-        self._continuous: dict[str, tuple[int, PSIDetector, KSDetector]] = {}
+        # per continuous feature: buffer column, PSI detectors by bin count (fitted on first use), KS detector
+        self._continuous: dict[str, tuple[int, dict[int, PSIDetector], KSDetector]] = {}
         self._categorical: dict[str, tuple[list[int], CategoricalDetector]] = {}
         self._unscored: list[str] = []
         keys: list[str] = []
@@ -154,9 +156,7 @@ class DriftMonitor:
             if ref.samples.size < MIN_VALID:
                 self._unscored.append(name)  # e.g. score_mean when the model found nothing on the training images
                 continue
-            bins = psi_bins(s.window, ref.samples.size, s.psi_warn, s.psi_max_bins)
-            psi_det = PSIDetector(bins, s.psi_alarm, min_samples=MIN_VALID).fit(ref.samples)
-            self._continuous[name] = (len(keys), psi_det, KSDetector(s.ks_p_alarm).fit(ref.samples))
+            self._continuous[name] = (len(keys), {}, KSDetector(s.ks_p_alarm).fit(ref.samples))
             keys.append(name)
         for name, cref in reference.categorical.items():
             if wanted is not None and name not in wanted:
@@ -207,7 +207,7 @@ class DriftMonitor:
         results: dict[str, dict[str, Any]] = {}
         p_names: list[str] = []
         p_values: list[float] = []
-        for name, (col, psi_det, ks_det) in self._continuous.items():
+        for name, (col, psi_dets, ks_det) in self._continuous.items():
             x = data[:, col]
             x = x[np.isfinite(x)]
             ref = self.reference.continuous[name]
@@ -215,7 +215,8 @@ class DriftMonitor:
                      "window_mean": _num(float(x.mean())) if x.size else None, "ref_mean": _num(ref.mean)}
             if x.size >= MIN_VALID:
                 ks: Score = ks_det.score(x)
-                entry.update(psi=psi_det.score(x).distance, ks_stat=ks.distance, ks_p=ks.p_val)
+                psi_det = self._psi_detector(psi_dets, ref.samples, x.size)
+                entry.update(psi=psi_det.score(x).distance, ks_stat=ks.distance, ks_p=ks.p_val, bins=psi_det.edges.size + 1)
                 p_names.append(name)
                 p_values.append(float(ks.p_val))
             results[name] = entry
@@ -247,6 +248,15 @@ class DriftMonitor:
         self._last = results
         self.evaluations += 1
         return self.state
+
+    def _psi_detector(self, cache: dict[int, PSIDetector], ref_samples: np.ndarray, n_window: int) -> PSIDetector:
+        """Bins for the values actually in the window: a half-full window or a feature present in few
+        frames (score_mean) gets fewer bins, so its PSI noise stays below the warn level too."""
+        s = self.settings
+        bins = psi_bins(n_window, ref_samples.size, s.psi_warn, s.psi_max_bins)
+        if bins not in cache:
+            cache[bins] = PSIDetector(bins, s.psi_alarm, min_samples=MIN_VALID).fit(ref_samples)
+        return cache[bins]
 
     def snapshot(self) -> dict[str, Any]:
         """The report form: worst state and, per feature, state and the numbers of the last evaluation."""

@@ -14,7 +14,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from edge_runtime.drift.features import frame_features
+from edge_runtime.drift.features import frame_features, output_features
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,16 @@ def synthetic_features(n: int, seed: int, style: SynthStyle = IN_DISTRIBUTION, s
     for _ in range(n):
         f = stream.next()
         yield frame_features(f.image, f.scores, f.class_ids, k, f.ng)
+
+
+def feature_dicts(n: int, seed: int = 0, num_classes: int = 2) -> Iterator[dict[str, float]]:
+    """``n`` feature dicts without images (fast): independent numbers shaped like :func:`frame_features`."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        k = int(rng.poisson(1.0))
+        scores = rng.uniform(0.05, 1.0, k)
+        f = {"brightness": rng.normal(100, 5), "contrast": rng.normal(20, 2), "sharpness": rng.gamma(9, 90),
+             "saturation": rng.normal(150, 3), "mean_b": rng.normal(40, 2), "mean_g": rng.normal(100, 3),
+             "mean_r": rng.normal(42, 2)}
+        f.update(output_features(scores, rng.integers(0, num_classes, k), num_classes, bool(np.any(scores >= 0.5))))
+        yield f
