@@ -48,7 +48,7 @@ def draw_detections(
     counted = verdict.mask.tolist() if verdict is not None else [True] * len(dets)
     if roi:
         x1, y1, x2, y2 = (int(round(v)) for v in roi)
-        cv2.rectangle(img, (x1, y1), (x2, y2), _ROI, 1, cv2.LINE_AA)
+        cv2.rectangle(img, (x1, y1), (x2, y2), _ROI, 1)
     # draw low scores first so the strongest boxes end on top
     rows = list(zip(dets.boxes.tolist(), dets.scores.tolist(), dets.class_ids.tolist(), counted))
     for box, score, cid, is_counted in reversed(rows):
@@ -56,7 +56,7 @@ def draw_detections(
             continue
         color = class_color(cid) if is_counted else _GREY
         x1, y1, x2, y2 = (int(round(min(max(v, -1), lim))) for v, lim in zip(box, (w, h, w, h)))
-        cv2.rectangle(img, (x1, y1), (x2, y2), color, 2 if is_counted else 1, cv2.LINE_AA)
+        cv2.rectangle(img, (x1, y1), (x2, y2), color, 2 if is_counted else 1)
         name = classes[cid] if 0 <= cid < len(classes) else f"class_{cid}"
         _label(img, f"{name} {score:.2f}", max(x1, 0), max(y1, 0), color, scale)
     if verdict is not None:

@@ -61,19 +61,21 @@ class Detections:
         return out
 
 
-def _iou_one_to_many(box: np.ndarray, others: np.ndarray, normalized: bool) -> np.ndarray:
-    """Paddle's JaccardOverlap between one box and many, in float32 (NaN where the union is 0)."""
-    norm = np.float32(0.0 if normalized else 1.0)
-    disjoint = (
-        (others[:, 0] > box[2]) | (others[:, 2] < box[0]) | (others[:, 1] > box[3]) | (others[:, 3] < box[1])
+def _iou_one_to_many(
+    box: np.ndarray, box_area: np.float32, cols: tuple[np.ndarray, ...], areas: np.ndarray, norm: np.float32
+) -> np.ndarray:
+    """Paddle's JaccardOverlap of one box with many (columns x1, y1, x2, y2 and areas given), in float32.
+
+    The formula is symmetric in its two boxes, so the argument order of Paddle's kernel does not matter.
+    A zero union gives NaN, which the caller's ``iou <= thr`` treats as overlapping (as Paddle does).
+    """
+    x1, y1, x2, y2 = cols
+    disjoint = (x1 > box[2]) | (x2 < box[0]) | (y1 > box[3]) | (y2 < box[1])
+    inter = (np.minimum(box[2], x2) - np.maximum(box[0], x1) + norm) * (
+        np.minimum(box[3], y2) - np.maximum(box[1], y1) + norm
     )
-    inter_w = np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]) + norm
-    inter_h = np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]) + norm
-    inter = inter_w * inter_h
-    area = _areas(box[None], normalized)[0]
-    union = area + _areas(others, normalized) - inter
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = inter / union
+        iou = inter / (box_area + areas - inter)
     iou[disjoint] = 0.0
     return iou
 
@@ -88,24 +90,35 @@ def _areas(boxes: np.ndarray, normalized: bool) -> np.ndarray:
 
 
 def nms_single_class(
-    boxes: np.ndarray, scores: np.ndarray, score_threshold: float, nms_iou: float, top_k: int, normalized: bool = True
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    score_threshold: float,
+    nms_iou: float,
+    top_k: int,
+    normalized: bool = True,
+    max_keep: int = -1,
 ) -> np.ndarray:
-    """Indices kept by greedy NMS for one class, best score first."""
+    """Indices kept by greedy NMS for one class, best score first (at most ``max_keep`` when > -1)."""
     candidates = np.nonzero(scores > np.float32(score_threshold))[0]
     order = candidates[np.argsort(-scores[candidates], kind="stable")]
     if top_k > -1:
         order = order[:top_k]
-    keep: list[int] = []
+    cand = boxes[order]
+    cols = tuple(np.ascontiguousarray(cand[:, i]) for i in range(4))
+    areas = _areas(cand, normalized)
+    norm = np.float32(0.0 if normalized else 1.0)
     thr = np.float32(nms_iou)
-    while order.size:
-        best = int(order[0])
+    alive = np.arange(order.size)
+    keep: list[int] = []
+    while alive.size and (max_keep < 0 or len(keep) < max_keep):
+        best = int(alive[0])
         keep.append(best)
-        rest = order[1:]
+        rest = alive[1:]
         if not rest.size:
             break
-        iou = _iou_one_to_many(boxes[best], boxes[rest], normalized)
-        order = rest[iou <= thr]  # NaN (zero union) compares False: suppressed, as in Paddle
-    return np.asarray(keep, dtype=np.int64)
+        iou = _iou_one_to_many(cand[best], areas[best], tuple(c[rest] for c in cols), areas[rest], norm)
+        alive = rest[iou <= thr]  # NaN (zero union) compares False: suppressed, as in Paddle
+    return order[np.asarray(keep, dtype=np.int64)]
 
 
 def multiclass_nms(
@@ -126,7 +139,8 @@ def multiclass_nms(
         )
     kept_boxes, kept_scores, kept_classes = [], [], []
     for c in range(scores.shape[0]):
-        idx = nms_single_class(boxes, scores[c], score_threshold, nms_iou, nms_top_k, normalized)
+        # a class's box beyond its keep_top_k-th can never reach the overall top keep_top_k: stop there
+        idx = nms_single_class(boxes, scores[c], score_threshold, nms_iou, nms_top_k, normalized, keep_top_k)
         kept_boxes.append(boxes[idx])
         kept_scores.append(scores[c, idx])
         kept_classes.append(np.full(idx.shape, c, dtype=np.int64))

@@ -185,3 +185,19 @@ def test_python_dash_m_edge_runtime(nms_export, tmp_path):
     assert "4 images: 2 NG, 1 OK, 1 unreadable" in proc.stdout
     assert "cannot decode" in proc.stderr  # the unreadable image is logged
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 4
+
+
+def test_draw_marks_counted_boxes_in_class_colour_and_ignored_ones_grey():
+    from edge_runtime.decision import decide
+    from edge_runtime.draw import class_color, draw_detections
+    from edge_runtime.postprocess import Detections
+
+    img = np.full((200, 300, 3), 255, np.uint8)
+    dets = Detections.build(np.array([[20, 60, 120, 160], [150, 60, 280, 190], [10, 10, 20, 20]]),
+                            np.array([0.9, 0.4, 0.05]), np.array([0, 1, 1]))
+    verdict = decide(dets, CLASSES, RuntimeConfig())
+    drawn = draw_detections(img, dets, CLASSES, verdict)
+    assert tuple(drawn[110, 20].tolist()) == class_color(0)  # left edge of the counted box
+    assert tuple(drawn[120, 150].tolist()) == (160, 160, 160)  # left edge of the ignored box
+    assert np.array_equal(drawn[15, 200:], img[15, 200:])  # the 0.05 box is below min_score_drawn: not drawn
+    assert drawn[5, 5].tolist() != [255, 255, 255] and np.array_equal(img, np.full_like(img, 255))  # banner; copy
