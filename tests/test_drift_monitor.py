@@ -203,6 +203,9 @@ def test_monitor_errors_name_the_feature(reference, in_distribution):
     del frame["class_2"]
     with pytest.raises(DataError, match="frame 0: feature 'class_2' is missing"):
         monitor.update(frame)
+    with pytest.raises(DataError, match=r"frame 0: features must be numbers, got \{'brightness': 'dark'\}"):
+        monitor.update(dict(in_distribution[0], brightness="dark"))
+    assert monitor.frames == 0  # a refused frame leaves the window untouched
     with pytest.raises(ConfigError, match=r"unknown features \['focus'\]"):
         DriftMonitor(reference, features=["focus", "brightness"])
 

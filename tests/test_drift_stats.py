@@ -97,3 +97,12 @@ def test_adjust_p_values_bonferroni_fdr_none():
     assert adjust_p_values(p, "none") == p
     with pytest.raises(ValueError, match="bonferroni"):
         adjust_p_values(p, "holm")
+
+
+def test_ks_statistic_equals_scipy_on_many_small_tied_samples():
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        a = np.round(rng.normal(0, 1, rng.integers(1, 60)) * 2)
+        b = np.round(rng.normal(0.3, 1, rng.integers(1, 60)) * 2)
+        assert ks_2samp(a, b)[0] == pytest.approx(ss.ks_2samp(a, b).statistic, abs=1e-12)
+        assert ks_2samp(b, a)[0] == pytest.approx(ss.ks_2samp(b, a).statistic, abs=1e-12)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from edge_runtime.drift.stats import chi2_homogeneity, ks_2samp, psi, smoothed_shares
+from edge_runtime.drift.stats import chi2_homogeneity, ks_2samp_sorted, psi, smoothed_shares
 from edge_runtime.errors import DataError
 
 
@@ -127,7 +127,7 @@ class KSDetector(_Fitted):
         x = _finite(batch)
         if x.size == 0:
             return Score(math.nan, 1.0)
-        d, p = ks_2samp(self.reference, x, self.finite_n_correction)
+        d, p = ks_2samp_sorted(self.reference, x, self.finite_n_correction)
         return Score(d, p, d)
 
     def predict(self, batch: np.ndarray) -> dict[str, Any]:

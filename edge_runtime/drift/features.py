@@ -1,7 +1,7 @@
 """Per-frame statistics that the drift monitor compares with the reference, cheap enough for every frame.
 
 Input statistics are computed on a fixed-size downscaled copy of the frame the runtime already decoded
-(about 0.15 ms for a 320 x 320 frame): the trainer computes the same numbers on the training images,
+(about 0.2 ms for a 320 x 320 frame): the trainer computes the same numbers on the training images,
 so both sides must call these functions, never a copy of them. Output statistics summarise a frame's
 detections; they take plain numpy arrays so this module depends on no other part of the runtime.
 """

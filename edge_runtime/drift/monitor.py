@@ -20,7 +20,7 @@ from edge_runtime.drift.detectors import CategoricalDetector, KSDetector, PSIDet
 from edge_runtime.drift.features import check_frame
 from edge_runtime.drift.reference import DriftReference, group_counts
 from edge_runtime.drift.stats import adjust_p_values
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import ConfigError, DataError
 
 STATES = ("none", "warn", "alarm")
 CORRECTIONS = ("bonferroni", "fdr", "none")
@@ -55,7 +55,7 @@ class DriftSettings:
             default = getattr(cls, key)
             if isinstance(default, str):
                 ok = isinstance(value, str)
-            elif isinstance(default, int) and not isinstance(default, bool) and not isinstance(default, float):
+            elif isinstance(default, int):
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -192,7 +192,12 @@ class DriftMonitor:
         except KeyError:
             check_frame(features, self._keys, f"drift monitor, frame {self.frames}")
             raise
-        self._buffer[self._pos] = row
+        try:
+            self._buffer[self._pos] = row
+        except (TypeError, ValueError):
+            bad = {k: v for k, v in zip(self._keys, row) if not isinstance(v, (int, float, np.number))}
+            raise DataError(f"drift monitor, frame {self.frames}: features must be numbers, got {bad}; "
+                            "use frame_features to build them.") from None
         self._pos = (self._pos + 1) % self.settings.window
         self._count = min(self._count + 1, self.settings.window)
         self.frames += 1

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
-_K = np.arange(1, 101, dtype=np.float64)  # terms of the Kolmogorov series (far more than ever needed)
+_K = np.arange(1, 21, dtype=np.float64)  # series terms: the 20th is below 1e-300 on both branches
 
 
 def kolmogorov_sf(x: float) -> float:
@@ -37,21 +37,33 @@ def kolmogorov_sf(x: float) -> float:
 def ks_2samp(x: np.ndarray, y: np.ndarray, finite_n_correction: bool = True) -> tuple[float, float]:
     """Two-sided two-sample KS test: (D, asymptotic p-value); both samples must be non-empty and finite.
 
-    D is the largest gap between the two empirical CDFs, computed exactly like scipy (ties included).
+    D is the largest gap between the two empirical CDFs, equal to scipy's (ties included).
     The p-value is the Kolmogorov tail at sqrt(n_e) * D, n_e = n m / (n + m). With ``finite_n_correction``
     (default) the argument is Stephens' (sqrt(n_e) + 0.12 + 0.11 / sqrt(n_e)) * D, which tracks
     scipy's ``ks_2samp(method='asymp')`` (scipy >= 1.5 uses the exact one-sample law at n = round(n_e))
     within ~0.01 for n_e >= 100; without it the result is the pure limit, scipy's ``kstwobign.sf``.
     """
-    a = np.sort(np.asarray(x, dtype=np.float64).ravel())
-    b = np.sort(np.asarray(y, dtype=np.float64).ravel())
-    n, m = a.size, b.size
+    return ks_2samp_sorted(np.sort(np.asarray(x, dtype=np.float64).ravel()), y, finite_n_correction)
+
+
+def ks_2samp_sorted(ref_sorted: np.ndarray, y: np.ndarray, finite_n_correction: bool = True) -> tuple[float, float]:
+    """:func:`ks_2samp` with the first sample already sorted (the reference, sorted once at fit time).
+
+    Both CDFs are right-continuous steps, so between two distinct values of ``y`` the gap is largest at
+    an end: it is enough to look at each distinct y value and just below it, 2 x len(y) binary searches
+    into the reference instead of sorting the union (4x faster for a 200-frame window on 2000 values).
+    """
+    r = np.asarray(ref_sorted, dtype=np.float64)
+    values, counts = np.unique(np.asarray(y, dtype=np.float64).ravel(), return_counts=True)
+    n, m = r.size, int(counts.sum())
     if n == 0 or m == 0:
         raise ValueError("ks_2samp needs two non-empty samples")
-    both = np.concatenate([a, b])
-    cdf_a = np.searchsorted(a, both, side="right") / n
-    cdf_b = np.searchsorted(b, both, side="right") / m
-    d = float(np.max(np.abs(cdf_a - cdf_b)))
+    cum = np.cumsum(counts)
+    cdf_y = cum / m
+    cdf_y_below = (cum - counts) / m
+    cdf_r = np.searchsorted(r, values, side="right") / n
+    cdf_r_below = np.searchsorted(r, values, side="left") / n
+    d = float(max(np.max(np.abs(cdf_r - cdf_y)), np.max(np.abs(cdf_r_below - cdf_y_below))))
     en = n * m / (n + m)
     root = math.sqrt(en)
     arg = (root + 0.12 + 0.11 / root) * d if finite_n_correction else root * d
