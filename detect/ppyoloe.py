@@ -1,0 +1,255 @@
+"""PP-YOLOE+ configurations built in plain code from a line spec.
+
+The paddledet wheel ships no ``configs/``; instead of keeping YAML copies we build the same structure
+(``ppyoloe_plus_crn.yml`` + reader + optimizer) as a dict, so every value is visible and typed here.
+:func:`activate` loads it into ppdet's global config, which ppdet's ``Trainer`` and ``create()`` read.
+ppdet mutates that global dict while building modules, so each activation starts from a pristine copy
+of the registry taken at first use: two trainings in one process cannot leak settings into each other.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detect.linespec import LineSpec
+
+# depth and width multipliers of CSPResNet + CustomCSPPAN (PP-YOLOE+ s/m/l/x; "tiny" for tests and demos)
+MODEL_MULTIPLIERS: dict[str, tuple[float, float]] = {
+    "tiny": (0.33, 0.25),
+    "s": (0.33, 0.50),
+    "m": (0.67, 0.75),
+    "l": (1.00, 1.00),
+    "x": (1.33, 1.25),
+}
+# BatchRandomResize sizes around the line's input size (multiples of 32), as PP-YOLOE's reader does.
+MULTISCALE_STEPS = (-64, -32, 0, 32, 64)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one training run writes: ``runs/<line>/<run>/``."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.jsonl"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.root / "weights" / "best.pdparams"
+
+    @property
+    def last_weights(self) -> Path:
+        return self.root / "weights" / "last.pdparams"
+
+    @property
+    def curves_png(self) -> Path:
+        return self.root / "training_curves.png"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+
+def _dataset(spec: LineSpec, ann: Path, allow_empty: bool, with_gt: bool) -> dict[str, Any]:
+    # Evaluation reads images only (ground truth comes from the annotation file): gt arrays of
+    # different lengths cannot be collated into a batch, and the loader thread dies silently on it.
+    fields = ["image", "gt_bbox", "gt_class", "is_crowd"] if with_gt else ["image"]
+    return {
+        "name": "COCODataSet",
+        "dataset_dir": str(spec.paths.root),
+        "image_dir": str(spec.paths.images),  # absolute: os.path.join keeps it
+        "anno_path": str(ann),
+        "data_fields": fields,
+        "allow_empty": allow_empty,
+        "empty_ratio": 1.0,
+    }
+
+
+def train_transforms(spec: LineSpec, train: dict[str, Any], mosaic_epochs: int) -> tuple[list, list]:
+    """Sample and batch transforms of the training reader, in the order that works (STACK.md).
+
+    AugmentHSV needs uint8 images, so it comes right after Decode/Mosaic; RandomDistort is not used.
+    Mosaic is a silent no-op unless the reader's ``mosaic_epoch`` is set (see :func:`build_config`).
+    """
+    size = spec.image_size
+    sample: list[dict] = [{"Decode": {}}]
+    if train["mosaic"] > 0 and mosaic_epochs > 0:
+        sample.append({"Mosaic": {"prob": float(train["mosaic"]), "input_dim": [size, size],
+                                   "degrees": [-5, 5], "scale": [0.7, 1.3], "shear": [-2, 2],
+                                   "translate": [-0.1, 0.1], "enable_mixup": False}})
+    hgain, sgain, vgain = (float(x) for x in train["hsv"])
+    if hgain or sgain or vgain:
+        sample.append({"AugmentHSV": {"fraction": 0.5, "is_bgr": False,
+                                       "hgain": int(hgain * 180), "sgain": int(sgain * 100),
+                                       "vgain": int(vgain * 100)}})
+    if train["flip"] > 0:
+        sample.append({"RandomFlip": {"prob": float(train["flip"])}})
+    sizes = [size + d for d in MULTISCALE_STEPS if size + d >= 64] if train["multiscale"] else [size]
+    batch = [
+        {"BatchRandomResize": {"target_size": sizes, "random_size": True, "random_interp": True,
+                               "keep_ratio": False}},
+        {"NormalizeImage": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "norm_type": "none"}},
+        {"Permute": {}},
+        {"PadGT": {}},
+    ]
+    return sample, batch
+
+
+def eval_transforms(size: int) -> list[dict]:
+    """Evaluation/test pre-processing; ``edge_runtime.preprocess`` implements the same on the edge box."""
+    return [
+        {"Decode": {}},
+        {"Resize": {"target_size": [size, size], "keep_ratio": False, "interp": 1}},
+        {"NormalizeImage": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "norm_type": "none"}},
+        {"Permute": {}},
+    ]
+
+
+def build_config(spec: LineSpec, train: dict[str, Any], export: dict[str, Any], run: RunPaths,
+                 steps_per_epoch_hint: int = 0) -> dict[str, Any]:
+    """The full ppdet configuration for one run, as plain data (also written to ``config.yaml``)."""
+    depth, width = MODEL_MULTIPLIERS[spec.model_size]
+    epochs = int(train["epochs"])
+    close_mosaic = int(train["close_mosaic"])
+    mosaic_epochs = max(0, epochs - close_mosaic) if train["mosaic"] > 0 else 0
+    sample, batch = train_transforms(spec, train, mosaic_epochs)
+    size = spec.image_size
+    cfg: dict[str, Any] = {
+        "architecture": "YOLOv3",
+        "filename": "model",  # ppdet needs it; no "." allowed (export dir = splitext(filename))
+        "norm_type": "bn",
+        "use_ema": bool(train["ema"]),
+        "ema_decay": float(train["ema_decay"]),
+        "ema_decay_type": "exponential",
+        "ema_black_list": ["proj_conv.weight"],
+        "num_classes": spec.num_classes,
+        "metric": "COCO",
+        "epoch": epochs,
+        "snapshot_epoch": int(train["eval_interval"]),
+        "log_iter": int(train["log_interval"]),
+        "save_dir": str(run.checkpoints),
+        "output_eval": str(run.eval_dir),
+        "weights": str(run.best_weights.with_suffix("")),
+        "worker_num": int(train["workers"]),
+        "use_gpu": train["device"] == "gpu",
+        "print_params": False,  # crashes in ppdet 2.6 (0-d tensor indexing)
+        "exclude_nms": False,
+        "exclude_post_process": False,
+        "YOLOv3": {"backbone": "CSPResNet", "neck": "CustomCSPPAN", "yolo_head": "PPYOLOEHead",
+                   "post_process": None},
+        "CSPResNet": {"layers": [3, 6, 6, 3], "channels": [64, 128, 256, 512, 1024],
+                      "return_idx": [1, 2, 3], "use_large_stem": True, "use_alpha": True,
+                      "depth_mult": depth, "width_mult": width},
+        "CustomCSPPAN": {"out_channels": [768, 384, 192], "stage_num": 1, "block_num": 3,
+                         "act": "swish", "spp": True, "depth_mult": depth, "width_mult": width},
+        "PPYOLOEHead": {
+            "fpn_strides": [32, 16, 8], "grid_cell_scale": 5.0, "grid_cell_offset": 0.5,
+            "static_assigner_epoch": max(1, min(30, epochs // 4)),
+            "use_varifocal_loss": True, "loss_weight": {"class": 1.0, "iou": 2.5, "dfl": 0.5},
+            "static_assigner": {"name": "ATSSAssigner", "topk": 9},
+            "assigner": {"name": "TaskAlignedAssigner", "topk": 13, "alpha": 1.0, "beta": 6.0},
+            "nms": {"name": "MultiClassNMS", "nms_top_k": int(export["nms_top_k"]),
+                    "keep_top_k": int(export["keep_top_k"]),
+                    "score_threshold": float(export["score_threshold"]),
+                    "nms_threshold": float(export["nms_iou"])},
+        },
+        "LearningRate": {"base_lr": float(train["lr"]), "schedulers": _schedulers(train, steps_per_epoch_hint)},
+        "OptimizerBuilder": {
+            "optimizer": {"type": "Momentum", "momentum": float(train["momentum"])},
+            "regularizer": {"type": "L2", "factor": float(train["weight_decay"])},
+        },
+        "TrainDataset": _dataset(spec, spec.paths.train, allow_empty=True, with_gt=True),
+        "EvalDataset": _dataset(spec, spec.paths.val, allow_empty=True, with_gt=False),
+        "TestDataset": {"name": "ImageFolder", "anno_path": str(spec.paths.train)},
+        "TrainReader": {"sample_transforms": sample, "batch_transforms": batch,
+                        "batch_size": int(train["batch_size"]), "shuffle": True, "drop_last": True,
+                        "use_shared_memory": False, "collate_batch": True,
+                        # ppdet groups samples for Mosaic while epoch < mosaic_epoch; 0 means *always*, -1 never
+                        "mosaic_epoch": mosaic_epochs if mosaic_epochs > 0 else -1},
+        "EvalReader": {"sample_transforms": eval_transforms(size), "batch_size": 4},
+        "TestReader": {"inputs_def": {"image_shape": [3, size, size]},
+                       "sample_transforms": eval_transforms(size), "batch_size": 1},
+    }
+    if float(train["clip_grad_norm"]) > 0:
+        cfg["OptimizerBuilder"]["clip_grad_by_norm"] = float(train["clip_grad_norm"])
+    return cfg
+
+
+def _schedulers(train: dict[str, Any], steps_per_epoch: int) -> list[dict[str, Any]]:
+    epochs = int(train["epochs"])
+    out: list[dict[str, Any]] = []
+    if train["cosine"]:
+        out.append({"name": "CosineDecay", "max_epochs": epochs,
+                    "min_lr_ratio": float(train["min_lr_ratio"])})
+    else:
+        out.append({"name": "PiecewiseDecay", "gamma": 1.0, "milestones": [epochs + 1], "use_warmup": False})
+    if int(train["warmup_steps"]) > 0:
+        out.append({"name": "LinearWarmup", "steps": int(train["warmup_steps"]),
+                    "start_factor": float(train["warmup_start_factor"])})
+    return out
+
+
+_PRISTINE: dict[str, Any] | None = None
+
+
+def _copy_items(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            out[k] = copy.deepcopy(v)
+        except TypeError:  # an object that cannot be copied is kept as is (never mutated by ppdet)
+            out[k] = v
+    return out
+
+
+def activate(cfg: dict[str, Any]):
+    """Load ``cfg`` into ppdet's global config (from a pristine registry) and return it (an AttrDict)."""
+    global _PRISTINE
+    from detect.heavy import paddle_stack
+
+    paddle_stack()
+    from ppdet.core import workspace
+    from ppdet.data import source as ppdet_source
+    from ppdet.optimizer import optimizer as ppdet_optimizer
+
+    if _PRISTINE is None:  # registered modules are SchemaDicts (dicts holding a module): copy their items
+        _PRISTINE = {k: (v, _copy_items(v)) for k, v in workspace.global_config.items()
+                     if isinstance(v, workspace.SchemaDict)}
+    workspace.global_config.clear()
+    for key, (schema, items) in _PRISTINE.items():
+        schema.clear()
+        schema.update(_copy_items(items))
+        workspace.global_config[key] = schema
+    live = copy.deepcopy(cfg)
+    # Datasets and LR schedulers are objects in ppdet's YAML (`!COCODataSet`, `!CosineDecay`): build them.
+    for key in ("TrainDataset", "EvalDataset", "TestDataset"):
+        kwargs = dict(live[key])
+        cls = getattr(ppdet_source, kwargs.pop("name"))
+        live[key] = cls(**kwargs)
+    scheds = []
+    for sched in live["LearningRate"]["schedulers"]:
+        kwargs = dict(sched)
+        scheds.append(getattr(ppdet_optimizer, kwargs.pop("name"))(**kwargs))
+    live["LearningRate"]["schedulers"] = scheds
+    workspace.merge_config(live)
+    return workspace.global_config
