@@ -1,0 +1,191 @@
+"""Export trained weights for deployment, driven by a table of formats (Ultralytics ``export_formats``).
+
+One export directory holds every variant side by side, described by one ``deploy.json``
+(``edge_runtime.modelspec``) so that the edge runtime needs nothing from training:
+
+    model.pdmodel / .pdiparams            paddle inference, NMS in the graph
+    model_nonms.pdmodel / .pdiparams      paddle inference, raw boxes + scores (NMS on the host)
+    model.onnx / model_nonms.onnx         the same two through paddle2onnx, checked with onnx.checker
+
+Each ``export_<format>`` is wrapped by :func:`_timed`, and a format that needs another calls it first.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from detect.linespec import LineSpec, resolve_settings
+from detect.ppyoloe import RunPaths, activate, build_config
+from edge_runtime.errors import ConfigError, ModelError
+from edge_runtime.modelspec import InputSpec, ModelEntry, ModelSpec, PostprocessSpec, file_sha256
+
+log = logging.getLogger("defectkit.export")
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    files: dict[str, Path] = field(default_factory=dict)  # variant name -> model file
+    seconds: dict[str, float] = field(default_factory=dict)
+    deploy_json: Path | None = None
+
+
+def _timed(name: str) -> Callable:
+    """Time and log one export step; record the produced file in the result."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(ctx: "_ExportContext", *args: Any, **kwargs: Any) -> Path:
+            if name in ctx.result.files:
+                return ctx.result.files[name]
+            start = time.perf_counter()
+            path = fn(ctx, *args, **kwargs)
+            ctx.result.seconds[name] = round(time.perf_counter() - start, 2)
+            ctx.result.files[name] = path
+            log.info("exported %s -> %s in %.1f s", name, path, ctx.result.seconds[name])
+            return path
+
+        return inner
+
+    return wrap
+
+
+@dataclass
+class _ExportContext:
+    spec: LineSpec
+    weights: Path
+    out: Path
+    result: ExportResult
+
+
+def _paddle_export(ctx: _ExportContext, with_nms: bool, stem: str) -> Path:
+    """ppdet's ``Trainer.export`` with NMS in the graph or excluded; files renamed to ``<stem>.*``."""
+    from ppdet.engine import Trainer
+    from ppdet.utils.checkpoint import load_weight
+
+    settings = resolve_settings(ctx.spec, "train", {"mosaic": 0.0})
+    export_cfg = resolve_settings(ctx.spec, "export")
+    tmp = ctx.out / f".tmp-{stem}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg = build_config(ctx.spec, settings, export_cfg, RunPaths(tmp))
+    cfg["exclude_nms"] = not with_nms
+    live = activate(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(live, mode="test")
+        load_weight(trainer.model, str(ctx.weights)[: -len(".pdparams")])
+        trainer.export(str(tmp))
+    produced = tmp / live["filename"]
+    if not (produced / "model.pdmodel").is_file():
+        raise ModelError(f"ppdet export wrote no model.pdmodel into '{produced}'.")
+    for suffix in (".pdmodel", ".pdiparams"):
+        shutil.move(str(produced / f"model{suffix}"), ctx.out / f"{stem}{suffix}")
+    if with_nms:
+        shutil.move(str(produced / "infer_cfg.yml"), ctx.out / "infer_cfg.yml")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return ctx.out / f"{stem}.pdmodel"
+
+
+@_timed("paddle")
+def export_paddle(ctx: _ExportContext) -> Path:
+    return _paddle_export(ctx, with_nms=True, stem="model")
+
+
+@_timed("paddle_nonms")
+def export_paddle_nonms(ctx: _ExportContext) -> Path:
+    return _paddle_export(ctx, with_nms=False, stem="model_nonms")
+
+
+def _onnx_from(ctx: _ExportContext, pdmodel: Path) -> Path:
+    import onnx
+    import paddle2onnx
+
+    dst = pdmodel.with_suffix(".onnx")
+    opset = int(resolve_settings(ctx.spec, "export")["opset"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        paddle2onnx.export(str(pdmodel), str(pdmodel.with_suffix(".pdiparams")), str(dst),
+                           opset_version=opset, enable_onnx_checker=True, verbose=False)
+    if not dst.is_file():
+        raise ModelError(f"paddle2onnx wrote no '{dst}' from '{pdmodel}'.")
+    onnx.checker.check_model(str(dst))
+    return dst
+
+
+@_timed("onnx")
+def export_onnx(ctx: _ExportContext) -> Path:
+    return _onnx_from(ctx, export_paddle(ctx))
+
+
+@_timed("onnx_nonms")
+def export_onnx_nonms(ctx: _ExportContext) -> Path:
+    return _onnx_from(ctx, export_paddle_nonms(ctx))
+
+
+# name -> (exporter, model format, where NMS runs); the order is the order of deploy.json
+EXPORT_FORMATS: dict[str, tuple[Callable[[_ExportContext], Path], str, str]] = {
+    "paddle": (export_paddle, "paddle", "in_model"),
+    "paddle_nonms": (export_paddle_nonms, "paddle", "host"),
+    "onnx": (export_onnx, "onnx", "in_model"),
+    "onnx_nonms": (export_onnx_nonms, "onnx", "host"),
+}
+
+
+def input_spec(spec: LineSpec) -> InputSpec:
+    """The pre-processing contract of a PP-YOLOE export (same numbers as ``ppyoloe.eval_transforms``)."""
+    return InputSpec.from_dict({"size": [spec.image_size, spec.image_size], "color": "RGB",
+                                "scale": 1.0 / 255.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+                                "resize": "stretch", "layout": "NCHW", "feeds": ["image", "scale_factor"],
+                                "interp": "linear"}, "export")
+
+
+def export(spec: LineSpec, weights: Path, out_dir: Path, formats: list[str] | None = None,
+           meta: dict[str, Any] | None = None) -> ExportResult:
+    """Export ``weights`` of ``spec`` into ``out_dir`` and write its ``deploy.json``."""
+    from detect.heavy import paddle_stack
+
+    formats = formats or list(EXPORT_FORMATS)
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown export format(s) {unknown}; choose from {', '.join(EXPORT_FORMATS)}.")
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ConfigError(f"weights '{weights}' do not exist. Train first: `defectkit train LINE.yaml`.")
+    paddle_stack().paddle.set_device("cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = _ExportContext(spec, weights, out_dir, ExportResult(out_dir))
+    entries = []
+    for name in formats:
+        exporter, fmt, nms = EXPORT_FORMATS[name]
+        path = exporter(ctx)
+        entries.append(ModelEntry(file=path.name, format=fmt, target="any", precision="fp32", nms=nms,
+                                  runtime_version=_runtime_version(fmt), sha256=file_sha256(path)))
+    ex = resolve_settings(spec, "export")
+    post = PostprocessSpec.from_dict({"nms_iou": ex["nms_iou"], "score_threshold": ex["score_threshold"],
+                                      "nms_top_k": ex["nms_top_k"], "keep_top_k": ex["keep_top_k"]}, "export")
+    deploy = ModelSpec(line=spec.line, classes=list(spec.classes), input=input_spec(spec), models=entries,
+                       postprocess=post, meta={"source_weights": str(weights), **(meta or {})})
+    ctx.result.deploy_json = deploy.save(out_dir / "deploy.json")
+    return ctx.result
+
+
+def _runtime_version(fmt: str) -> str | None:
+    if fmt == "paddle":
+        return paddle_version()
+    if fmt == "onnx":
+        import paddle2onnx
+
+        return f"paddle2onnx {paddle2onnx.__version__}"
+    return None
+
+
+def paddle_version() -> str:
+    from detect.heavy import paddle_stack
+
+    return f"paddle {paddle_stack().paddle.__version__}"

@@ -1,0 +1,49 @@
+"""Shared fixtures: small real data sets and one small real training run that several stages reuse.
+
+Training a real PP-YOLOE+ (tiny size, 96 px, a few steps) costs seconds; doing it once per session
+keeps the suite fast while every stage downstream (eval, export, ONNX Runtime, compression) runs on
+a genuine ppdet model rather than a stand-in.
+"""
+from __future__ import annotations
+
+import zlib  # noqa: F401  -- before paddle anywhere in the test process (import-order segfault)
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def foreign_spec_path(tmp_path_factory) -> Path:
+    """A COCO set the kit never generated: non-square, PNG+JPG, empty images, category ids 11.."""
+    from detect.data.foreign import make_foreign_coco
+
+    return make_foreign_coco(tmp_path_factory.mktemp("foreign") / "line")
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory):
+    """A small synthetic PCB line at 96 px for fast real training."""
+    from detect.data.synth import generate_line
+
+    spec = generate_line(tmp_path_factory.mktemp("tinyline") / "pcb", line="pcb-tiny", count=16,
+                         size=(128, 96), seed=3, val_fraction=0.25, progress=False)
+    spec.image_size = 96
+    spec.save(spec.source)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_spec, tmp_path_factory):
+    """A real 2-epoch training run (tiny PP-YOLOE+, 96 px) with best/last weights and metrics."""
+    from detect.train import train
+
+    return train(tiny_spec, tmp_path_factory.mktemp("runs") / "tiny", {
+        "epochs": 2, "batch_size": 4, "warmup_steps": 2, "lr": 0.005, "multiscale": False}, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_spec, tiny_run):
+    """Paddle (NMS / no NMS) and ONNX exports of the tiny run, with deploy.json."""
+    from detect.export import export
+
+    return export(tiny_spec, tiny_run.best_weights, tiny_run.run.export_dir)
