@@ -137,6 +137,9 @@ def _demo_spec(spec_path: Path) -> Path:
         for key in ("image_size", "model_size", "train", "export", "runtime", "drift"):
             if key in ref:
                 raw[key] = ref[key]
+        pretrained = (raw.get("train") or {}).get("pretrained")
+        if pretrained and "://" not in pretrained and not Path(pretrained).is_absolute():
+            raw["train"]["pretrained"] = str((recipe.parent / pretrained).resolve())
         atomic_write_text(spec_path, yaml.safe_dump(raw, sort_keys=False))
     return spec_path
 

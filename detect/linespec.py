@@ -171,6 +171,9 @@ class LineSpec:
             if not isinstance(over, Mapping):
                 raise ConfigError(f"{where}: '{name}' must be a mapping of settings.")
             sections[name] = merge_section(where, name, defaults[name], over)
+        pretrained = sections["train"]["pretrained"]
+        if pretrained and "://" not in pretrained and not Path(pretrained).is_absolute():
+            sections["train"]["pretrained"] = str((base_dir / pretrained).resolve())  # relative to the spec file
         unknown_cls = set(sections["runtime"]["class_thresholds"]) - set(classes)
         if unknown_cls:
             raise ConfigError(

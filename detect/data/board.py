@@ -91,11 +91,26 @@ class Board:
         return cv2.countNonZero(cv2.bitwise_and(fp, occ)) == 0
 
 
-def _palette(rng: np.random.Generator) -> dict[str, np.ndarray]:
+# Solder-mask colours (OpenCV HSV hue range, saturation range, value range). "green" is the demo line;
+# "varied" draws from all of them, for the base-detector corpus of `defectkit pretrain`.
+MASK_STYLES: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
+    "green": ((52, 72), (150, 225), (70, 135)),
+    "blue": ((100, 122), (150, 230), (70, 140)),
+    "red": ((0, 8), (150, 220), (80, 140)),
+    "black": ((0, 180), (0, 60), (25, 55)),
+    "purple": ((130, 150), (110, 200), (60, 120)),
+    "white": ((0, 180), (0, 30), (170, 215)),
+}
+STYLES = ("green", "varied")
+
+
+def _palette(rng: np.random.Generator, style: str = "green") -> dict[str, np.ndarray]:
     """Board-to-board variation of solder-mask, copper, hole and silkscreen colours (BGR)."""
-    hue = rng.uniform(52, 72)
-    sat = rng.uniform(150, 225)
-    val = rng.uniform(70, 135)
+    name = "green" if style == "green" else str(rng.choice(list(MASK_STYLES)))
+    (h0, h1), (s0, s1), (v0, v1) = MASK_STYLES[name]
+    hue = rng.uniform(h0, h1)
+    sat = rng.uniform(s0, s1)
+    val = rng.uniform(v0, v1)
     mask = cv2.cvtColor(np.uint8([[[hue, sat, val]]]), cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
     copper = np.array([60, 130, 200], np.float32) + rng.uniform(-18, 18, 3).astype(np.float32)
     return {
@@ -247,7 +262,7 @@ def _add_via(board: Board, rng: np.random.Generator) -> bool:
     return True
 
 
-def draw_board(rng: np.random.Generator, width: int, height: int) -> Board:
+def draw_board(rng: np.random.Generator, width: int, height: int, style: str = "green") -> Board:
     """A defect-free board: trace bundles, footprints, vias and silkscreen labels."""
     scale = min(width, height) / 320.0
     board = Board(
@@ -255,7 +270,7 @@ def draw_board(rng: np.random.Generator, width: int, height: int) -> Board:
         copper=np.zeros((height, width), np.uint8),
         silk=np.zeros((height, width), np.uint8),
         occupied=np.zeros((height, width), np.uint8),
-        palette=_palette(rng),
+        palette=_palette(rng, style),
     )
     area = width * height / (320.0 * 320.0)
     plans = [(_add_bundle, int(round(rng.integers(3, 6) * area))), (_add_footprint, int(round(rng.integers(1, 3) * area))),

@@ -90,6 +90,7 @@ def synth_images(
     classes: tuple[str, ...] = DEFECT_CLASSES,
     prefix: str = "board",
     progress: bool = True,
+    style: str = "green",
 ) -> tuple[list[dict], list[dict]]:
     """Draw ``count`` boards into ``images_dir``; returns COCO images and annotations (ids from 1)."""
     from tqdm import tqdm
@@ -101,7 +102,7 @@ def synth_images(
     images_dir.mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(count), desc="synth", unit="img", disable=not progress):
         rng = np.random.default_rng([seed, 1, i])
-        board = draw_board(rng, width, height)
+        board = draw_board(rng, width, height, style)
         placed = add_defects(board, rng, plans[i])
         file_name = f"{prefix}_{i:05d}.{image_format}"
         atomic_write_bytes(images_dir / file_name, encode_image(render(board, rng), image_format))
@@ -121,6 +122,7 @@ def generate_line(
     val_fraction: float = 0.2,
     image_format: str = "jpg",
     progress: bool = True,
+    style: str = "green",
 ) -> LineSpec:
     """Write a synthetic PCB line into ``out_dir`` (normalised layout + ``<line>.yaml``) and return its spec."""
     _check_args(count, size, defect_free_fraction, val_fraction, image_format)
@@ -128,7 +130,8 @@ def generate_line(
     layout = Layout(out_dir)
     _clear_previous_run(layout, line)
     images, annotations = synth_images(
-        layout.images, count, size, seed, defect_free_fraction, image_format, DEFECT_CLASSES, line, progress
+        layout.images, count, size, seed, defect_free_fraction, image_format, DEFECT_CLASSES, line, progress,
+        style,
     )
     coco = make_coco(images, annotations, DEFECT_CLASSES, f"defectkit synth line={line} seed={seed}")
     write_coco(layout.all, coco)
