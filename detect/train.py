@@ -64,6 +64,14 @@ def check_class_contract(spec: LineSpec, ann_file: Path) -> int:
     return len(images)
 
 
+def refuse_faulty_data(spec: LineSpec) -> None:
+    """Run `defectkit data check` on the train and val splits; any fault stops training before it starts."""
+    from detect.data.check import check_dataset
+
+    for ann in (spec.paths.train, spec.paths.val):
+        check_dataset(ann, spec.paths.images, spec.classes).raise_if_faulty()
+
+
 def seed_everything(seed: int) -> None:
     from detect.heavy import paddle_stack
 
@@ -147,6 +155,7 @@ def train(spec: LineSpec, run_dir: Path | None = None, overrides: dict[str, Any]
     """Train on ``spec``'s train split, validating on its val split; returns the run and its metrics."""
     settings = resolve_settings(spec, "train", overrides)
     export_cfg = resolve_settings(spec, "export")
+    refuse_faulty_data(spec)
     n_train = check_class_contract(spec, spec.paths.train)
     check_class_contract(spec, spec.paths.val)
     if n_train < settings["batch_size"]:

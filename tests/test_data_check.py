@@ -119,6 +119,10 @@ def test_fix_repairs_copy_and_leaves_original(broken: Path, tmp_path: Path, caps
     fixed = json.loads((out / "annotations" / "all.json").read_text())
     assert len(fixed["images"]) == 7
     assert (out / "annotations" / "train.json").is_file() and (out / "annotations" / "val.json").is_file()
+    # the repaired copy is accepted by real training (the broken original is refused before training)
+    assert main(["train", str(broken / "chk.yaml"), "--runs", str(tmp_path / "runs"), "--name", "bad"]) == 2
+    assert main(["train", str(out / "chk.yaml"), "--runs", str(tmp_path / "runs"), "--name", "fixed",
+                 "--epochs", "1", "--batch-size", "2", "--set", "multiscale=False", "--set", "warmup_steps=1"]) == 0
 
 
 def test_fix_refuses_in_place(broken: Path) -> None:
