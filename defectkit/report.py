@@ -8,6 +8,9 @@ from typing import Any
 from edge_runtime.fileio import atomic_write_json, atomic_write_text
 
 
+MAP50_TARGET = 0.8  # the demo's bar (issue 2): what a factory engineer should expect from the recipe
+
+
 def _ap(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -23,7 +26,8 @@ def write_demo_report(out: Path, figures: dict[str, Any]) -> tuple[Path, Path]:
     md = f"""# defectkit demo — line `{figures['line']}`
 
 ## Detector (validation split)
-**mAP50 {val['map50']:.3f}**, mAP50-95 {val['map50_95']:.3f} on {val['images']} images;
+**mAP50 {val['map50']:.3f}** (target ≥ {MAP50_TARGET}: {'met' if val['map50'] >= MAP50_TARGET else 'NOT met'}),
+mAP50-95 {val['map50_95']:.3f} on {val['images']} images;
 best epoch {figures['best_epoch']} of {figures['epochs_run']} ({figures['train_minutes']} min; {figures['stop_reason']}).
 
 | class | AP50-95 | AP50 |

@@ -17,6 +17,8 @@ import cv2  # noqa: F401
 os.environ.setdefault("ENABLE_FALL_BACK", "False")
 # ppdet prints a numba/motmetrics warning per import; keep the training log readable.
 os.environ.setdefault("FLAGS_call_stack_level", "0")
+# paddle's C++ glog INFO lines ("New Executor is Running") drown the progress output
+os.environ.setdefault("GLOG_minloglevel", "2")
 
 _STACK: types.SimpleNamespace | None = None
 
