@@ -19,20 +19,26 @@ class Backend(ABC):
     """Load a model file, then run it: ``infer({name: array}) -> [outputs in output_names order]``."""
 
     name: ClassVar[str] = "?"
+    # set by load(): the model's feed names (model order) and output names (the order infer returns)
+    _inputs: list[str]
+    _outputs: list[str]
+
+    def __init__(self) -> None:
+        self._inputs, self._outputs = [], []
 
     @abstractmethod
     def load(self, path: Path, threads: int) -> None:
         """Load ``path`` for CPU inference with ``threads`` intra-op threads; ModelError if it cannot."""
 
     @property
-    @abstractmethod
     def input_names(self) -> list[str]:
         """The model's feed names, in the model's order."""
+        return list(self._inputs)
 
     @property
-    @abstractmethod
     def output_names(self) -> list[str]:
         """The model's output names, in the order :meth:`infer` returns them."""
+        return list(self._outputs)
 
     @abstractmethod
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -14,9 +14,8 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self) -> None:
+        super().__init__()
         self._session = None
-        self._inputs: list[str] = []
-        self._outputs: list[str] = []
         self._path: Path | None = None
 
     def load(self, path: Path, threads: int) -> None:
@@ -37,14 +36,6 @@ class OnnxRuntimeBackend(Backend):
         self._path = Path(path)
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._outputs = [o.name for o in self._session.get_outputs()]
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if self._session is None:

@@ -18,9 +18,8 @@ class PaddleInferenceBackend(Backend):
     name = "paddle"
 
     def __init__(self) -> None:
+        super().__init__()
         self._predictor = None
-        self._inputs: list[str] = []
-        self._outputs: list[str] = []
         self._path: Path | None = None
 
     def load(self, path: Path, threads: int) -> None:
@@ -49,14 +48,6 @@ class PaddleInferenceBackend(Backend):
         self._path = path
         self._inputs = list(self._predictor.get_input_names())
         self._outputs = list(self._predictor.get_output_names())
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if self._predictor is None:

@@ -71,11 +71,10 @@ class PaddleLiteBackend(Backend):
     name = "paddlelite"
 
     def __init__(self, expected_version: str | None = None) -> None:
+        super().__init__()
         # The caller (bundle loader) may pass the manifest's runtime_version; otherwise it is looked up.
         self.expected_version = expected_version
         self._predictor = None
-        self._inputs: list[str] = []
-        self._outputs: list[str] = []
 
     def check_model(self, path: Path) -> None:
         """Refuse a .nb made by another Paddle Lite version or for another CPU, before loading it."""
@@ -120,14 +119,6 @@ class PaddleLiteBackend(Backend):
             raise ModelError(f"Paddle Lite cannot load {path}: {exc}") from exc
         self._inputs = list(self._predictor.get_input_names())
         self._outputs = list(self._predictor.get_output_names())
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if self._predictor is None:
