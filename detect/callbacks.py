@@ -1,9 +1,13 @@
 """Callbacks hooked into ppdet's ``Trainer``: training stays ppdet's one loop, everything else hooks in.
 
 ppdet calls ``on_epoch_end`` twice per evaluated epoch: with ``status['mode'] == 'train'`` (the EMA
-weights are already swapped into the model) and then with ``'eval'`` after the validation pass
-(``trainer._metrics[0].get_results()`` holds the COCO numbers). A callback that must end the loop early
-raises :class:`StopTraining`, which :func:`detect.train.train` catches: ppdet's loop has no other exit.
+weights are already swapped into the model, the raw ones are in ``status['weight']``) and then with
+``'eval'`` after the validation pass (``trainer._metrics[0].get_results()`` holds the COCO numbers); it
+also calls ``on_epoch_begin`` a second time, still in 'train' mode, before evaluating. A run ends early
+only by an exception: stoppers (:class:`EarlyStopping`, :class:`TimeBudget`) record a reason, and
+:class:`Checkpointing`, registered last, writes the epoch's checkpoint and then raises
+:class:`StopTraining`, which :func:`detect.train.train` catches. So the reason is in the checkpoint and a
+stopped run is never mistaken for an interrupted one.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ from ppdet.engine.callbacks import Callback  # noqa: E402  (after the safe impor
 class StopTraining(Exception):
     """Raised by a callback to end training cleanly; ``reason`` goes into metrics.json."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = "stopped"):
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 def coco_results(trainer) -> dict[str, float]:
@@ -35,6 +40,17 @@ def coco_results(trainer) -> dict[str, float]:
             stats = res["bbox"]
             return {"map50_95": float(stats[0]), "map50": float(stats[1])}
     return {}
+
+
+def evaluates(trainer, status) -> bool:
+    """Whether ppdet evaluates after this epoch (then the epoch's last callback call is in 'eval' mode)."""
+    epoch = int(status["epoch_id"])
+    return (epoch + 1) % trainer.cfg.snapshot_epoch == 0 or epoch == trainer.cfg.epoch - 1
+
+
+def epoch_complete(trainer, status) -> bool:
+    """True at the last ``on_epoch_end`` call of an epoch (the one after evaluation, if any)."""
+    return status["mode"] == "eval" or not evaluates(trainer, status)
 
 
 class ProgressBar(Callback):
@@ -68,10 +84,42 @@ class ProgressBar(Callback):
         self.close()
 
 
-class HistoryLogger(Callback):
-    """Appends one JSON line per epoch (losses, learning rate, time, mAP) to ``history.jsonl``.
+class EpochSeeder(Callback):
+    """Re-seeds Python, numpy and paddle from (seed, epoch) at the start of every training epoch."""
 
-    The history is the source of metrics.json and of the training-curve plot, and it survives a crash.
+    def __init__(self, trainer, seed: int):
+        super().__init__(trainer)
+        self.seed = seed
+        self.seen = -1
+
+    def on_epoch_begin(self, status):
+        epoch = int(status["epoch_id"])
+        if status.get("mode") == "train" and epoch != self.seen:  # ppdet calls it again before evaluating
+            from detect.rng import seed_epoch
+
+            seed_epoch(self.seed, epoch)
+            self.seen = epoch
+
+
+class Unfreezer(Callback):
+    """Thaws the frozen layers at the start of epoch ``at`` (1-based), at ``lr * lr_factor``."""
+
+    def __init__(self, trainer, freeze_state, at: int, lr_factor: float):
+        super().__init__(trainer)
+        self.freeze_state = freeze_state
+        self.at = at
+        self.lr_factor = lr_factor
+
+    def on_epoch_begin(self, status):
+        if self.at > 0 and status.get("mode") == "train" and int(status["epoch_id"]) + 1 >= self.at:
+            self.freeze_state.thaw(self.lr_factor, self.model.ema if self.model.use_ema else None)
+
+
+class HistoryLogger(Callback):
+    """Appends one JSON line per epoch (mean losses of the epoch, learning rate, time, mAP) to ``history.jsonl``.
+
+    The history is the source of metrics.json and of the training-curve plot, and it survives a crash
+    (a resumed run first cuts it back to its checkpoint's epoch, so it stays continuous).
     """
 
     def __init__(self, trainer, path: Path, clock: Callable[[], float] = time.time):
@@ -80,21 +128,32 @@ class HistoryLogger(Callback):
         self.clock = clock
         self.pending: dict[str, Any] = {}
         self.epoch_start = clock()
+        self.seen = -1
+        self.sums: dict[str, float] = {}
+        self.steps = 0
 
     def on_epoch_begin(self, status):
-        if status.get("mode") == "train":
+        if status.get("mode") == "train" and int(status["epoch_id"]) != self.seen:
             self.epoch_start = self.clock()
+            self.seen = int(status["epoch_id"])
+            self.sums, self.steps = {}, 0
+
+    def on_step_end(self, status):
+        # ppdet's own figures are medians over a window that spans epochs (and restarts on resume)
+        if status.get("mode") == "train":
+            for key, meter in status["training_staus"].meters.items():
+                self.sums[key] = self.sums.get(key, 0.0) + float(meter.value)
+            self.steps += 1
 
     def on_epoch_end(self, status):
         epoch = int(status["epoch_id"]) + 1
         if status["mode"] == "train":
-            losses = {k: float(v) for k, v in status["training_staus"].get().items()}
+            losses = {k: round(v / max(1, self.steps), 6) for k, v in self.sums.items()}
             self.pending = {"epoch": epoch, "lr": float(status.get("learning_rate", 0.0)),
                             "train_seconds": round(self.clock() - self.epoch_start, 2), **losses}
-            if not _evaluates(self.model, status):
-                self._write()
         else:
             self.pending.update(coco_results(self.model))
+        if epoch_complete(self.model, status):
             self._write()
 
     def _write(self) -> None:
@@ -105,16 +164,9 @@ class HistoryLogger(Callback):
         self.pending = {}
 
 
-def _evaluates(trainer, status) -> bool:
-    epoch = int(status["epoch_id"])
-    return (epoch + 1) % trainer.cfg.snapshot_epoch == 0 or epoch == trainer.cfg.epoch - 1
-
-
 class EarlyStopping(Callback):
-    """Ends the run when validation mAP50-95 has not improved by ``min_delta`` for ``patience`` evaluations.
-
-    Runs after the checkpoint callback, so the best weights are already on disk when it stops.
-    """
+    """Requests a stop when validation mAP50-95 has not improved by more than ``min_delta`` for
+    ``patience`` evaluations (0 = never). :class:`Checkpointing` carries the request out."""
 
     def __init__(self, trainer, patience: int, min_delta: float = 0.0):
         super().__init__(trainer)
@@ -123,12 +175,14 @@ class EarlyStopping(Callback):
         self.best = -math.inf
         self.best_epoch = 0
         self.bad_evals = 0
+        self.reason: str | None = None
 
     def state(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals}
+        return {"best": self.best if math.isfinite(self.best) else None, "best_epoch": self.best_epoch,
+                "bad_evals": self.bad_evals}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.best = float(state["best"])
+        self.best = -math.inf if state["best"] is None else float(state["best"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_evals = int(state["bad_evals"])
 
@@ -143,32 +197,31 @@ class EarlyStopping(Callback):
             return
         self.bad_evals += 1
         if self.patience > 0 and self.bad_evals >= self.patience:
-            raise StopTraining(
-                f"early stop: mAP50-95 did not improve by more than {self.min_delta} for {self.bad_evals} "
-                f"evaluations (best {self.best:.4f} at epoch {self.best_epoch})"
-            )
+            self.reason = (f"early stop: mAP50-95 did not improve by more than {self.min_delta} for "
+                           f"{self.bad_evals} evaluations (best {self.best:.4f} at epoch {self.best_epoch})")
 
 
 class TimeBudget(Callback):
-    """Stops after the last evaluation that ends past the budget (the run stays consistent)."""
+    """Requests a stop after the first epoch that ends past the budget (the run stays resumable)."""
 
     def __init__(self, trainer, minutes: float, clock: Callable[[], float] = time.time):
         super().__init__(trainer)
         self.deadline = clock() + minutes * 60.0
         self.minutes = minutes
         self.clock = clock
+        self.reason: str | None = None
 
     def on_epoch_end(self, status):
-        if status["mode"] == "eval" and self.clock() >= self.deadline:
-            raise StopTraining(f"time budget of {self.minutes:g} minutes reached after epoch "
-                               f"{int(status['epoch_id']) + 1}")
+        if epoch_complete(self.model, status) and self.clock() >= self.deadline:
+            self.reason = f"time budget of {self.minutes:g} minutes reached after epoch {int(status['epoch_id']) + 1}"
 
 
 class WeightsSaver(Callback):
     """Writes ``best.pdparams`` and ``last.pdparams`` (the evaluated, EMA-applied weights) atomically.
 
-    It replaces ppdet's ``Checkpointer``, which writes non-atomically, never rotates, and keeps the best
-    metric only in memory. Full resumable checkpoints are written by :mod:`detect.checkpoints`.
+    Best means the first evaluation with the highest mAP50-95 (strictly better replaces it), the same
+    rule as metrics.json's ``best_epoch``. The best value is part of every checkpoint, so a resumed run
+    does not overwrite the best weights with its first evaluation (ppdet's Checkpointer would).
     """
 
     def __init__(self, trainer, best_path: Path, last_path: Path):
@@ -176,16 +229,55 @@ class WeightsSaver(Callback):
         self.best_path = best_path
         self.last_path = last_path
         self.best = -math.inf
+        self.best_epoch = 0
+        self.improved = False
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best if math.isfinite(self.best) else None, "best_epoch": self.best_epoch}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.best = -math.inf if state["best"] is None else float(state["best"])
+        self.best_epoch = int(state["best_epoch"])
 
     def on_epoch_end(self, status):
+        self.improved = False
         if status["mode"] != "eval":
             return
         value = coco_results(self.model).get("map50_95", -1.0)
         state = self.model.model.state_dict()
         save_state_atomic(state, self.last_path)
-        if value >= self.best:
-            self.best = value
+        if value > self.best:
+            self.best, self.best_epoch, self.improved = value, int(status["epoch_id"]) + 1, True
             save_state_atomic(state, self.best_path)
+
+
+class Checkpointing(Callback):
+    """Writes the epoch's full checkpoint (``write(status)``), then ends the run if a stopper asked to.
+
+    Registered last, so the history line, the stoppers' counters and the best weights are up to date.
+    """
+
+    def __init__(self, trainer, write: Callable[[dict, dict | None], Any], stoppers: list):
+        super().__init__(trainer)
+        self.write = write
+        self.stoppers = stoppers
+
+    def pending_stop(self, status) -> dict[str, str] | None:
+        for stopper in self.stoppers:
+            if stopper.reason:
+                kind = "early_stop" if isinstance(stopper, EarlyStopping) else "time_budget"
+                return {"kind": kind, "reason": stopper.reason}
+        if int(status["epoch_id"]) + 1 >= self.model.cfg.epoch:
+            return {"kind": "completed", "reason": "completed all epochs"}
+        return None
+
+    def on_epoch_end(self, status):
+        if not epoch_complete(self.model, status):
+            return
+        stop = self.pending_stop(status)
+        self.write(status, stop)
+        if stop is not None and stop["kind"] != "completed":
+            raise StopTraining(stop["reason"], stop["kind"])
 
 
 def save_state_atomic(state: dict, path: Path) -> None:

@@ -69,6 +69,19 @@ class RunPaths:
     def export_dir(self) -> Path:
         return self.root / "export"
 
+    @property
+    def line_spec(self) -> Path:
+        """A copy of the line spec the run started with (resume rebuilds the spec from it)."""
+        return self.root / "line.yaml"
+
+    @property
+    def vdl_dir(self) -> Path:
+        return self.root / "vdl"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
 
 def _dataset(spec: LineSpec, ann: Path, allow_empty: bool, with_gt: bool) -> dict[str, Any]:
     # Evaluation reads images only (ground truth comes from the annotation file): gt arrays of
@@ -96,7 +109,10 @@ def train_transforms(spec: LineSpec, train: dict[str, Any], mosaic_epochs: int) 
     if train["mosaic"] > 0 and mosaic_epochs > 0:
         sample.append({"Mosaic": {"prob": float(train["mosaic"]), "input_dim": [size, size],
                                    "degrees": [-5, 5], "scale": [0.7, 1.3], "shear": [-2, 2],
-                                   "translate": [-0.1, 0.1], "enable_mixup": False}})
+                                   "translate": [-0.1, 0.1],
+                                   # YOLOX-style MixUp happens inside Mosaic (ppdet's dataset hands it a 5th sample)
+                                   "enable_mixup": float(train.get("mixup", 0.0)) > 0,
+                                   "mixup_prob": float(train.get("mixup", 0.0)), "mixup_scale": [0.5, 1.5]}})
     hgain, sgain, vgain = (float(x) for x in train["hsv"])
     if hgain or sgain or vgain:
         sample.append({"AugmentHSV": {"fraction": 0.5, "is_bgr": False,
@@ -126,8 +142,14 @@ def eval_transforms(size: int) -> list[dict]:
 
 
 def build_config(spec: LineSpec, train: dict[str, Any], export: dict[str, Any], run: RunPaths,
-                 steps_per_epoch_hint: int = 0) -> dict[str, Any]:
-    """The full ppdet configuration for one run, as plain data (also written to ``config.yaml``)."""
+                 steps_per_epoch_hint: int = 0, static_assigner_epoch: int | None = None) -> dict[str, Any]:
+    """The full ppdet configuration for one run, as plain data (also written to ``config.yaml``).
+
+    ``static_assigner_epoch`` pins the ATSS-to-TaskAligned switch (a resumed run with more epochs keeps
+    the switch where it was).
+    """
+    from detect.freeze import frozen_prefixes
+
     depth, width = MODEL_MULTIPLIERS[spec.model_size]
     epochs = int(train["epochs"])
     close_mosaic = int(train["close_mosaic"])
@@ -141,7 +163,8 @@ def build_config(spec: LineSpec, train: dict[str, Any], export: dict[str, Any], 
         "use_ema": bool(train["ema"]),
         "ema_decay": float(train["ema_decay"]),
         "ema_decay_type": "exponential",
-        "ema_black_list": ["proj_conv.weight"],
+        # frozen layers stay out of the EMA, so the evaluated/exported copy equals the loaded weights
+        "ema_black_list": ["proj_conv.weight"] + frozen_prefixes(train),
         "num_classes": spec.num_classes,
         "metric": "COCO",
         "epoch": epochs,
@@ -164,9 +187,11 @@ def build_config(spec: LineSpec, train: dict[str, Any], export: dict[str, Any], 
                          "act": "swish", "spp": True, "depth_mult": depth, "width_mult": width},
         "PPYOLOEHead": {
             "fpn_strides": [32, 16, 8], "grid_cell_scale": 5.0, "grid_cell_offset": 0.5,
-            "static_assigner_epoch": max(1, min(30, epochs // 4)),
+            "static_assigner_epoch": (int(static_assigner_epoch) if static_assigner_epoch is not None
+                                      else max(1, min(30, epochs // 4))),
             "use_varifocal_loss": True, "loss_weight": {"class": 1.0, "iou": 2.5, "dfl": 0.5},
-            "static_assigner": {"name": "ATSSAssigner", "topk": 9},
+            # ATSS takes topk anchors per level: the stride-32 level has only (size/32)^2 (4 at 64 px)
+            "static_assigner": {"name": "ATSSAssigner", "topk": min(9, (size // 32) ** 2)},
             "assigner": {"name": "TaskAlignedAssigner", "topk": 13, "alpha": 1.0, "beta": 6.0},
             "nms": {"name": "MultiClassNMS", "nms_top_k": int(export["nms_top_k"]),
                     "keep_top_k": int(export["keep_top_k"]),
@@ -190,9 +215,18 @@ def build_config(spec: LineSpec, train: dict[str, Any], export: dict[str, Any], 
         "TestReader": {"inputs_def": {"image_shape": [3, size, size]},
                        "sample_transforms": eval_transforms(size), "batch_size": 1},
     }
+    if train.get("visualdl", False) and visualdl_available():
+        cfg["use_vdl"] = True  # ppdet's VisualDLWriter callback: losses per step, mAP per evaluation
+        cfg["vdl_log_dir"] = str(run.vdl_dir)
     if float(train["clip_grad_norm"]) > 0:
         cfg["OptimizerBuilder"]["clip_grad_by_norm"] = float(train["clip_grad_norm"])
     return cfg
+
+
+def visualdl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("visualdl") is not None
 
 
 def _schedulers(train: dict[str, Any], steps_per_epoch: int) -> list[dict[str, Any]]:

@@ -1,7 +1,11 @@
 """Fine-tune PP-YOLOE+ on a line with ppdet's own ``Trainer``; write ``runs/<line>/<run>/``.
 
-The run directory holds the resolved config, ``history.jsonl`` (one line per epoch), best and last
-weights, ``metrics.json`` (best epoch, per-class AP, stop reason) and ``training_curves.png``.
+The run directory holds the resolved config and a copy of the line spec, ``history.jsonl`` (one line per
+epoch), best and last weights, resumable ``checkpoints/`` (see :mod:`detect.checkpoints`),
+``metrics.json`` (best epoch, per-class AP, stop reason) and ``training_curves.png``.
+A training session is ppdet's ``Trainer`` plus the kit's pieces: frozen layers (:mod:`detect.freeze`),
+a data loader whose order and augmentations are pure functions of (seed, epoch) (:mod:`detect.rng`),
+and callbacks for progress, history, early stopping, time budget, best weights and checkpoints.
 """
 from __future__ import annotations
 
@@ -123,8 +127,12 @@ def load_pretrained(model, path_or_url: str) -> list[str]:
     if path_or_url.startswith(("http://", "https://")):
         path = get_weights_path(path_or_url)  # downloads into ~/.cache/paddle/weights
     file = Path(path if str(path).endswith(".pdparams") else f"{path}.pdparams")
+    if Path(path).is_dir():  # a checkpoint directory: its evaluated (EMA) weights, else the raw ones
+        file = Path(path) / "ema.pdparams"
+        file = file if file.is_file() else Path(path) / "model.pdparams"
     if not file.is_file():
-        raise ConfigError(f"pretrained weights '{file}' do not exist. Give a .pdparams path or URL.")
+        raise ConfigError(f"pretrained weights '{file}' do not exist. Give a .pdparams path, a checkpoint "
+                          f"directory or a URL.")
     stored = paddle.load(str(file))
     own = model.state_dict()
     skipped = [k for k, v in own.items() if k in stored and list(stored[k].shape) != list(v.shape)]
@@ -135,75 +143,189 @@ def load_pretrained(model, path_or_url: str) -> list[str]:
     return skipped + missing
 
 
-def preflight_reader(trainer, samples: int = 2) -> None:
-    """Run a few samples through the training transforms in this process before the loop starts.
+def preflight_reader(loader) -> None:
+    """Run the first batch of epoch 0 through the sample and batch transforms in this process.
 
-    A transform that raises inside ppdet's DataLoader with ``worker_num: 0`` hangs forever with no
+    A transform that raises inside paddle's DataLoader with ``worker_num: 0`` hangs forever with no
     traceback (STACK.md); called directly, the same error surfaces with its cause.
     """
-    dataset = trainer.loader.dataset
-    for idx in range(min(samples, len(dataset))):
+    from detect.rng import SeededCollate
+
+    samples = loader.samples()
+    keys = loader.batches(0)[0] if len(loader) else []
+    batch = []
+    for key in keys:
         try:
-            dataset[idx]
+            batch.append(samples[key])
         except Exception as exc:  # any transform failure: report it instead of hanging later
-            raise DataError(f"training sample {idx} ({dataset.roidbs[idx].get('im_file')}) fails the "
-                            f"augmentation pipeline: {type(exc).__name__}: {exc}") from exc
+            raise DataError(f"training sample {key[2]} ({loader.dataset.roidbs[key[2]].get('im_file')}) fails "
+                            f"the augmentation pipeline: {type(exc).__name__}: {exc}") from exc
+    try:
+        SeededCollate(loader.batch_transforms, loader.seed)(batch)
+    except Exception as exc:
+        raise DataError(f"the first training batch fails the batch transforms (multi-scale resize, padding): "
+                        f"{type(exc).__name__}: {exc}") from exc
 
 
-def train(spec: LineSpec, run_dir: Path | None = None, overrides: dict[str, Any] | None = None,
-          quiet: bool = False) -> TrainResult:
-    """Train on ``spec``'s train split, validating on its val split; returns the run and its metrics."""
-    settings = resolve_settings(spec, "train", overrides)
-    export_cfg = resolve_settings(spec, "export")
+def check_settings(spec: LineSpec, settings: dict[str, Any]) -> None:
+    """Training-policy values that are wrong together, refused before anything is built."""
+    from detect.checkpoints import Retention
+    from detect.freeze import check_unfreeze, parse_freeze
+
+    where = spec.source or f"line '{spec.line}'"
+    parse_freeze(settings["freeze"], f"{where}: train.freeze")
+    check_unfreeze(settings)
+    Retention.from_settings(settings)
+    for key in ("epochs", "batch_size", "eval_interval"):
+        if int(settings[key]) < 1:
+            raise ConfigError(f"{where}: train.{key} must be at least 1, got {settings[key]}.")
+    for key in ("flip", "mosaic", "mixup"):
+        if not 0.0 <= float(settings[key]) <= 1.0:
+            raise ConfigError(f"{where}: train.{key} is a probability in [0, 1], got {settings[key]}.")
+    if float(settings["mixup"]) > 0 and float(settings["mosaic"]) == 0:
+        raise ConfigError(f"{where}: train.mixup needs train.mosaic > 0 (PP-YOLOE mixes inside Mosaic samples).")
+    if float(settings["mosaic"]) > 0 and int(settings["close_mosaic"]) >= int(settings["epochs"]):
+        raise ConfigError(f"{where}: train.close_mosaic ({settings['close_mosaic']}) leaves no epoch of "
+                          f"{settings['epochs']} with Mosaic; lower it or set mosaic: 0.")
+    hsv = settings["hsv"]
+    if len(hsv) != 3 or any(float(g) < 0 for g in hsv):
+        raise ConfigError(f"{where}: train.hsv must be three non-negative gains [hue, saturation, value], got {hsv}.")
+
+
+def check_data(spec: LineSpec, settings: dict[str, Any]) -> int:
+    """Data check, class contract and image count; returns the number of training images."""
     refuse_faulty_data(spec)
     n_train = check_class_contract(spec, spec.paths.train)
     check_class_contract(spec, spec.paths.val)
     if n_train < settings["batch_size"]:
         raise DataError(f"{n_train} training images but batch_size {settings['batch_size']}: lower "
                         f"train.batch_size in {spec.source or 'the line spec'} or add images.")
-    run = RunPaths(Path(run_dir) if run_dir else default_run_dir(spec))
-    if run.metrics.exists():
-        raise ConfigError(f"run '{run.root}' already finished (metrics.json exists). Choose another --name.")
-    run.root.mkdir(parents=True, exist_ok=True)
-    seed_everything(int(settings["seed"]))
-    device = set_device(settings["device"])
-    cfg = build_config(spec, settings, export_cfg, run)
+    return n_train
+
+
+def write_run_files(spec: LineSpec, run: RunPaths, settings: dict[str, Any], device: str, cfg: dict) -> None:
     atomic_write_text(run.config, yaml.safe_dump({"line": spec.line, "classes": spec.classes,
                                                   "image_size": spec.image_size, "model_size": spec.model_size,
                                                   "device": device, "train": settings, "ppdet": cfg},
                                                  sort_keys=False))
+    atomic_write_text(run.line_spec, yaml.safe_dump(spec.to_dict(run.root.resolve()), sort_keys=False))
+
+
+def min_box_side(settings: dict[str, Any]) -> float:
+    """Boxes thinner than this (px) are dropped after augmentation: Mosaic leaves slivers at the border."""
+    return 2.0 if float(settings["mosaic"]) > 0 else 0.0
+
+
+@dataclass
+class Session:
+    """One ppdet Trainer with the kit's loader, frozen layers and callbacks, ready to train."""
+
+    spec: LineSpec
+    run: RunPaths
+    settings: dict[str, Any]
+    trainer: Any
+    loader: Any
+    freeze: Any
+    cb: Any  # SimpleNamespace of the kit's callbacks
+    skipped: list[str]
+    start: float = 0.0  # training seconds of earlier sessions of this run (resume)
+    began: float = 0.0  # wall clock when this session's loop started
+
+
+def build_session(spec: LineSpec, run: RunPaths, settings: dict[str, Any], fresh: bool = True,
+                  static_assigner_epoch: int | None = None) -> Session:
+    """Build the trainer for ``settings``; ``fresh`` runs load ``train.pretrained`` (a resume restores instead)."""
+    import types
+    import warnings
+
+    from detect.freeze import apply_freeze, parse_freeze
+    from detect.resume import checkpoint_writer
+    from detect.rng import install_seeded_loader
+
+    seed = int(settings["seed"])
+    seed_everything(seed)
+    device = set_device(settings["device"])
+    cfg = build_config(spec, settings, resolve_settings(spec, "export"), run,
+                       static_assigner_epoch=static_assigner_epoch)
+    write_run_files(spec, run, settings, device, cfg)
     live = activate(cfg)
     from ppdet.engine import Trainer
-    from ppdet.engine.callbacks import Checkpointer
+    from ppdet.engine.callbacks import Checkpointer, VisualDLWriter
 
     from detect import callbacks as cb
 
-    route_ppdet_logs(run.root / "train.log")
-    trainer = Trainer(live, mode="train")
-    preflight_reader(trainer)
-    skipped: list[str] = []
-    if settings["pretrained"]:
-        skipped = load_pretrained(trainer.model, settings["pretrained"])
-    progress = cb.ProgressBar(trainer, int(settings["epochs"]))
-    saver = cb.WeightsSaver(trainer, run.best_weights, run.last_weights)
-    early = cb.EarlyStopping(trainer, int(settings["patience"]), float(settings["min_delta"]))
-    extra = [progress, cb.HistoryLogger(trainer, run.history), saver, early]
-    if settings["time_budget_min"] > 0:
-        extra.append(cb.TimeBudget(trainer, float(settings["time_budget_min"])))
+    route_ppdet_logs(run.log)
+    warnings.filterwarnings("ignore", message="When training, we now always track global mean")
+    with open(run.log, "a") as log, contextlib.redirect_stdout(log):
+        trainer = Trainer(live, mode="train")
+    loader = install_seeded_loader(trainer, seed, int(settings["workers"]), min_box_side(settings))
+    preflight_reader(loader)
+    skipped = load_pretrained(trainer.model, settings["pretrained"]) if fresh and settings["pretrained"] else []
+    freeze = apply_freeze(trainer.model, parse_freeze(settings["freeze"]))
+    ns = types.SimpleNamespace(
+        progress=cb.ProgressBar(trainer, int(settings["epochs"])),
+        seeder=cb.EpochSeeder(trainer, seed),
+        unfreezer=cb.Unfreezer(trainer, freeze, int(settings["unfreeze_at_epoch"]),
+                               float(settings["unfreeze_lr_factor"])),
+        history=cb.HistoryLogger(trainer, run.history),
+        early=cb.EarlyStopping(trainer, int(settings["patience"]), float(settings["min_delta"])),
+        budget=cb.TimeBudget(trainer, float(settings["time_budget_min"]) or 1e12),
+        saver=cb.WeightsSaver(trainer, run.best_weights, run.last_weights),
+        vdl=next((c for c in trainer._callbacks if isinstance(c, VisualDLWriter)), None),
+    )
+    session = Session(spec, run, settings, trainer, loader, freeze, ns, skipped)
+    ns.checkpointing = cb.Checkpointing(trainer, checkpoint_writer(session), [ns.early, ns.budget])
     trainer._callbacks = [c for c in trainer._callbacks if not isinstance(c, Checkpointer)]
-    trainer.register_callbacks(extra)
+    trainer.register_callbacks([ns.seeder, ns.unfreezer, ns.progress, ns.history, ns.early, ns.budget,
+                                ns.saver, ns.checkpointing])
+    return session
+
+
+def run_session(session: Session, quiet: bool = False) -> TrainResult:
+    """ppdet's loop until the last epoch or a stop; then evaluate the best weights and write metrics."""
+    from detect import callbacks as cb
 
     stop_reason = "completed all epochs"
-    start = time.time()
-    with open(run.root / "train.log", "a") as log, contextlib.redirect_stdout(log):
+    session.began = time.time()
+    with open(session.run.log, "a") as log, contextlib.redirect_stdout(log):
         try:
-            trainer.train(validate=True)
+            session.trainer.train(validate=True)
         except cb.StopTraining as stop:
             stop_reason = stop.reason
         finally:
-            progress.close()
-    metrics = finish_run(spec, run, settings, stop_reason, time.time() - start, skipped, quiet)
-    return TrainResult(run, metrics)
+            session.cb.progress.close()
+    seconds = time.time() - session.began + session.start
+    metrics = finish_run(session.spec, session.run, session.settings, stop_reason, seconds, session.skipped, quiet)
+    return TrainResult(session.run, metrics)
+
+
+def train(spec: LineSpec, run_dir: Path | None = None, overrides: dict[str, Any] | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Train on ``spec``'s train split, validating on its val split; returns the run and its metrics."""
+    from detect.checkpoints import list_checkpoints
+
+    settings = resolve_settings(spec, "train", overrides)
+    check_settings(spec, settings)
+    check_data(spec, settings)
+    run = RunPaths(Path(run_dir) if run_dir else default_run_dir(spec))
+    if run.metrics.exists():
+        raise ConfigError(f"run '{run.root}' already finished (metrics.json exists). Choose another --name.")
+    if list_checkpoints(run.checkpoints):
+        raise ConfigError(f"run '{run.root}' already has checkpoints: continue it with "
+                          f"`defectkit train {spec.source or 'LINE.yaml'} --resume {run.root}` or choose another --name.")
+    run.root.mkdir(parents=True, exist_ok=True)
+    for stale in (run.history,):  # a run that died before its first checkpoint starts over
+        if stale.exists():
+            stale.unlink()
+    return run_session(build_session(spec, run, settings), quiet)
+
+
+def resume(run_dir: Path | str, overrides: dict[str, Any] | None = None, spec: LineSpec | None = None,
+           quiet: bool = False) -> TrainResult:
+    """Continue an interrupted run exactly from its newest sound checkpoint (see :mod:`detect.resume`)."""
+    from detect.resume import resume_run
+
+    return resume_run(Path(run_dir), overrides, spec, quiet)
 
 
 def finish_run(spec: LineSpec, run: RunPaths, settings: dict[str, Any], stop_reason: str,
@@ -227,11 +349,14 @@ def finish_run(spec: LineSpec, run: RunPaths, settings: dict[str, Any], stop_rea
         "image_size": spec.image_size,
         "classes": spec.classes,
         "epochs_run": history[-1]["epoch"] if history else 0,
+        "epochs": int(settings["epochs"]),
         "best_epoch": best.get("epoch"),
         "stop_reason": stop_reason,
+        "freeze": settings["freeze"],
         "train_minutes": round(seconds / 60.0, 2),
         "val": result.to_dict(),
         "skipped_pretrained_tensors": skipped,
+        "resumes": read_history(run.root / "resumes.jsonl"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "weights": {"best": str(run.best_weights), "last": str(run.last_weights)},
     }
