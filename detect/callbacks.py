@@ -33,12 +33,20 @@ class StopTraining(Exception):
 
 
 def coco_results(trainer) -> dict[str, float]:
-    """mAP50-95 and mAP50 of the last evaluation (ppdet's COCOMetric), or {} if it produced none."""
+    """mAP50-95 and mAP50 of the last evaluation (ppdet's COCOMetric), or {} if there was none.
+
+    A model that detects nothing scores 0 (ppdet then reports no 'bbox' result at all, which would
+    otherwise hide a plateau at zero from early stopping).
+    """
+    from ppdet.metrics import COCOMetric
+
     for metric in trainer._metrics:
         res = metric.get_results()
         if "bbox" in res:
             stats = res["bbox"]
             return {"map50_95": float(stats[0]), "map50": float(stats[1])}
+        if isinstance(metric, COCOMetric):
+            return {"map50_95": 0.0, "map50": 0.0}
     return {}
 
 
@@ -51,6 +59,31 @@ def evaluates(trainer, status) -> bool:
 def epoch_complete(trainer, status) -> bool:
     """True at the last ``on_epoch_end`` call of an epoch (the one after evaluation, if any)."""
     return status["mode"] == "eval" or not evaluates(trainer, status)
+
+
+class ScalarLossStats(Callback):
+    """Makes ppdet's loss statistics scalar: without positive samples PP-YOLOE returns ``loss_iou`` and
+    ``loss_dfl`` as shape-[1] zeros next to 0-d losses, and ppdet's LogPrinter then fails to format the
+    median of the mixed window (TypeError in ``stats.py``)."""
+
+    def on_train_begin(self, status):
+        from ppdet.utils.stats import TrainingStats
+
+        class _Scalar(TrainingStats):
+            def update(self, stats):
+                super().update({k: _Flat(v) for k, v in stats.items()})
+
+        status["training_staus"] = _Scalar(status["training_staus"].window_size)
+
+
+class _Flat:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def numpy(self):
+        import numpy as np
+
+        return np.asarray(self.tensor.numpy(), dtype=np.float64).reshape(-1)[0]
 
 
 class ProgressBar(Callback):

@@ -101,7 +101,7 @@ class FreezeState:
     """The frozen layers of one model; :meth:`thaw` undoes :func:`apply_freeze` exactly once."""
 
     plan: FreezePlan
-    params: dict[str, Any] = field(default_factory=dict)  # name -> Parameter
+    params: dict[str, Any] = field(default_factory=dict)  # name -> Parameter that was trainable
     bn_layers: dict[str, Any] = field(default_factory=dict)  # name -> BatchNorm layer
     bn_original: dict[str, Any] = field(default_factory=dict)  # name -> original _use_global_stats
     thawed: bool = False
@@ -138,7 +138,8 @@ def apply_freeze(model, plan: FreezePlan) -> FreezeState:
     if not prefixes:
         return state
     for name, param in model.named_parameters():
-        if _matches(name, prefixes):
+        # BN running statistics are parameters with stop_gradient already set: leave them, thaw must not flip them
+        if _matches(name, prefixes) and not param.stop_gradient:
             param.stop_gradient = True
             state.params[name] = param
     for name, layer in model.named_sublayers():
