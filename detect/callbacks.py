@@ -50,10 +50,15 @@ def coco_results(trainer) -> dict[str, float]:
     return {}
 
 
+def is_writer(trainer) -> bool:
+    """Only the first of several training processes (multi-GPU) evaluates and writes files."""
+    return trainer._nranks < 2 or trainer._local_rank == 0
+
+
 def evaluates(trainer, status) -> bool:
     """Whether ppdet evaluates after this epoch (then the epoch's last callback call is in 'eval' mode)."""
     epoch = int(status["epoch_id"])
-    return (epoch + 1) % trainer.cfg.snapshot_epoch == 0 or epoch == trainer.cfg.epoch - 1
+    return is_writer(trainer) and ((epoch + 1) % trainer.cfg.snapshot_epoch == 0 or epoch == trainer.cfg.epoch - 1)
 
 
 def epoch_complete(trainer, status) -> bool:
@@ -95,7 +100,7 @@ class ProgressBar(Callback):
         self.bar = None
 
     def on_step_end(self, status):
-        if status.get("mode") != "train":
+        if status.get("mode") != "train" or not is_writer(self.model):
             return
         if self.bar is None:
             from tqdm import tqdm
@@ -173,7 +178,7 @@ class HistoryLogger(Callback):
 
     def on_step_end(self, status):
         # ppdet's own figures are medians over a window that spans epochs (and restarts on resume)
-        if status.get("mode") == "train":
+        if status.get("mode") == "train" and status["training_staus"].meters:  # rank 0 only
             for key, meter in status["training_staus"].meters.items():
                 self.sums[key] = self.sums.get(key, 0.0) + float(meter.value)
             self.steps += 1
@@ -190,7 +195,7 @@ class HistoryLogger(Callback):
             self._write()
 
     def _write(self) -> None:
-        if not self.pending:
+        if not self.pending or not is_writer(self.model):
             return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(self.pending) + "\n")
@@ -307,10 +312,22 @@ class Checkpointing(Callback):
     def on_epoch_end(self, status):
         if not epoch_complete(self.model, status):
             return
-        stop = self.pending_stop(status)
-        self.write(status, stop)
+        stop = self.pending_stop(status) if is_writer(self.model) else None
+        if is_writer(self.model):
+            self.write(status, stop)
+        if self.model._nranks > 1:  # the other processes learn rank 0's decision (it alone evaluates)
+            stop = _broadcast_stop(stop)
         if stop is not None and stop["kind"] != "completed":
             raise StopTraining(stop["reason"], stop["kind"])
+
+
+def _broadcast_stop(stop: dict[str, str] | None) -> dict[str, str] | None:
+    paddle = paddle_stack().paddle
+    flag = paddle.to_tensor([1 if stop is not None and stop["kind"] != "completed" else 0], dtype="int64")
+    paddle.distributed.broadcast(flag, src=0)
+    if stop is None and int(flag.numpy()[0]):
+        return {"kind": "stopped", "reason": "stopped by rank 0 (see its metrics.json)"}
+    return stop
 
 
 def save_state_atomic(state: dict, path: Path) -> None:

@@ -180,7 +180,7 @@ def restore_session(session, ckpt: Checkpoint, state: dict[str, Any]) -> None:
 def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None, spec: LineSpec | None = None,
                quiet: bool = False):
     """Continue ``run_dir`` from its newest checkpoint that verifies; see :func:`detect.train.resume`."""
-    from detect.train import build_session, check_data, run_session
+    from detect.train import build_session, check_data, process_rank, run_session
 
     run = RunPaths(Path(run_dir))
     where = str(run.root)
@@ -192,7 +192,9 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None, spec: Lin
             raise ConfigError(f"'{where}' has no line.yaml: give the run's line spec as well.")
         spec = LineSpec.load(run.line_spec)
     check_same_line(spec, stored, where)
-    clean_temporary(run.checkpoints)
+    writer = process_rank()[0] == 0
+    if writer:
+        clean_temporary(run.checkpoints)
     ckpt = find_resumable(run.checkpoints)
     state = ckpt.state()
     check_same_line(spec, state, f"checkpoint {ckpt.path}")
@@ -211,15 +213,17 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None, spec: Lin
     if file_sha256(spec.paths.train) != state["train_data_sha256"]:
         raise ConfigError(f"the training split {spec.paths.train} changed since run '{where}' started, so it "
                           f"cannot continue exactly. Start a new run (--pretrained {run.best_weights}).")
-    truncate_history(run, int(state["epoch"]))
+    if writer:
+        truncate_history(run, int(state["epoch"]))
     assigner = stored.get("ppdet", {}).get("PPYOLOEHead", {}).get("static_assigner_epoch")
     session = build_session(spec, run, settings, fresh=False, static_assigner_epoch=assigner)
     if len(session.loader) != int(state["steps_per_epoch"]):
         raise ConfigError(f"steps per epoch changed ({state['steps_per_epoch']} -> {len(session.loader)}): "
                           f"the run cannot continue exactly.")
     restore_session(session, ckpt, state)
-    _log_resume(run, ckpt, settings)
-    if not quiet:
+    if writer:
+        _log_resume(run, ckpt, settings)
+    if not quiet and writer:
         print(f"resuming {where} after epoch {state['epoch']} of {settings['epochs']} from {ckpt.path.name}")
     return run_session(session, quiet)
 

@@ -116,10 +116,15 @@ class SeededCollate:
 
 
 class SeededLoader:
-    """Drop-in for ppdet's ``trainer.loader``: ``len()``, ``.dataset``, one pass per ``iter()``."""
+    """Drop-in for ppdet's ``trainer.loader``: ``len()``, ``.dataset``, one pass per ``iter()``.
+
+    With several training processes (``paddle.distributed.launch``) rank r takes every ``nranks``-th batch
+    of the same epoch order, so the ranks see disjoint data and the union does not depend on the count.
+    """
 
     def __init__(self, dataset, batch_transforms, batch_size: int, seed: int, drop_last: bool = True,
-                 shuffle: bool = True, workers: int = 0, min_box_side: float = 0.0):
+                 shuffle: bool = True, workers: int = 0, min_box_side: float = 0.0, rank: int = 0,
+                 nranks: int = 1):
         self.dataset = dataset
         self.batch_transforms = batch_transforms
         self.batch_size = batch_size
@@ -128,8 +133,14 @@ class SeededLoader:
         self.shuffle = shuffle
         self.workers = workers
         self.min_box_side = min_box_side
+        self.rank = rank
+        self.nranks = max(1, nranks)
 
     def __len__(self) -> int:
+        """Batches per epoch of this process."""
+        return self.total_batches() // self.nranks
+
+    def total_batches(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
@@ -139,7 +150,10 @@ class SeededLoader:
         order = epoch_order(self.seed, epoch, n) if self.shuffle else np.arange(n)
         keys = [(epoch, pos, int(idx)) for pos, idx in enumerate(order)]
         size = self.batch_size
-        return [keys[b * size:(b + 1) * size] for b in range(len(self))]
+        return [keys[b * size:(b + 1) * size] for b in range(self.total_batches())]
+
+    def rank_batches(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        return self.batches(epoch)[self.rank::self.nranks][:len(self)]
 
     def samples(self) -> SeededSamples:
         return SeededSamples(self.dataset, self.seed, self.min_box_side)
@@ -149,7 +163,7 @@ class SeededLoader:
 
         paddle = paddle_stack().paddle
         return paddle.io.DataLoader(
-            dataset=self.samples(), batch_sampler=self.batches(epoch),
+            dataset=self.samples(), batch_sampler=self.rank_batches(epoch),
             collate_fn=SeededCollate(self.batch_transforms, self.seed), num_workers=self.workers,
             return_list=False, use_shared_memory=False)
 
@@ -164,7 +178,7 @@ def install_seeded_loader(trainer, seed: int, workers: int = 0, min_box_side: fl
     _shutdown(getattr(reader, "loader", None))
     loader = SeededLoader(reader.dataset, reader._batch_transforms, reader.batch_size, seed,
                           drop_last=reader.drop_last, shuffle=reader.shuffle, workers=workers,
-                          min_box_side=min_box_side)
+                          min_box_side=min_box_side, rank=trainer._local_rank, nranks=trainer._nranks)
     trainer.loader = loader
     return loader
 

@@ -84,6 +84,13 @@ def seed_everything(seed: int) -> None:
     paddle_stack().paddle.seed(seed)
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, number of processes) under ``paddle.distributed.launch``; (0, 1) otherwise."""
+    import os
+
+    return int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+
+
 def set_device(device: str) -> str:
     paddle = __import__("detect.heavy", fromlist=["paddle_stack"]).paddle_stack().paddle
     if device == "auto":
@@ -92,6 +99,8 @@ def set_device(device: str) -> str:
         raise ConfigError("train.device is 'gpu' but this paddle build has no CUDA. Use device: cpu or "
                           "the GPU container (scripts/train_line.sh).")
     paddle.set_device(device)
+    if process_rank()[1] > 1 and not paddle.distributed.is_initialized():
+        paddle.distributed.init_parallel_env()  # NCCL on GPUs, gloo on CPU
     return device
 
 
@@ -228,6 +237,7 @@ class Session:
     freeze: Any
     cb: Any  # SimpleNamespace of the kit's callbacks
     skipped: list[str]
+    log_file: Path
     start: float = 0.0  # training seconds of earlier sessions of this run (resume)
     began: float = 0.0  # wall clock when this session's loop started
 
@@ -247,16 +257,18 @@ def build_session(spec: LineSpec, run: RunPaths, settings: dict[str, Any], fresh
     device = set_device(settings["device"])
     cfg = build_config(spec, settings, resolve_settings(spec, "export"), run,
                        static_assigner_epoch=static_assigner_epoch)
-    write_run_files(spec, run, settings, device, cfg)
+    if process_rank()[0] == 0:
+        write_run_files(spec, run, settings, device, cfg)
     live = activate(cfg)
     from ppdet.engine import Trainer
     from ppdet.engine.callbacks import Checkpointer, VisualDLWriter
 
     from detect import callbacks as cb
 
-    route_ppdet_logs(run.log)
+    log_file = run.log if process_rank()[0] == 0 else run.root / f"train.rank{process_rank()[0]}.log"
+    route_ppdet_logs(log_file)
     warnings.filterwarnings("ignore", message="When training, we now always track global mean")
-    with open(run.log, "a") as log, contextlib.redirect_stdout(log):
+    with open(log_file, "a") as log, contextlib.redirect_stdout(log):
         trainer = Trainer(live, mode="train")
     loader = install_seeded_loader(trainer, seed, int(settings["workers"]), min_box_side(settings))
     preflight_reader(loader)
@@ -273,7 +285,7 @@ def build_session(spec: LineSpec, run: RunPaths, settings: dict[str, Any], fresh
         saver=cb.WeightsSaver(trainer, run.best_weights, run.last_weights),
         vdl=next((c for c in trainer._callbacks if isinstance(c, VisualDLWriter)), None),
     )
-    session = Session(spec, run, settings, trainer, loader, freeze, ns, skipped)
+    session = Session(spec, run, settings, trainer, loader, freeze, ns, skipped, log_file)
     ns.checkpointing = cb.Checkpointing(trainer, checkpoint_writer(session), [ns.early, ns.budget])
     trainer._callbacks = [c for c in trainer._callbacks if not isinstance(c, Checkpointer)]
     trainer.register_callbacks([cb.ScalarLossStats(trainer), ns.seeder, ns.unfreezer, ns.progress, ns.history, ns.early, ns.budget,
@@ -287,7 +299,7 @@ def run_session(session: Session, quiet: bool = False) -> TrainResult:
 
     stop_reason = "completed all epochs"
     session.began = time.time()
-    with open(session.run.log, "a") as log, contextlib.redirect_stdout(log):
+    with open(session.log_file, "a") as log, contextlib.redirect_stdout(log):
         try:
             session.trainer.train(validate=True)
         except cb.StopTraining as stop:
@@ -295,6 +307,11 @@ def run_session(session: Session, quiet: bool = False) -> TrainResult:
         finally:
             session.cb.progress.close()
     seconds = time.time() - session.began + session.start
+    rank, nranks = process_rank()
+    if rank != 0:  # rank 0 evaluates and writes metrics.json; the others only trained
+        nan = float("nan")
+        return TrainResult(session.run, {"rank": rank, "processes": nranks, "stop_reason": stop_reason,
+                                         "val": {"map50_95": nan, "map50": nan}, "best_epoch": None})
     metrics = finish_run(session.spec, session.run, session.settings, stop_reason, seconds, session.skipped, quiet)
     return TrainResult(session.run, metrics)
 
@@ -314,9 +331,8 @@ def train(spec: LineSpec, run_dir: Path | None = None, overrides: dict[str, Any]
         raise ConfigError(f"run '{run.root}' already has checkpoints: continue it with "
                           f"`defectkit train {spec.source or 'LINE.yaml'} --resume {run.root}` or choose another --name.")
     run.root.mkdir(parents=True, exist_ok=True)
-    for stale in (run.history,):  # a run that died before its first checkpoint starts over
-        if stale.exists():
-            stale.unlink()
+    if run.history.exists() and process_rank()[0] == 0:  # a run that died before its first checkpoint
+        run.history.unlink()
     return run_session(build_session(spec, run, settings), quiet)
 
 
@@ -326,6 +342,22 @@ def resume(run_dir: Path | str, overrides: dict[str, Any] | None = None, spec: L
     from detect.resume import resume_run
 
     return resume_run(Path(run_dir), overrides, spec, quiet)
+
+
+@contextlib.contextmanager
+def _alone():
+    """Rank 0 evaluates the best weights on its own after a multi-process run: ppdet's eval Trainer would
+    otherwise wrap the model in DataParallel (it reads ``paddle.distributed.get_world_size()``) and wait
+    forever for ranks that already finished."""
+    if process_rank()[1] < 2:
+        yield
+        return
+    from unittest import mock
+
+    from detect.heavy import paddle_stack
+
+    with mock.patch.object(paddle_stack().paddle.distributed, "get_world_size", lambda *a, **k: 1):
+        yield
 
 
 def finish_run(spec: LineSpec, run: RunPaths, settings: dict[str, Any], stop_reason: str,
@@ -338,7 +370,8 @@ def finish_run(spec: LineSpec, run: RunPaths, settings: dict[str, Any], stop_rea
     history = read_history(run.history)
     evaluated = [h for h in history if "map50_95" in h]
     best = max(evaluated, key=lambda h: h["map50_95"]) if evaluated else {}
-    result = evaluate_weights(spec, run.best_weights, spec.paths.val, run.eval_dir / "best")
+    with _alone():
+        result = evaluate_weights(spec, run.best_weights, spec.paths.val, run.eval_dir / "best")
     if not quiet:
         print(format_table(result))
     plot_training_curves(history, run.curves_png, title=f"{spec.line} — {run.root.name}")
@@ -353,6 +386,7 @@ def finish_run(spec: LineSpec, run: RunPaths, settings: dict[str, Any], stop_rea
         "best_epoch": best.get("epoch"),
         "stop_reason": stop_reason,
         "freeze": settings["freeze"],
+        "processes": process_rank()[1],
         "train_minutes": round(seconds / 60.0, 2),
         "val": result.to_dict(),
         "skipped_pretrained_tensors": skipped,
