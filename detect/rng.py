@@ -112,7 +112,25 @@ class SeededCollate:
     def __call__(self, samples: list[dict]):
         keys = [s.pop("_dk_batch_seed") for s in samples]
         seed_python_numpy(derive_seed(self.seed, "batch", *keys[0]))
-        return self.batch_transforms(samples)
+        return pad_empty_batch(self.batch_transforms(samples))
+
+
+GT_FIELDS = ("gt_bbox", "gt_class", "pad_gt_mask", "is_crowd", "difficult", "gt_score")
+
+
+def pad_empty_batch(batch):
+    """A batch of only defect-free images gets one all-padding box slot (mask 0) per image.
+
+    ppdet's PadGT leaves such a batch with zero box slots, and PP-YOLOE's ATSS assigner then returns 3
+    values instead of 4 ("not enough values to unpack"); lines with many good parts hit this often.
+    """
+    if not isinstance(batch, dict) or "gt_bbox" not in batch or np.shape(batch["gt_bbox"])[1:2] != (0,):
+        return batch
+    for key in GT_FIELDS:
+        value = batch.get(key)
+        if isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[1] == 0:
+            batch[key] = np.zeros((value.shape[0], 1, value.shape[2]), dtype=value.dtype)
+    return batch
 
 
 class SeededLoader:
