@@ -288,8 +288,8 @@ def build_session(spec: LineSpec, run: RunPaths, settings: dict[str, Any], fresh
     session = Session(spec, run, settings, trainer, loader, freeze, ns, skipped, log_file)
     ns.checkpointing = cb.Checkpointing(trainer, checkpoint_writer(session), [ns.early, ns.budget])
     trainer._callbacks = [c for c in trainer._callbacks if not isinstance(c, Checkpointer)]
-    trainer.register_callbacks([cb.ScalarLossStats(trainer), ns.seeder, ns.unfreezer, ns.progress, ns.history, ns.early, ns.budget,
-                                ns.saver, ns.checkpointing])
+    trainer.register_callbacks([cb.ScalarLossStats(trainer), ns.seeder, ns.unfreezer, ns.progress, ns.history,
+                                ns.early, ns.budget, ns.saver, ns.checkpointing])  # Checkpointing last
     return session
 
 
