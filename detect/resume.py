@@ -229,9 +229,18 @@ def resume_run(run_dir: Path, overrides: dict[str, Any] | None = None, spec: Lin
 
 
 def _log_resume(run: RunPaths, ckpt: Checkpoint, settings: dict[str, Any]) -> None:
-    with open(run.root / "resumes.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"from_checkpoint": ckpt.name, "epoch": ckpt.epoch, "epochs": int(settings["epochs"]),
-                             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+    """Append to ``resumes.jsonl`` by an atomic rewrite (a kill never leaves half a line in it)."""
+    path = run.root / "resumes.jsonl"
+    lines = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            json.loads(line)
+            lines.append(line)
+        except ValueError:
+            continue
+    lines.append(json.dumps({"from_checkpoint": ckpt.name, "epoch": ckpt.epoch, "epochs": int(settings["epochs"]),
+                             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def _finish_only(spec: LineSpec, run: RunPaths, settings: dict[str, Any], state: dict[str, Any], quiet: bool):
