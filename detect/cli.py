@@ -30,6 +30,15 @@ def register(subparsers) -> None:
                     help="any other train setting, e.g. --set mosaic=0.5 (repeatable)")
     tr.set_defaults(func=_train)
 
+    ap = subparsers.add_parser("augment-preview", help="PNG grid of augmented training samples with their boxes")
+    ap.add_argument("spec", type=Path, help="line spec YAML")
+    ap.add_argument("--out", type=Path, default=Path("augment_preview.png"), help="PNG file (augment_preview.png)")
+    ap.add_argument("-n", type=int, default=16, help="number of samples (16)")
+    ap.add_argument("--epoch", type=int, default=0, help="which epoch's augmentations to show (0)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="train settings to preview, e.g. --set mosaic=1.0 (repeatable)")
+    ap.set_defaults(func=_augment_preview)
+
     ev = subparsers.add_parser("eval", help="COCO mAP50-95, mAP50 and per-class AP of weights on a split")
     ev.add_argument("spec", type=Path, help="line spec YAML")
     ev.add_argument("--weights", type=Path, help="a .pdparams file (default: --run's best weights)")
@@ -80,17 +89,24 @@ def _train(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)
     overrides = train_overrides(args)
     if args.resume:
-        resume = getattr(training, "resume", None)
-        if resume is None:
-            raise ConfigError("--resume is not available in this build.")
-        result = resume(args.resume, overrides)
+        result = training.resume(args.resume, overrides, spec=spec)
     else:
         run_dir = training.default_run_dir(spec, args.runs, args.name)
         result = training.train(spec, run_dir, overrides)
+    if training.process_rank()[0] != 0:
+        return 0  # multi-GPU: only rank 0 evaluates and reports
     m = result.metrics
     print(f"run {result.run.root}: best mAP50-95 {m['val']['map50_95']:.3f}, mAP50 {m['val']['map50']:.3f} "
           f"(epoch {m['best_epoch']}); {m['stop_reason']}")
     print(f"metrics: {result.run.metrics}\ncurves:  {result.run.curves_png}")
+    return 0
+
+
+def _augment_preview(args: argparse.Namespace) -> int:
+    from detect.augment_preview import augment_preview
+
+    png = augment_preview(_load_spec(args.spec), args.out, n=args.n, overrides=parse_sets(args.set), epoch=args.epoch)
+    print(f"augmented samples: {png}")
     return 0
 
 

@@ -29,6 +29,7 @@ def build_eval_trainer(spec: LineSpec, weights: Path | None, ann_file: Path, out
 
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(live, mode="eval")
+    trainer._nranks = 1  # evaluation runs in one process even after a multi-process training
     if weights is not None:
         if not Path(weights).is_file():
             raise ConfigError(f"weights '{weights}' do not exist. Train first: `defectkit train LINE.yaml`.")

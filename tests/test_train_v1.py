@@ -49,3 +49,15 @@ def test_cli_user_error_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_cli_augment_preview_writes_png(tiny_spec, tmp_path):
+    out = tmp_path / "aug.png"
+    assert main(["augment-preview", str(tiny_spec.source), "--out", str(out), "-n", "4", "--set", "mosaic=1.0"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_resume_of_finished_run_says_so(tiny_spec, tiny_run, capsys):
+    rc = main(["train", str(tiny_spec.source), "--resume", str(tiny_run.run.root)])
+    assert rc == 2
+    assert "finished" in capsys.readouterr().err
