@@ -4,6 +4,7 @@
 # on the same machine reuses it; the hash covers everything that decides what gets installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+exec 3>&1 1>&2   # everything goes to stderr; only the venv path goes to stdout (the Makefile captures it)
 PY=${PYTHON:-python3}
 hash=$(cat pyproject.toml requirements/nodeps.txt scripts/install.sh | sha256sum | cut -c1-12)
 VENV=${DEFECTKIT_VENV:-$HOME/.cache/defectkit/venv-$hash}
@@ -17,11 +18,11 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[train,edge,fleet,dev]"
   # paddledet and paddleslim declare broken metadata (sklearn==0.0, opencv<=4.6): install without deps.
   "$VENV/bin/python" -m pip install -q --no-deps -r requirements/nodeps.txt
-  "$VENV/bin/python" -c "import zlib, paddle, ppdet, paddleslim, paddle2onnx, onnxruntime" 2>/dev/null \
+  "$VENV/bin/python" -c "import zlib, paddle, ppdet, paddleslim, paddle2onnx, onnxruntime" >/dev/null 2>&1 \
     || { echo "defectkit: the installed stack does not import; see the pip output above" >&2; exit 1; }
   touch "$stamp"
 else
   # Same requirements: only point the editable install at this checkout (fast).
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 fi
-echo "$VENV"
+echo "$VENV" >&3
