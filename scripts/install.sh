@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools<70" wheel
   # The pinned stack (see pyproject.toml and ../shared/design/STACK.md); numpy pinned first so nothing pulls numpy 2.
   "$VENV/bin/python" -m pip install -q "numpy==1.23.5"
-  "$VENV/bin/python" -m pip install -q -e ".[train,edge,fleet,dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[train,edge,fleet,vdl,dev]"
   # paddledet and paddleslim declare broken metadata (sklearn==0.0, opencv<=4.6): install without deps.
   "$VENV/bin/python" -m pip install -q --no-deps -r requirements/nodeps.txt
   "$VENV/bin/python" -c "import zlib, paddle, ppdet, paddleslim, paddle2onnx, onnxruntime" >/dev/null 2>&1 \
