@@ -93,8 +93,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         run_dir = training.default_run_dir(spec, args.runs, args.name)
         result = training.train(spec, run_dir, overrides)
-    if training.process_rank()[0] != 0:
-        return 0  # multi-GPU: only rank 0 evaluates and reports
+    rank = training.process_rank()[0]
+    if rank != 0:  # multi-GPU: only rank 0 evaluates and reports figures
+        print(f"rank {rank}: {result.metrics.get('stop_reason', 'finished')}")
+        return 0
     m = result.metrics
     print(f"run {result.run.root}: best mAP50-95 {m['val']['map50_95']:.3f}, mAP50 {m['val']['map50']:.3f} "
           f"(epoch {m['best_epoch']}); {m['stop_reason']}")
