@@ -72,6 +72,7 @@ def pretrain(recipe: PretrainRecipe, work_dir: Path, out_dir: Path = BASE_WEIGHT
     spec = LineSpec.load(spec_path)
     spec.image_size, spec.model_size = recipe.image_size, recipe.model_size
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    commit = git_commit()  # the code that trains: taken at the start, not after an hour of other commits
     result = train(spec, work_dir / "run", recipe.train_overrides())
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{recipe.name}.pdparams"
@@ -87,7 +88,7 @@ def pretrain(recipe: PretrainRecipe, work_dir: Path, out_dir: Path = BASE_WEIGHT
         "command": f"defectkit pretrain --name {recipe.name} --count {recipe.count} --seed {recipe.seed} "
                    f"--epochs {recipe.epochs} --minutes {recipe.time_budget_min}",
         "classes": spec.classes,
-        "kit_commit": git_commit(),
+        "kit_commit": commit,
         "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metrics": {k: result.metrics[k] for k in ("val", "best_epoch", "epochs_run", "stop_reason", "train_minutes")},
