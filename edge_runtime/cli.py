@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     register(sub)
+    from edge_runtime.run import register as register_run
+
+    register_run(sub)
     return parser
 
 

@@ -1,0 +1,218 @@
+"""What the inspection loop leaves on the box's disk: JSON lines, annotated NG images, a rolling CSV summary.
+
+Layout under ``out_dir`` (one file or folder per UTC day, days older than ``keep_days`` deleted, so months
+of running do not fill the disk)::
+
+    predictions/2026-11-22.jsonl     one JSON line per frame (the same record as ``predict``), flushed per line
+    ng/2026-11-22/<name>-<n>.jpg     NG frames with boxes, labels, ROI and verdict drawn
+    summary/2026-11-22.csv           one row per ``summary_interval_s``: counts, NG rate, latency, drift state
+
+A write that fails (full disk, read-only mount) is logged (at most once a minute) and counted in
+``write_errors``; it never stops inspection.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+import cv2
+import numpy as np
+
+from edge_runtime.decision import Verdict
+from edge_runtime.draw import draw_detections
+from edge_runtime.fileio import atomic_write_bytes
+from edge_runtime.postprocess import Detections
+
+log = logging.getLogger("defectkit.outputs")
+
+SUMMARY_FIELDS = ("window_start", "window_end", "bundle_version", "frames", "ok", "ng", "errors", "ng_rate",
+                  "latency_ms_p50", "latency_ms_p95", "drift_state")
+
+
+def _day(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _safe_name(source: str) -> str:
+    stem = Path(source.split("#", 1)[0]).stem or "frame"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:60]
+
+
+class Outputs:
+    """Writes the loop's outputs; ``record(...)`` per frame, ``close()`` at the end (flushes and fsyncs)."""
+
+    def __init__(self, out_dir: str | Path, classes: Sequence[str], *, save_ng: bool = True, keep_days: int = 30,
+                 summary_interval_s: float = 60.0, jpeg_quality: int = 90, clock=time.time) -> None:
+        self.out_dir = Path(out_dir)
+        self.classes = list(classes)
+        self.save_ng, self.keep_days = save_ng, keep_days
+        self.summary_interval_s, self.jpeg_quality = summary_interval_s, jpeg_quality
+        self._clock = clock
+        self._jsonl: Optional[TextIO] = None
+        self._jsonl_day = ""
+        self.lines = 0
+        self.ng_images = 0
+        self.write_errors = 0
+        self._last_error_log = -math.inf
+        self._window_start = clock()
+        self._reset_window()
+        for sub in ("predictions", "ng", "summary"):
+            (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._prune()
+
+    # ------------------------------------------------------------------------------------------ per frame
+    def record(self, rec: dict[str, Any], image: Optional[np.ndarray] = None, dets: Optional[Detections] = None,
+               verdict: Optional[Verdict] = None, roi: Optional[Sequence[float]] = None,
+               bundle_version: str = "", drift_state: str = "none") -> None:
+        """One frame: its JSON line, its annotated image if NG, its counts in the summary window."""
+        now = self._clock()
+        self._roll_summary(now, bundle_version, drift_state)
+        self._count(rec)
+        if verdict is not None and verdict.is_ng and self.save_ng and image is not None and dets is not None:
+            rec["ng_image"] = self._save_ng(rec, image, dets, verdict, roi, now)
+        self._write_line(rec, now)
+
+    def _count(self, rec: dict[str, Any]) -> None:
+        self._frames += 1
+        verdict = rec.get("verdict")
+        if verdict == "NG":
+            self._ng += 1
+        elif verdict == "OK":
+            self._ok += 1
+        else:
+            self._errors += 1
+        total = (rec.get("latency_ms") or {}).get("total")
+        if total is not None:
+            self._lat.append(float(total))
+
+    def _write_line(self, rec: dict[str, Any], now: float) -> None:
+        try:
+            day = _day(now)
+            if self._jsonl is None or day != self._jsonl_day:
+                self._close_jsonl()
+                self._jsonl = open(self.out_dir / "predictions" / f"{day}.jsonl", "a", encoding="utf-8")
+                self._jsonl_day = day
+                self._prune()
+            self._jsonl.write(json.dumps(rec) + "\n")
+            self._jsonl.flush()  # a reader (tail -f, a PLC bridge) sees every line at once
+            self.lines += 1
+        except OSError as exc:
+            self._failed("a prediction line", exc)
+
+    def _save_ng(self, rec: dict[str, Any], image: np.ndarray, dets: Detections, verdict: Verdict,
+                 roi: Optional[Sequence[float]], now: float) -> Optional[str]:
+        try:
+            drawn = draw_detections(image, dets, self.classes, verdict, roi)
+            ok, buf = cv2.imencode(".jpg", drawn, [int(cv2.IMWRITE_JPEG_QUALITY), self.jpeg_quality])
+            if not ok:
+                raise OSError("JPEG encoding failed")
+            path = self.out_dir / "ng" / _day(now) / f"{_safe_name(str(rec.get('source', '')))}-{rec.get('index', 0)}.jpg"
+            atomic_write_bytes(path, buf.tobytes())
+            self.ng_images += 1
+            return str(path)
+        except OSError as exc:
+            self._failed("an NG image", exc)
+            return None
+
+    # ------------------------------------------------------------------------------------------ summary
+    def _reset_window(self) -> None:
+        self._frames = self._ok = self._ng = self._errors = 0
+        self._lat: list[float] = []
+
+    def _roll_summary(self, now: float, bundle_version: str, drift_state: str) -> None:
+        if now - self._window_start >= self.summary_interval_s:
+            self.flush_summary(bundle_version, drift_state, now)
+
+    def flush_summary(self, bundle_version: str = "", drift_state: str = "none", now: Optional[float] = None) -> None:
+        """Close the current summary window into one CSV row (also called at shutdown and at a model swap)."""
+        now = self._clock() if now is None else now
+        if self._frames == 0:
+            self._window_start = now
+            return
+        lat = sorted(self._lat)
+        row = {
+            "window_start": _iso(self._window_start), "window_end": _iso(now), "bundle_version": bundle_version,
+            "frames": self._frames, "ok": self._ok, "ng": self._ng, "errors": self._errors,
+            "ng_rate": round(self._ng / max(1, self._ok + self._ng), 4),
+            "latency_ms_p50": round(lat[len(lat) // 2], 2) if lat else "",
+            "latency_ms_p95": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 2) if lat else "",
+            "drift_state": drift_state,
+        }
+        path = self.out_dir / "summary" / f"{_day(now)}.csv"
+        try:
+            new = not path.exists()
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+            with open(path, "a", encoding="utf-8", newline="") as fh:
+                fh.write(buf.getvalue())
+                fh.flush()
+                os.fsync(fh.fileno())
+            if self._jsonl is not None:
+                os.fsync(self._jsonl.fileno())  # once a window: the JSON lines up to here survive a power cut
+        except OSError as exc:
+            self._failed("a summary row", exc)
+        self._window_start = now
+        self._reset_window()
+
+    # ------------------------------------------------------------------------------------------ housekeeping
+    def _prune(self) -> None:
+        """Delete day files and folders older than keep_days (the names sort by date)."""
+        if self.keep_days <= 0:
+            return
+        cutoff = (datetime.fromtimestamp(self._clock(), tz=timezone.utc) - timedelta(days=self.keep_days)).strftime("%Y-%m-%d")
+        for sub in ("predictions", "ng", "summary"):
+            folder = self.out_dir / sub
+            try:
+                entries = list(folder.iterdir())
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name[:10] < cutoff and entry.name[:4].isdigit():
+                    try:
+                        if entry.is_dir():
+                            shutil.rmtree(entry)
+                        else:
+                            entry.unlink()
+                    except OSError as exc:
+                        self._failed(f"removing old output {entry}", exc)
+
+    def _failed(self, what: str, exc: OSError) -> None:
+        self.write_errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log >= 60.0:
+            self._last_error_log = now
+            log.error("cannot write %s under %s (%s); inspection continues (%d output write errors so far)",
+                      what, self.out_dir, exc, self.write_errors)
+
+    def _close_jsonl(self) -> None:
+        if self._jsonl is not None:
+            try:
+                self._jsonl.flush()
+                os.fsync(self._jsonl.fileno())
+                self._jsonl.close()
+            except OSError as exc:
+                self._failed("the end of the prediction file", exc)
+            self._jsonl = None
+
+    def current_jsonl(self) -> Path:
+        return self.out_dir / "predictions" / f"{_day(self._clock())}.jsonl"
+
+    def close(self, bundle_version: str = "", drift_state: str = "none") -> None:
+        self.flush_summary(bundle_version, drift_state)
+        self._close_jsonl()

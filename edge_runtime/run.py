@@ -1,0 +1,402 @@
+"""The inspection loop of the edge box: frames in, OK/NG out, drift watched, reports spooled and sent.
+
+One thread inspects: ``source -> decode -> pre -> infer -> post -> decide -> drift -> report/outputs``.
+Everything that may block lives elsewhere and never holds the loop up: the uplink thread sends the spool
+to the collector, the update worker loads a new bundle beside the running one (the swap happens between
+two frames), the metrics server answers scrapes. SIGTERM/SIGINT set the stop event: the current frame
+is finished, then the last report, the outputs and the spool are flushed and the threads stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from edge_runtime.decision import Verdict, decide
+from edge_runtime.drift import DriftMonitor, frame_features
+from edge_runtime.errors import DefectkitError
+from edge_runtime.hard_examples import HardExampleSampler
+from edge_runtime.outputs import Outputs
+from edge_runtime.report import ReportBuilder, utc_iso
+from edge_runtime.runconfig import RunOptions, add_run_arguments, options_from_args
+from edge_runtime.service import MetricsServer, RuntimeMetrics
+from edge_runtime.sources import Frame, Source, open_source
+from edge_runtime.spool import Spool, SpoolError
+from edge_runtime.update import BundleManager, BundlePuller, LoadedModel
+from edge_runtime.uplink import Uplink, UplinkThread
+
+log = logging.getLogger("defectkit.run")
+
+
+def drift_features_of(image: np.ndarray, verdict: Verdict, num_classes: int) -> dict[str, float]:
+    """The drift statistics of one inspected frame. Output statistics use the detections behind the
+    verdict (after class thresholds, minimum area and ROI): the trainer builds drift_reference.json with
+    this same function on the training images, so both sides count the same detections."""
+    counted = verdict.counted
+    return frame_features(image, counted.scores, counted.class_ids, num_classes, verdict.is_ng)
+
+
+@dataclass
+class RunSummary:
+    frames: int = 0
+    ok: int = 0
+    ng: int = 0
+    errors: int = 0
+    reports: int = 0
+    swaps: int = 0
+    bundle_version: str = ""
+    backend: str = ""
+    predictions: Optional[Path] = None
+    stopped_by: str = "source ended"
+    spool_errors: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"{self.frames} frames: {self.ng} NG, {self.ok} OK, {self.errors} skipped; {self.reports} reports "
+                f"spooled; bundle {self.bundle_version} on {self.backend}; {self.stopped_by}; "
+                f"predictions in {self.predictions}")
+
+
+class _RateLimitedLog:
+    """At most one log line per ``period_s`` per key, with the count of what was suppressed."""
+
+    def __init__(self, period_s: float = 30.0) -> None:
+        self.period_s = period_s
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-1e18, 0))
+        if now - last >= self.period_s:
+            extra = f" ({suppressed} similar messages suppressed)" if suppressed else ""
+            log.warning(msg + extra, *args)
+            self._last[key] = (now, 0)
+        else:
+            self._last[key] = (last, suppressed + 1)
+
+
+class Inspector:
+    """``Inspector(options).run()`` until the source ends, ``max_frames`` or :meth:`stop`."""
+
+    def __init__(self, options: RunOptions, metrics: Optional[RuntimeMetrics] = None) -> None:
+        self.opts = options
+        self.stop_event = threading.Event()
+        self.metrics = metrics or RuntimeMetrics()
+        self.summary = RunSummary()
+        self.frame_hooks: list[Callable[[dict[str, Any]], None]] = []  # called per frame with the stage timings
+        self.model: Optional[LoadedModel] = None
+        self.monitor: Optional[DriftMonitor] = None
+        self.source: Optional[Source] = None
+        self.spool: Optional[Spool] = None
+        self.uplink: Optional[Uplink] = None
+        self._uplink_thread: Optional[UplinkThread] = None
+        self._server: Optional[MetricsServer] = None
+        self._puller_thread: Optional[threading.Thread] = None
+        self._rl = _RateLimitedLog()
+        self._frames_in_window = 0
+        self.manager = BundleManager(options.state_dir, options.public_key, backend=options.backend,
+                                     threads=options.threads, max_crashes=options.max_crashes,
+                                     selftest_all=options.selftest_all)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        o, s = self.opts, self.opts.settings
+        if o.metrics_port >= 0:
+            self._server = MetricsServer(self.metrics, o.metrics_host, o.metrics_port).start()
+        model = self.manager.start(o.bundle)
+        s.runtime.thresholds_for(model.manifest.classes)  # refuse class_thresholds naming unknown classes now
+        self.spool = Spool(o.state_dir / "spool.db", max_bytes=int(s.report.spool_max_mb * 2**20))
+        self.builder = ReportBuilder(device_id=o.device_id, line=model.manifest.line,
+                                     bundle_version=model.version, spool_dir=o.state_dir)
+        self.sampler = HardExampleSampler(s.report.hard_example_low, s.report.hard_example_high,
+                                          s.report.hard_examples_per_hour)
+        self.outputs = Outputs(o.out_dir, model.manifest.classes, save_ng=o.save_ng, keep_days=o.keep_days,
+                               summary_interval_s=s.report.interval_s)
+        self._activate(model)
+        if o.collector:
+            self.uplink = Uplink(o.collector, o.device_id, o.token or "", self.spool)
+            self._uplink_thread = UplinkThread(self.uplink, interval_s=o.uplink_interval_s).start()
+        if o.update_url:
+            puller = BundlePuller(o.update_url, o.token or "", self.manager.inbox)
+            self._puller_thread = threading.Thread(target=self._pull_loop, args=(puller,), name="defectkit-pull",
+                                                   daemon=True)
+            self._puller_thread.start()
+        kwargs = {} if o.capture_factory is None else {"capture_factory": o.capture_factory}
+        self.source = open_source(o.source, watch=o.watch, exclude=o.out_dir, settle_ms=o.settle_ms,
+                                  after=o.watch_after, **kwargs)
+        self.metrics.source = {"kind": self.source.kind, "name": self.source.name, "status": self.source.status}
+        self._last_report = self._last_periodic = time.monotonic()
+        self._last_update_poll = 0.0
+
+    def _activate(self, model: LoadedModel) -> None:
+        """Make ``model`` the one that inspects (at start and at a swap): fresh drift window, new version."""
+        self.model = model
+        self.monitor = DriftMonitor(model.reference, self.opts.settings.drift)
+        self.builder.bundle_version = model.version
+        self.outputs.classes = list(model.manifest.classes)
+        self._classes = list(model.manifest.classes)
+        self._active_since = time.monotonic()
+        self._frames_since_swap = 0
+        self._drift_state = "none"
+        self.summary.bundle_version, self.summary.backend = model.version, model.backend
+        self.metrics.set_bundle(model.manifest.line, model.version, model.backend)
+        self.metrics.flag(selftest=model.selftest.line())
+        log.info("inspecting with bundle %s %s on %s", model.manifest.line, model.version, model.backend)
+
+    def _pull_loop(self, puller: BundlePuller) -> None:
+        while not self.stop_event.wait(self.opts.update_poll_s):
+            puller.pull()
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self) -> RunSummary:
+        try:
+            self._setup()
+            self.metrics.state = "running"
+            for frame in self.source.frames(self.stop_event):
+                if frame is not None:
+                    self._inspect(frame)
+                self._periodic()
+                if self.opts.max_frames is not None and self.summary.frames >= self.opts.max_frames:
+                    self.summary.stopped_by = f"max frames ({self.opts.max_frames}) reached"
+                    break
+                if self.stop_event.is_set():
+                    break
+            if self.stop_event.is_set():
+                self.summary.stopped_by = "stopped by signal"
+        finally:
+            self._shutdown()
+        return self.summary
+
+    def _inspect(self, frame: Frame) -> None:
+        self.metrics.begin_frame()
+        self.summary.frames += 1
+        self._frames_since_swap += 1
+        self._frames_in_window += 1
+        rec: dict[str, Any] = {"time": utc_iso(frame.time), "source": frame.source, "index": frame.index,
+                               "bundle_version": self.model.version}
+        if frame.image is None:
+            self._skip(frame, rec, frame.error or "not decodable")
+            return
+        image = frame.image
+        try:
+            dets, timing = self.model.detector.detect(image)
+        except Exception as exc:  # one frame the backend cannot run (odd size, backend hiccup): skip it, go on
+            self._skip(frame, rec, f"inference failed: {exc}")
+            return
+        verdict = decide(dets, self._classes, self.opts.settings.runtime)
+        t0 = time.perf_counter()
+        state = self.monitor.update(drift_features_of(image, verdict, len(self._classes)))
+        t1 = time.perf_counter()
+        records = dets.to_records(self._classes)
+        names = [self._classes[c] for c in verdict.counted.class_ids.tolist()]
+        self.builder.record_frame(ng=verdict.is_ng, classes=names, latency_ms=frame.decode_ms + timing.total)
+        self._offer_hard_example(image, records, frame, verdict)
+        if state == "alarm" and self._drift_state != "alarm":
+            log.warning("drift alarm on bundle %s: %s", self.model.version, self._alarm_features())
+            self._send_report()
+        self._drift_state = state
+        t2 = time.perf_counter()
+        stages = {"decode": frame.decode_ms, **timing.to_dict(), "drift": (t1 - t0) * 1e3, "report": (t2 - t1) * 1e3}
+        rec.update({
+            "height": int(image.shape[0]), "width": int(image.shape[1]),
+            "detections": [{**r, "counted": bool(c)} for r, c in zip(records, verdict.mask.tolist())],
+            "verdict": verdict.verdict, "reason": verdict.reason, "drift_state": state,
+            "latency_ms": {k: round(v, 3) for k, v in stages.items()},
+        })
+        rec["latency_ms"]["total"] = round(sum(stages.values()), 3)
+        self.outputs.record(rec, image, dets, verdict, self.opts.settings.runtime.roi, self.model.version, state)
+        self.metrics.frame(verdict.verdict, stages)
+        if verdict.is_ng:
+            self.summary.ng += 1
+        else:
+            self.summary.ok += 1
+        for hook in self.frame_hooks:
+            hook(stages)
+
+    def _skip(self, frame: Frame, rec: dict[str, Any], why: str) -> None:
+        self._rl.warning("skip", "skipped frame %s: %s", frame.source, why)
+        self.summary.errors += 1
+        self.builder.record_error()
+        rec["error"] = why
+        self.outputs.record(rec, bundle_version=self.model.version if self.model else "", drift_state=self._drift_state)
+        self.metrics.frame(None, {})
+
+    def _alarm_features(self) -> str:
+        snap = self.monitor.snapshot() if self.monitor else {"features": {}}
+        return ", ".join(sorted(k for k, v in snap["features"].items() if v.get("state") == "alarm")) or "?"
+
+    def _offer_hard_example(self, image: np.ndarray, records: list, frame: Frame, verdict: Verdict) -> None:
+        if not records or self.sampler.max_per_hour == 0 or not self.sampler.in_band(records[0]["score"]):
+            return
+        try:
+            self.sampler.offer(self.spool, image=image, detections=records, device_id=self.opts.device_id,
+                               line=self.model.manifest.line, bundle_version=self.model.version,
+                               source=frame.source, verdict=verdict.verdict)
+        except SpoolError as exc:
+            self._spool_failed(exc)
+
+    # ------------------------------------------------------------------------------------------ periodic work
+    def _periodic(self) -> None:
+        now = time.monotonic()
+        if now - self._last_report >= self.opts.settings.report.interval_s:
+            self._send_report()
+        if now - self._last_periodic < 0.5:
+            return
+        self._last_periodic = now
+        if now - self._last_update_poll >= self.opts.update_poll_s:
+            self._last_update_poll = now
+            self.manager.poll()
+        ready = self.manager.take_ready()
+        if ready is not None:
+            self._swap(ready)
+        o = self.opts
+        if (self.manager.state.probation and self._frames_since_swap >= o.confirm_after_frames
+                and now - self._active_since >= o.confirm_after_s):
+            self.manager.confirm()
+        self._refresh_metrics()
+
+    def _refresh_metrics(self) -> None:
+        m = self.metrics
+        if self.source is not None:
+            m.source = {"kind": self.source.kind, "name": self.source.name, "status": self.source.status,
+                        **({"drops": self.source.drops, "reconnects": self.source.reconnects}
+                           if hasattr(self.source, "drops") else {})}
+        if self.monitor is not None:
+            feats = self.monitor.snapshot()["features"]
+            m.set_drift(self.monitor.state, {name: f["state"] for name, f in feats.items()})
+        if self.spool is not None:
+            try:
+                st = self.spool.stats()
+                m.set(spool_pending=st.pending, spool_dropped_total=st.dropped_total, spool_dead_letter=st.dead_letter)
+            except SpoolError as exc:
+                self._spool_failed(exc)
+        if self.uplink is not None:
+            us = self.uplink.state
+            m.set(uplink_failures=us.failures, uplink_sent_total=us.sent_total)
+            m.flag(uplink_last_error=us.last_error)
+        m.set(output_write_errors=self.outputs.write_errors, spool_errors=self.summary.spool_errors)
+        ev = self.manager.last_event()
+        if ev:
+            m.flag(update_event=f"{ev['time']} {ev['kind']} {ev.get('version') or ''}: {ev['detail']}"[:300])
+
+    def _health_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"backend": self.model.backend if self.model else "",
+                                 "output_write_errors": self.outputs.write_errors,
+                                 "spool_errors": self.summary.spool_errors}
+        if self.source is not None:
+            extra["source_status"] = self.source.status
+            for key in ("drops", "reconnects"):
+                if hasattr(self.source, key):
+                    extra[f"camera_{key}"] = getattr(self.source, key)
+        if self.uplink is not None:
+            extra["uplink_failures"] = self.uplink.state.failures
+        ev = self.manager.last_event()
+        if ev:
+            extra["update_event"] = f"{ev['time']} {ev['kind']} {ev.get('version') or ''}: {ev['detail']}"[:300]
+        return extra
+
+    def _send_report(self) -> None:
+        """Close the report window and spool the report (the uplink thread sends it; an alarm wakes it)."""
+        self._last_report = time.monotonic()
+        self._frames_in_window = 0
+        try:
+            snap = self.monitor.snapshot() if self.monitor else {"features": {}}
+            report = self.builder.build(drift=snap["features"], spool=self.spool, health_extra=self._health_extra())
+            self.spool.put("report", report.to_dict(), alarm=report.alarm)
+        except SpoolError as exc:
+            self._spool_failed(exc)
+            return
+        self.summary.reports += 1
+        self.metrics.flag(spool_full=False)
+        if report.alarm and self._uplink_thread is not None:
+            self._uplink_thread.wake()
+
+    def _spool_failed(self, exc: Exception) -> None:
+        self.summary.spool_errors += 1
+        self.metrics.flag(spool_full=True, spool_error=str(exc)[:300])
+        self._rl.warning("spool", "%s", exc)
+
+    def _swap(self, new: LoadedModel) -> None:
+        old = self.model
+        try:
+            self.opts.settings.runtime.thresholds_for(new.manifest.classes)
+        except DefectkitError as exc:
+            self.manager.event("refused", new.version, f"the box's runtime settings do not fit its classes: {exc}")
+            return
+        self._send_report()  # the window so far belongs to the old bundle
+        self.outputs.flush_summary(old.version if old else "", self._drift_state)
+        self._activate(new)
+        self.manager.commit(new)
+        self.summary.swaps += 1
+        log.info("swapped bundle %s -> %s", old.version if old else "-", new.version)
+
+    # ------------------------------------------------------------------------------------------ shutdown
+    def _shutdown(self) -> None:
+        self.metrics.state = "stopping"
+        if self.source is not None:
+            self.source.close()
+        if self.monitor is not None and self.spool is not None and self._frames_in_window:
+            self._send_report()  # the last, partial window
+        if hasattr(self, "outputs"):
+            self.outputs.close(self.model.version if self.model else "", self._drift_state if self.model else "none")
+            self.summary.predictions = self.outputs.current_jsonl()
+        self.stop_event.set()  # ends the pull loop
+        if self._uplink_thread is not None:
+            self._uplink_thread.stop(timeout=5.0)
+            res = self.uplink.flush(deadline=self.uplink._clock() + 2.0)  # one last, bounded try
+            if res.sent:
+                log.info("sent %d spooled item(s) on the way out", res.sent)
+        self.manager.wait_idle(timeout=10.0)
+        if self.spool is not None:
+            self.spool.close()
+        if self._server is not None:
+            self._server.stop()
+        self.manager.clean_exit()
+        self.metrics.state = "stopped"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``run`` verb (``python -m edge_runtime run``)."""
+    parser = subparsers.add_parser(
+        "run", help="inspect frames from a folder, video or camera with a signed bundle; report to the collector",
+        description="The edge box's inspection loop: verified bundle, OK/NG per frame, drift monitoring, "
+        "reports spooled and sent to the collector, model updates through the inbox. SIGTERM stops it cleanly.")
+    add_run_arguments(parser)
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Handler of ``run``: SIGTERM/SIGINT finish the current frame and flush everything; a second one kills."""
+    inspector = Inspector(options_from_args(args))
+    previous = {}
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the current frame, then flushing outputs and spool", signum)
+        inspector.stop()
+        for sig, handler in previous.items():  # a second signal takes the default way out
+            signal.signal(sig, handler)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, _stop)
+    try:
+        summary = inspector.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(summary.line(), flush=True)
+    return 0

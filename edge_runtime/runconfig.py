@@ -1,0 +1,214 @@
+"""Settings of ``python -m edge_runtime run``: the ``report`` section, the settings file, the options.
+
+The box has no PyYAML, so the sections of ``detect/defaults.yaml`` that the box uses are mirrored here as
+dataclasses with the same defaults (a test keeps them equal): ``runtime`` (:class:`RuntimeConfig`), ``drift``
+(:class:`DriftSettings`) and ``report`` (:class:`ReportSettings`). A line's values reach the box as one JSON
+file, ``{"runtime": {...}, "drift": {...}, "report": {...}}`` (``--settings``); flags override it.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from edge_runtime.decision import RuntimeConfig
+from edge_runtime.drift import DriftSettings
+from edge_runtime.errors import ConfigError, UserInputError
+from edge_runtime.report import NAME_RE
+
+SECTIONS = ("runtime", "drift", "report")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """The ``report`` section of detect/defaults.yaml (kept equal to it by a test)."""
+
+    interval_s: float = 60.0
+    spool_max_mb: float = 200.0
+    hard_example_low: float = 0.3
+    hard_example_high: float = 0.7
+    hard_examples_per_hour: int = 20
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None, where: str = "report settings") -> "ReportSettings":
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in (values or {}).items():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(known))}."
+                raise ConfigError(f"{where}: unknown key 'report.{key}'.{hint}")
+            default = getattr(cls, key)
+            if isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                value = float(value) if ok else value
+            if not ok:
+                raise ConfigError(f"{where}: 'report.{key}' must be {type(default).__name__}, got {value!r}.")
+            kwargs[key] = value
+        settings = cls(**kwargs)
+        settings.validate(where)
+        return settings
+
+    def validate(self, where: str = "report settings") -> None:
+        problems = []
+        if self.interval_s <= 0:
+            problems.append(f"interval_s must be > 0 seconds (got {self.interval_s})")
+        if self.spool_max_mb <= 0:
+            problems.append(f"spool_max_mb must be > 0 (got {self.spool_max_mb})")
+        if not 0.0 <= self.hard_example_low < self.hard_example_high <= 1.0:
+            problems.append(f"need 0 <= hard_example_low < hard_example_high <= 1 "
+                            f"(got {self.hard_example_low}, {self.hard_example_high})")
+        if self.hard_examples_per_hour < 0:
+            problems.append(f"hard_examples_per_hour must be >= 0 (got {self.hard_examples_per_hour})")
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The three sections the box uses, from defaults < ``--settings`` file < flags."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    drift: DriftSettings = field(default_factory=DriftSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "settings") -> "Settings":
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object with sections {', '.join(SECTIONS)}.")
+        for key in raw:
+            if key not in SECTIONS:
+                close = difflib.get_close_matches(str(key), SECTIONS, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{where}: unknown section '{key}'.{hint} The box reads {', '.join(SECTIONS)}.")
+        return cls(
+            runtime=RuntimeConfig.from_dict(raw.get("runtime", {}), where=f"{where} 'runtime'"),
+            drift=DriftSettings.from_mapping(raw.get("drift", {}), where=f"{where} 'drift'"),
+            report=ReportSettings.from_mapping(raw.get("report", {}), where=f"{where} 'report'"),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Settings":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"settings file '{path}' cannot be read ({exc.strerror}).") from None
+        except ValueError as exc:
+            raise ConfigError(f"settings file '{path}' is not valid JSON: {exc}") from None
+        return cls.from_dict(raw, where=f"settings file '{path}'")
+
+
+@dataclass
+class RunOptions:
+    """Everything ``run`` needs; the CLI builds it from flags, tests and the bench build it directly."""
+
+    bundle: Optional[Path]
+    public_key: Path
+    source: str
+    device_id: str
+    out_dir: Path = Path("edge_out")
+    state_dir: Optional[Path] = None  # default: <out_dir>/state
+    collector: Optional[str] = None
+    token: Optional[str] = None
+    backend: Optional[str] = None
+    threads: int = 2
+    settings: Settings = field(default_factory=Settings)
+    watch: bool = False
+    settle_ms: float = 300.0
+    watch_after: str = "keep"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9108  # -1 = no metrics server, 0 = any free port
+    max_frames: Optional[int] = None
+    update_poll_s: float = 5.0
+    update_url: Optional[str] = None
+    confirm_after_s: float = 300.0
+    confirm_after_frames: int = 100
+    max_crashes: int = 3
+    save_ng: bool = True
+    keep_days: int = 30
+    selftest_all: bool = True
+    uplink_interval_s: float = 5.0
+    capture_factory: Optional[Callable[..., Any]] = None  # a fake camera in tests; cv2.VideoCapture otherwise
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(str(self.device_id)):
+            raise UserInputError(f"device id {self.device_id!r} is not usable: use 1-64 letters, digits, '.', '_' or '-'")
+        if self.collector and not self.token:
+            raise UserInputError("--collector needs the device's token: pass --token-file FILE")
+        if self.threads < 1:
+            raise UserInputError(f"threads must be at least 1, got {self.threads}")
+        self.out_dir = Path(self.out_dir)
+        self.state_dir = Path(self.state_dir) if self.state_dir else self.out_dir / "state"
+
+
+def read_token(path: Path) -> str:
+    """The device token from its file (one line); the file should be readable by the service user only."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UserInputError(f"token file {path} cannot be read ({exc.strerror}); give --token-file FILE") from None
+    if not token or any(ch.isspace() for ch in token):
+        raise UserInputError(f"token file {path} must hold one token on one line (no spaces)")
+    return token
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``python -m edge_runtime run``."""
+    a = parser.add_argument
+    a("--bundle", type=Path, default=None,
+      help="signed bundle (directory or .tar.gz); after an update the installed one in --state-dir runs instead")
+    a("--public-key", type=Path, required=True, help="the signer's Ed25519 public key (.pub.pem)")
+    a("--source", required=True, help="folder of images, video file, camera index (0) or stream URL (rtsp://...)")
+    a("--watch", action="store_true", help="keep watching the --source folder for new images")
+    a("--settle-ms", type=float, default=300.0, help="watched folder: a file is read after its size is stable this long")
+    a("--watch-after", choices=("keep", "delete", "move"), default="keep",
+      help="watched folder: what to do with a file once read (move = into <folder>/done)")
+    a("--device-id", required=True, help="this box's id (letters, digits, . _ -)")
+    a("--collector", default=None, metavar="URL", help="collector base URL; without it reports stay in the spool")
+    a("--token-file", type=Path, default=None, help="file holding this device's bearer token")
+    a("--out", type=Path, default=Path("edge_out"), help="outputs: predictions/, ng/, summary/ (default: %(default)s)")
+    a("--state-dir", type=Path, default=None, help="installed bundles, update inbox, spool (default: OUT/state)")
+    a("--backend", default=None, help="force a backend (onnxruntime, paddlelite, paddle); default: by bundle and install")
+    a("--threads", type=int, default=2, help="inference threads (default: %(default)s)")
+    a("--settings", type=Path, default=None, metavar="JSON_FILE",
+      help='line settings: {"runtime": {...}, "drift": {...}, "report": {...}} (sections of defaults.yaml)')
+    a("--score-threshold", type=float, default=None, help="override runtime.score_threshold")
+    a("--report-interval", type=float, default=None, help="override report.interval_s (seconds)")
+    a("--spool-max-mb", type=float, default=None, help="override report.spool_max_mb")
+    a("--metrics-host", default="127.0.0.1", help="address of /healthz and /metrics (default: %(default)s)")
+    a("--metrics-port", type=int, default=9108, help="port of /healthz and /metrics; 0 = any free, -1 = off")
+    a("--max-frames", type=int, default=None, help="stop after this many frames (tests, benchmarks)")
+    a("--update-url", default=None, help="poll this URL for a new bundle archive (bearer token, ETag)")
+    a("--update-poll", type=float, default=5.0, help="seconds between looks into the update inbox / URL")
+    a("--no-ng-images", action="store_true", help="do not save annotated NG images")
+    a("--keep-days", type=int, default=30, help="days of predictions, NG images and summaries kept")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    """Defaults < --settings file < flags, in one visible place."""
+    settings = Settings.load(args.settings) if args.settings else Settings()
+    runtime = settings.runtime.with_overrides(score_threshold=args.score_threshold)
+    report_over = {k: v for k, v in (("interval_s", args.report_interval), ("spool_max_mb", args.spool_max_mb))
+                   if v is not None}
+    report = ReportSettings.from_mapping({**_asdict(settings.report), **report_over}, where="command line")
+    token = read_token(args.token_file) if args.token_file else None
+    return RunOptions(
+        bundle=args.bundle, public_key=args.public_key, source=args.source, device_id=args.device_id,
+        out_dir=args.out, state_dir=args.state_dir, collector=args.collector, token=token, backend=args.backend,
+        threads=args.threads, settings=Settings(runtime, settings.drift, report), watch=args.watch,
+        settle_ms=args.settle_ms, watch_after=args.watch_after, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port, max_frames=args.max_frames, update_poll_s=args.update_poll,
+        update_url=args.update_url, save_ng=not args.no_ng_images, keep_days=args.keep_days,
+    )
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}

@@ -1,0 +1,167 @@
+"""Helpers for the edge-runtime loop tests: real signed bundles around small real models, test images.
+
+:func:`make_bundle` builds a bundle the way the kit does (``compress.bundle.build_bundle``): a small real ONNX
+detector (scores follow the image's red channel, so a test picks OK or NG by colour), a drift reference
+built with :func:`edge_runtime.run.drift_features_of` on in-distribution frames, and golden images whose
+expected detections come from the model itself. :func:`export_tiny_detector` makes a tiny *paddle* detector
+in the no-NMS export form, which becomes both an ONNX model (paddle2onnx) and a Paddle Lite ``.nb``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+
+from compress.bundle import ModelFile, build_bundle
+from compress.keys import init_keys, load_private_key
+from edge_runtime.decision import RuntimeConfig, decide
+from edge_runtime.drift import build_reference
+from edge_runtime.drift.synthetic import BoardStream
+from edge_runtime.modelspec import InputSpec, PostprocessSpec
+from edge_runtime.predict import Detector
+from edge_runtime.run import drift_features_of
+from edge_runtime.selftest import expected_record
+from tests.edgebox import ROOT, run_paddle_script
+from tests.test_edge_onnx_models import build_raw_model, write_deploy
+
+CLASSES = ["short", "open"]
+# boxes in 64x64 network pixels; scores = base * mean red of the input (0..1)
+BOXES = np.array([[10, 10, 30, 30], [40, 40, 60, 60], [0, 0, 8, 8]], np.float32)
+BASE_SCORES = np.array([[1.0, 0.2, 0.01], [0.3, 0.9, 0.02]], np.float32)  # [C=2, A=3]
+
+
+@dataclass
+class Keys:
+    private: Path
+    public: Path
+
+
+def make_keys(base: Path) -> Keys:
+    pair = init_keys(base / "keys")
+    return Keys(pair.private, pair.public)
+
+
+def red_image(red: int, seed: int, size: tuple[int, int] = (96, 128)) -> np.ndarray:
+    """A noisy frame whose red channel mean is about ``red`` (BGR)."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((*size, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 60, 90, red
+    noise = rng.normal(0, 6, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def write_images(folder: Path, reds: Sequence[int], seed: int = 0, ext: str = ".png") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, red in enumerate(reds):
+        path = folder / f"part_{i:04d}{ext}"
+        cv2.imwrite(str(path), red_image(red, seed + i))
+        out.append(path)
+    return out
+
+
+def onnx_source(base: Path) -> Path:
+    """The test ONNX detector with a deploy.json beside it (so :class:`Detector` can load it directly)."""
+    src = base / "onnx_src"
+    src.mkdir(parents=True, exist_ok=True)
+    build_raw_model(src / "model.onnx", BOXES, BASE_SCORES, channel=0)
+    write_deploy(src, "model.onnx", CLASSES, nms="host")
+    return src / "model.onnx"
+
+
+def board_frames(n: int, seed: int, style=None) -> list[np.ndarray]:
+    from edge_runtime.drift.synthetic import IN_DISTRIBUTION
+
+    stream = BoardStream(style or IN_DISTRIBUTION, seed=seed, size=160)
+    return [stream.next().image for _ in range(n)]
+
+
+def drift_reference(base: Path, detector: Detector, frames: Sequence[np.ndarray]) -> Path:
+    """drift_reference.json from in-distribution frames, built the way the trainer builds it."""
+    cfg = RuntimeConfig()
+    feats = []
+    for img in frames:
+        dets = detector(img)
+        feats.append(drift_features_of(img, decide(dets, CLASSES, cfg), len(CLASSES)))
+    ref = build_reference(feats, class_names=CLASSES)
+    return ref.save(base / "drift_reference.json")
+
+
+def make_bundle(base: Path, keys: Keys, version: str = "1.0.0", parent: Optional[str] = None,
+                models: Optional[list[ModelFile]] = None, golden_reds: Sequence[int] = (40, 230),
+                expected_override: Optional[dict] = None, reference_frames: int = 120) -> Path:
+    """A signed bundle directory ``base/store/test-line/<version>`` (and its .tar.gz beside it)."""
+    onnx_path = onnx_source(base)
+    detector = Detector.from_model(onnx_path, backend="onnxruntime", threads=1)
+    ref_path = base / "drift_reference.json"
+    if not ref_path.exists():
+        drift_reference(base, detector, board_frames(reference_frames, seed=1))
+    golden = []
+    gdir = base / "golden_src"
+    for i, red in enumerate(golden_reds):
+        path = write_images(gdir / f"g{version}_{i}", [red], seed=100 + i)[0]
+        expected = expected_override or expected_record(detector(cv2.imread(str(path))), CLASSES)
+        golden.append((path, expected))
+    models = models or [ModelFile(onnx_path, "onnx", "any", "fp32", "host", None)]
+    return build_bundle(
+        base / "store", "test-line", version, parent, models, detector.spec.input, detector.spec.postprocess,
+        CLASSES, {"map50": 0.9}, {"method": "none"}, golden, ref_path, load_private_key(keys.private),
+    )
+
+
+def archive_of(bundle_dir: Path) -> Path:
+    return bundle_dir.parent / f"{bundle_dir.name}.tar.gz"
+
+
+# A tiny detector in the paddle no-NMS export form: boxes [1,A,4] in original pixels, scores [1,C,A].
+_TINY_DETECTOR = """
+import sys
+sys.path.insert(0, {root!r})
+from detect.heavy import paddle_stack
+paddle = paddle_stack().paddle
+
+class TinyDet(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 8, 3, stride=2, padding=1)
+        self.act = paddle.nn.Swish()
+        self.fc = paddle.nn.Linear(8, 2 * 3)
+        anchors = paddle.to_tensor([[[4.0, 4.0, 28.0, 28.0], [30.0, 8.0, 60.0, 40.0], [8.0, 36.0, 40.0, 62.0]]])
+        self.register_buffer("anchors", anchors)
+
+    def forward(self, image, scale_factor):
+        f = self.act(self.conv(image)).mean(axis=[2, 3])
+        scores = paddle.nn.functional.sigmoid(self.fc(f) * 8.0 - 1.0).reshape([1, 2, 3])
+        sf = paddle.concat([scale_factor[:, 1:2], scale_factor[:, 0:1]], axis=1)
+        sf4 = paddle.tile(sf, [1, 2]).unsqueeze(1)
+        return self.anchors / sf4, scores
+
+paddle.seed(11)
+model = TinyDet()
+model.eval()
+spec = [paddle.static.InputSpec([1, 3, 64, 64], "float32", "image"),
+        paddle.static.InputSpec([1, 2], "float32", "scale_factor")]
+paddle.jit.save(model, {out!r}, input_spec=spec)
+
+import paddle2onnx
+paddle2onnx.export({out!r} + ".pdmodel", {out!r} + ".pdiparams", {onnx!r}, opset_version=13,
+                   enable_onnx_checker=True, verbose=False)
+"""
+
+
+def export_tiny_detector(out_dir: Path) -> tuple[Path, Path]:
+    """(paddle export dir with model.pdmodel/.pdiparams, model.onnx converted from it by paddle2onnx)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "model.onnx"
+    code = _TINY_DETECTOR.format(root=str(ROOT), out=str(out_dir / "model"), onnx=str(onnx_path))
+    run_paddle_script(code, out_dir.parent / "export_tiny_detector.py")
+    return out_dir, onnx_path
+
+
+def write_settings(path: Path, **sections: dict) -> Path:
+    path.write_text(json.dumps(sections))
+    return path
