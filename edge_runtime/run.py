@@ -124,7 +124,9 @@ class Inspector:
                                summary_interval_s=s.report.interval_s)
         self._activate(model)
         if o.collector:
-            self.uplink = Uplink(o.collector, o.device_id, o.token or "", self.spool)
+            # short timeouts: a hung collector delays only the uplink thread, and shutdown by a few seconds
+            self.uplink = Uplink(o.collector, o.device_id, o.token or "", self.spool, connect_timeout=3.0,
+                                 read_timeout=5.0)
             self._uplink_thread = UplinkThread(self.uplink, interval_s=o.uplink_interval_s).start()
         if o.update_url:
             puller = BundlePuller(o.update_url, o.token or "", self.manager.inbox)
@@ -323,7 +325,8 @@ class Inspector:
 
     def _spool_failed(self, exc: Exception) -> None:
         self.summary.spool_errors += 1
-        self.metrics.flag(spool_full=True, spool_error=str(exc)[:300])
+        self.metrics.set(spool_errors=self.summary.spool_errors)
+        self.metrics.flag(spool_full=True, spool_error=str(exc)[:600])
         self._rl.warning("spool", "%s", exc)
 
     def _swap(self, new: LoadedModel) -> None:
@@ -343,6 +346,8 @@ class Inspector:
     # ------------------------------------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
         self.metrics.state = "stopping"
+        if hasattr(self, "outputs"):
+            self._refresh_metrics()
         if self.source is not None:
             self.source.close()
         if self.monitor is not None and self.spool is not None and self._frames_in_window:
@@ -352,7 +357,7 @@ class Inspector:
             self.summary.predictions = self.outputs.current_jsonl()
         self.stop_event.set()  # ends the pull loop
         if self._uplink_thread is not None:
-            self._uplink_thread.stop(timeout=5.0)
+            self._uplink_thread.stop(timeout=2.0)
             res = self.uplink.flush(deadline=self.uplink._clock() + 2.0)  # one last, bounded try
             if res.sent:
                 log.info("sent %d spooled item(s) on the way out", res.sent)

@@ -93,9 +93,12 @@ def drift_reference(base: Path, detector: Detector, frames: Sequence[np.ndarray]
 
 def make_bundle(base: Path, keys: Keys, version: str = "1.0.0", parent: Optional[str] = None,
                 models: Optional[list[ModelFile]] = None, golden_reds: Sequence[int] = (40, 230),
-                expected_override: Optional[dict] = None, reference_frames: int = 120) -> Path:
-    """A signed bundle directory ``base/store/test-line/<version>`` (and its .tar.gz beside it)."""
-    onnx_path = onnx_source(base)
+                expected_override: Optional[dict] = None, reference_frames: int = 120,
+                onnx_model: Optional[Path] = None) -> Path:
+    """A signed bundle directory ``base/store/test-line/<version>`` (and its .tar.gz beside it).
+
+    ``onnx_model`` (with deploy.json beside it) gives the golden expectations; default: :func:`onnx_source`."""
+    onnx_path = onnx_model or onnx_source(base)
     detector = Detector.from_model(onnx_path, backend="onnxruntime", threads=1)
     ref_path = base / "drift_reference.json"
     if not ref_path.exists():
@@ -165,3 +168,50 @@ def export_tiny_detector(out_dir: Path) -> tuple[Path, Path]:
 def write_settings(path: Path, **sections: dict) -> Path:
     path.write_text(json.dumps(sections))
     return path
+
+
+class FakeCapture:
+    """Stands in for a cv2.VideoCapture of a camera (no camera exists on this machine).
+
+    ``script`` items: an image -> a good read, None -> a failed read, an Exception -> read raises it; when the
+    script is used up every read fails (the camera dropped). ``generator`` instead makes a frame per read
+    forever. ``opened=False`` is a camera that cannot be opened."""
+
+    def __init__(self, script=None, generator=None, opened: bool = True) -> None:
+        self.script = list(script or [])
+        self.generator = generator
+        self.opened = opened
+        self.released = False
+        self.reads = 0
+
+    def isOpened(self) -> bool:  # noqa: N802 (cv2's name)
+        return self.opened and not self.released
+
+    def read(self):
+        self.reads += 1
+        if self.generator is not None:
+            return True, self.generator()
+        if not self.script:
+            return False, None
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return (item is not None), item
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeCameraFactory:
+    """``capture_factory`` for CameraSource: hands out the given captures in order, then unopenable ones."""
+
+    def __init__(self, captures) -> None:
+        self.captures = list(captures)
+        self.opened: list = []
+        self.specs: list = []
+
+    def __call__(self, spec, *args):
+        self.specs.append(spec)
+        cap = self.captures.pop(0) if self.captures else FakeCapture(opened=False)
+        self.opened.append(cap)
+        return cap
