@@ -139,6 +139,7 @@ class Inspector:
         self.metrics.source = {"kind": self.source.kind, "name": self.source.name, "status": self.source.status}
         self._last_report = self._last_periodic = time.monotonic()
         self._last_update_poll = 0.0
+        self._refresh_metrics()
 
     def _activate(self, model: LoadedModel) -> None:
         """Make ``model`` the one that inspects (at start and at a swap): fresh drift window, new version."""

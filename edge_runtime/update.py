@@ -95,6 +95,21 @@ def fingerprint(path: Path) -> str:
         raise BundleError(f"bundle {path} cannot be read ({exc.strerror}): pass a bundle directory or .tar.gz") from None
 
 
+def check_archive(path: Path) -> None:
+    """Read a .tar.gz to its end so gzip checks its CRC-32 and length: a flipped byte anywhere in the
+    compressed stream is refused, even in tar padding that extraction never reads (the signature and the
+    checksums already cover every byte of content)."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BundleError(f"{path}: not a readable bundle archive ({exc}): the file is damaged; bundle refused") from None
+
+
 class BundleManager:
     """Installs, loads, self-tests and swaps bundles for one box (see the module docstring)."""
 
@@ -136,6 +151,7 @@ class BundleManager:
                 shutil.copytree(source, stage / "b", symlinks=True)
                 manifest = verify_bundle(stage / "b", self.key)
             else:
+                check_archive(source)
                 manifest = verify_bundle(source, self.key, extract_to=stage / "b")
             if manifest.version in self.state.bad:
                 raise BundleError(f"bundle {manifest.version} was reverted after a crash loop on this box: refused "
