@@ -51,6 +51,8 @@ class ModelFile:
     nms: str
     runtime_version: str | None = None
     params: Path | None = None
+    name: str | None = None  # file name inside the bundle (default: the source's); a paddle model's params get
+    #                          the same prefix, so two variants' model_nonms.onnx can ship side by side
 
 
 def models_from_deploy(deploy: str | Path) -> tuple[ModelSpec, list[ModelFile]]:
@@ -166,12 +168,15 @@ def build_bundle(
         models = []
         seen: set[str] = set()
         for m in model_files:
-            name = Path(m.path).name
+            name = m.name or Path(m.path).name
             if name in seen:
                 raise UserInputError(f"two model files are named {name}: rename one (bundle files share models/)")
             seen.add(name)
             ref = _copy(Path(m.path), stage, f"models/{name}")
-            params = _copy(Path(m.params), stage, f"models/{Path(m.params).name}") if m.params else None
+            params_name = Path(m.params).name if m.params else ""
+            if m.params and m.name:
+                params_name = Path(m.name).stem + Path(m.params).suffix
+            params = _copy(Path(m.params), stage, f"models/{params_name}") if m.params else None
             models.append(ModelEntry(file=ref.file, format=m.format, target=m.target, precision=m.precision,
                                      runtime_version=m.runtime_version, sha256=ref.sha256, nms=m.nms, params=params))
         goldens = []

@@ -1,4 +1,8 @@
-"""``defectkit keys init`` and ``defectkit bundle build|verify``: signing keys and signed bundles."""
+"""``defectkit compress``, ``defectkit keys init`` and ``defectkit bundle RUN|build|verify``.
+
+``defectkit bundle RUN --variant NAME`` is the engineer's verb (a bundle from gated variants of a run);
+``bundle build`` is the low-level form that takes export directories and files explicitly.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +12,21 @@ from edge_runtime.errors import UserInputError
 
 
 def register(subparsers) -> None:
+    comp = subparsers.add_parser(
+        "compress", help="prune | ptq | qat a run, gate every variant against its FP32 parent, tabulate",
+        description="Make compressed variants of a training run, evaluate them on the line's validation set, "
+                    "refuse those that lose accuracy (compress.max_map_drop, golden images) and write "
+                    "<run>/compress/table.{md,csv,png}.")
+    comp.add_argument("run", type=Path, help="a training run folder runs/<line>/<run>")
+    comp.add_argument("--method", required=True, choices=("prune", "ptq", "qat"),
+                      help="prune: structured filter pruning + fine-tune; ptq: PaddleSlim INT8 (Paddle/Lite) and "
+                           "ONNX Runtime INT8; qat: quantization-aware training")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a compress.* setting, e.g. --set prune_flops=0.3 --set ptq_algo=mse")
+    comp.add_argument("--no-lite", action="store_true", help="skip the Paddle Lite .nb conversion (edge box)")
+    comp.add_argument("--no-latency", action="store_true", help="skip the latency columns of the table")
+    comp.set_defaults(func=_compress)
+
     keys = subparsers.add_parser("keys", help="make the Ed25519 key pair that signs bundles")
     ksub = keys.add_subparsers(dest="keys_cmd", metavar="CMD")
     ksub.required = True
@@ -32,10 +51,44 @@ def register(subparsers) -> None:
     b.add_argument("--recipe", type=Path, help="JSON object describing the compression recipe")
     b.set_defaults(func=_bundle_build)
 
+    r = bsub.add_parser("run", help="(default form: `defectkit bundle RUN --variant NAME`) bundle gated variants of a run")
+    r.add_argument("run", type=Path, help="a training run folder runs/<line>/<run> (after `defectkit compress`)")
+    r.add_argument("--variant", action="append", required=True,
+                   help="variant to ship (fp32, ort-int8, ptq-int8, prune-30, qat-int8, ...); repeatable")
+    r.add_argument("--key", required=True, type=Path, help="private signing key (defectkit keys init)")
+    r.add_argument("--out", type=Path, default=Path("bundles"), help="bundle store root (default ./bundles)")
+    r.add_argument("--version", dest="bundle_version", help="new version (default: next major, e.g. 2.0.0)")
+    r.add_argument("--parent-version", default=None, help="version this one replaces (default: the newest)")
+    r.set_defaults(func=_bundle_run)
+
     v = bsub.add_parser("verify", help="check the signature and every checksum of a bundle (dir or .tar.gz)")
     v.add_argument("path", type=Path)
     v.add_argument("--public-key", required=True, type=Path, help="the signer's public key (.pub.pem)")
     v.set_defaults(func=_bundle_verify)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from compress.pipeline import compress_run
+    from detect.cli import parse_sets
+
+    result = compress_run(args.run, args.method, parse_sets(args.set), lite=not args.no_lite,
+                          latency=not args.no_latency)
+    for msg in result.messages:
+        print(msg)
+    print(result.table.markdown.read_text())
+    print(f"table: {result.table.markdown}  {result.table.csv}  {result.table.png}")
+    refused = [v.name for v in result.variants if v.gate and not v.gate["passed"]]
+    if refused:
+        print(f"refused by the gate: {', '.join(refused)} (kept on disk for study; `defectkit bundle` will not ship them)")
+    return 0
+
+
+def _bundle_run(args: argparse.Namespace) -> int:
+    from compress.bundle_run import bundle_from_run
+
+    out = bundle_from_run(args.run, args.variant, args.out, args.key, args.bundle_version, args.parent_version)
+    print(f"bundle {out}  and  {out.parent / (out.name + '.tar.gz')}")
+    return 0
 
 
 def _keys_init(args: argparse.Namespace) -> int:

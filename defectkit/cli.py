@@ -48,9 +48,21 @@ def _version() -> str:
         return "0+checkout"
 
 
+# `defectkit bundle RUN --variant V` is the everyday form; argparse cannot mix a positional with the
+# build/verify sub-commands, so a first word that is not one of them means `bundle run RUN`.
+_BUNDLE_SUBCOMMANDS = {"build", "verify", "run", "-h", "--help"}
+
+
+def _normalise(argv: Sequence[str]) -> list[str]:
+    argv = list(argv)
+    if len(argv) >= 2 and argv[0] == "bundle" and argv[1] not in _BUNDLE_SUBCOMMANDS:
+        argv.insert(1, "run")
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_normalise(sys.argv[1:] if argv is None else argv))
     try:
         result = args.func(args)
     except DefectkitError as exc:

@@ -47,3 +47,37 @@ def tiny_export(tiny_spec, tiny_run):
     from detect.export import export
 
     return export(tiny_spec, tiny_run.best_weights, tiny_run.run.export_dir)
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+    """A run folder holding the kit's base detector (PP-YOLOE+ tiny, 320 px, trained on synthetic boards) for a
+    small synthetic line: a model that really detects, without training in the test session.
+
+    The 2-epoch ``tiny_run`` scores every box at the NMS floor, so accuracy-preserving checks (gates, golden
+    images, INT8 vs FP32) need this one.
+    """
+    import json
+    import shutil
+
+    from detect.data.synth import generate_line
+    from detect.ppyoloe import RunPaths
+
+    root = Path(__file__).resolve().parents[1]
+    spec = generate_line(tmp_path_factory.mktemp("baseline") / "pcb", line="pcb-base", count=30, seed=21,
+                         val_fraction=0.3, progress=False)
+    run = RunPaths(tmp_path_factory.mktemp("baseruns") / "base")
+    run.best_weights.parent.mkdir(parents=True)
+    shutil.copyfile(root / "base_weights" / "pcb-base-tiny-320.pdparams", run.best_weights)
+    spec.save(run.line_spec)
+    run.metrics.write_text(json.dumps({"classes": list(spec.classes), "source": "base weights, not trained"}))
+    return run
+
+
+@pytest.fixture(scope="session")
+def base_export(base_run):
+    """FP32 exports (paddle, ONNX; NMS in the graph and on the host) of the base detector."""
+    from detect.export import export
+    from detect.linespec import LineSpec
+
+    return export(LineSpec.load(base_run.line_spec), base_run.best_weights, base_run.export_dir)

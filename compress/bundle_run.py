@@ -1,0 +1,166 @@
+"""``defectkit bundle RUN --variant NAME``: a signed bundle from gated variants of a training run.
+
+What goes in (ARCHITECTURE.md, Bundle):
+- the model files of each variant (a variant refused by the gate is never shipped; a Paddle Lite x86 ``.nb``
+  only when it matched paddle.inference on the golden images; the ARM ``.nb`` is shipped as converted: no
+  ARM CPU here to run it — the manifest recipe says so);
+- the run's golden images with the *first* variant's detections as the expected output (the box's
+  self-test compares every backend with them, within the same tolerance the gate used);
+- ``drift_reference.json`` built on the line's training images with the edge runtime's own statistics code
+  (``edge_runtime.run.drift_features_of``: the same function the box calls on every frame);
+- gate metrics and the compression recipe; the manifest signed with the line's Ed25519 key.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from compress.bundle import ModelFile, build_bundle, models_from_deploy
+from compress.gate import runtime_config
+from compress.pipeline import GOLDEN_FILE, load_run, primary_model
+from compress.variants import COMPRESS_DIR, PARENT, Variant, load_variant
+from detect.linespec import LineSpec
+from edge_runtime.errors import DataError, UserInputError
+
+try:
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+
+def shippable(v: Variant, allow_refused: bool = False) -> None:
+    """Refuse a variant the gate refused (or never judged), with the gate's own figures."""
+    if v.name == PARENT:
+        return
+    if v.gate is None:
+        raise UserInputError(f"variant {v.name} was never gated; run `defectkit compress` on the run again.")
+    if not v.gate["passed"] and not allow_refused:
+        raise UserInputError(f"variant {v.name} was refused by the gate: {'; '.join(v.gate['reasons'])}. "
+                             "Ship its parent (--variant fp32) or another variant.")
+
+
+def next_version(store: Path, line: str) -> tuple[str, str | None]:
+    """(new version, newest existing version): semantic versions, the major bumped per new bundle."""
+    existing = [p.name for p in (store / line).glob("*") if p.is_dir() and _SEMVER.match(p.name)]
+    if not existing:
+        return "1.0.0", None
+    newest = max(existing, key=lambda n: tuple(int(x) for x in _SEMVER.match(n).groups()))
+    return f"{int(_SEMVER.match(newest).group(1)) + 1}.0.0", newest
+
+
+def variant_models(v: Variant, prefix: bool) -> list[ModelFile]:
+    """The variant's model files worth shipping: host-runnable ones and Lite ``.nb`` files that were verified."""
+    _, files = models_from_deploy(v.deploy_json)
+    lite = v.recipe.get("lite", {})
+    out = []
+    for m in files:
+        if m.format == "paddlelite" and m.target == "x86" and not lite.get("x86_matches", False):
+            continue
+        if m.format == "paddle" and m.nms == "in_model" and v.name != PARENT:
+            continue
+        name = f"{v.name}-{m.path.name}" if prefix else None
+        out.append(ModelFile(m.path, m.format, m.target, m.precision, m.nms, m.runtime_version, m.params, name))
+    return out
+
+
+def _images(spec: LineSpec, ann: Path, limit: int) -> list[Path]:
+    coco = json.loads(Path(ann).read_text())
+    images = [spec.paths.images / im["file_name"] for im in coco["images"]]
+    step = max(1, len(images) // limit) if limit else 1
+    return images[::step][:limit] if limit else images
+
+
+def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 400, progress: bool = True) -> Path:
+    """``drift_reference.json`` from the training images, through the model that is shipped."""
+    import cv2
+
+    from edge_runtime.decision import decide
+    from edge_runtime.drift import build_reference
+    from edge_runtime.predict import Detector
+    from edge_runtime.run import drift_features_of
+
+    det = Detector.from_model(model)
+    cfg = runtime_config(spec)
+    images = _images(spec, spec.paths.train, max_images)
+    it = tqdm(images, desc="drift reference", unit="img", leave=False) if (progress and tqdm) else images
+    feats = []
+    for path in it:
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataError(f"training image {path} cannot be decoded; run `defectkit data check` on the line.")
+        feats.append(drift_features_of(img, decide(det(img), det.classes, cfg), len(det.classes)))
+    ref = build_reference(feats, class_names=det.classes, meta={"line": spec.line, "model": model.name,
+                                                              "images": len(feats)})
+    return ref.save(out)
+
+
+def golden_expected(run_dir: Path, v: Variant, model: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(image, expected record) for the run's golden images, from the shipped model."""
+    import cv2
+
+    from edge_runtime.predict import Detector
+    from edge_runtime.selftest import expected_record
+
+    path = run_dir / COMPRESS_DIR / GOLDEN_FILE
+    if not path.is_file():
+        raise UserInputError(f"{path} is missing: run `defectkit compress --method ... {run_dir}` first "
+                             "(it chooses the golden images from the parent).")
+    det = Detector.from_model(model)
+    out = []
+    for p in json.loads(path.read_text())["images"]:
+        img = cv2.imread(p, cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataError(f"golden image {p} (listed in {path}) cannot be read; run compress again.")
+        out.append((Path(p), expected_record(det(img), det.classes)))
+    return out
+
+
+def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | Path, key_path: str | Path,
+                    version: str | None = None, parent_version: str | None = None,
+                    allow_refused: bool = False, progress: bool = True) -> Path:
+    """Build ``<store>/<line>/<version>/`` (+ ``.tar.gz``) from gated variants; return the directory."""
+    from compress.keys import load_private_key
+
+    if not variants:
+        raise UserInputError("name at least one --variant (see `<run>/compress/table.md`).")
+    key = load_private_key(key_path)
+    spec, run = load_run(run_dir)
+    chosen = [load_variant(run.root, n) for n in dict.fromkeys(variants)]
+    for v in chosen:
+        shippable(v, allow_refused)
+    store = Path(store)
+    auto, newest = next_version(store, spec.line)
+    version = version or auto
+    parent_version = parent_version if parent_version is not None else newest
+    models = [m for v in chosen for m in variant_models(v, prefix=len(chosen) > 1)]
+    first = chosen[0]
+    model_file, _ = primary_model(first)
+    lead = first.export_dir / model_file
+    deploy, _ = models_from_deploy(first.deploy_json)
+    golden = golden_expected(run.root, first, lead)
+    staging = run.root / COMPRESS_DIR / ".bundle-work"
+    staging.mkdir(parents=True, exist_ok=True)
+    drift = drift_reference(spec, lead, staging / "drift_reference.json", progress=progress)
+    metrics: dict[str, float] = {}
+    for v in chosen:
+        tag = "" if v is first else f"{v.name}."
+        if v.eval:
+            metrics[f"{tag}map50_95"] = float(v.eval["map50_95"])
+            metrics[f"{tag}map50"] = float(v.eval["map50"])
+        if v.gate:
+            metrics[f"{tag}parent_map50_95"] = float(v.gate["parent_map50_95"])
+            metrics[f"{tag}map_drop_pts"] = float(v.gate["map_drop_pts"])
+            metrics[f"{tag}gate_passed"] = 1.0 if v.gate["passed"] else 0.0
+    recipe = {v.name: {"method": v.method, "parent": v.parent, **v.recipe} for v in chosen}
+    recipe["run"] = str(run.root)
+    if any(m.format == "paddlelite" and m.target == "arm" for m in models):
+        recipe["arm_note"] = "ARM .nb converted by paddle_lite_opt but not run: no ARM CPU on the build machine"
+    return build_bundle(store, spec.line, version, parent_version, models, deploy.input, deploy.postprocess,
+                        spec.classes, metrics, recipe, golden, drift, key)
+
+
+__all__ = ["bundle_from_run", "next_version", "drift_reference", "variant_models", "shippable"]
