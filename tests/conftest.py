@@ -64,8 +64,8 @@ def base_run(tmp_path_factory):
     from detect.ppyoloe import RunPaths
 
     root = Path(__file__).resolve().parents[1]
-    spec = generate_line(tmp_path_factory.mktemp("baseline") / "pcb", line="pcb-base", count=30, seed=21,
-                         val_fraction=0.3, progress=False)
+    spec = generate_line(tmp_path_factory.mktemp("baseline") / "pcb", line="pcb-base", count=48, seed=21,
+                         val_fraction=0.25, progress=False)
     run = RunPaths(tmp_path_factory.mktemp("baseruns") / "base")
     run.best_weights.parent.mkdir(parents=True)
     shutil.copyfile(root / "base_weights" / "pcb-base-tiny-320.pdparams", run.best_weights)

@@ -84,7 +84,7 @@ def base(base_run, base_export):
 def test_golden_check_on_a_real_detector(base, tmp_path):
     spec, export, images = base
     same = golden_check(export / "model_nonms.onnx", export / "model_nonms.pdmodel", images, spec)
-    assert same.ok and same.images == len(images) == 9
+    assert same.ok and same.images == len(images) == 12
     broken = _noisy_copy(export, tmp_path / "broken", scale=0.3)
     diff = golden_check(export / "model_nonms.onnx", broken, images, spec)
     assert not diff.ok and diff.mismatched
@@ -105,7 +105,7 @@ def test_same_coco_evaluation_through_two_backends(base):
     spec, export, _ = base
     a = evaluate_model(export / "model_nonms.onnx", spec, backend="onnxruntime", progress=False)
     b = evaluate_model(export / "model_nonms.pdmodel", spec, backend="paddle", progress=False)
-    assert a.images == b.images == 9
+    assert a.images == b.images == 12
     assert a.map50 > 0.8  # the base detector really detects this line's defects
     assert abs(a.map50_95 - b.map50_95) < 1e-3 and abs(a.map50 - b.map50) < 1e-3
 
