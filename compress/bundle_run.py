@@ -29,6 +29,7 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
+FORMAT_PREFERENCE = ("onnx", "paddlelite", "paddle")
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
 
@@ -53,18 +54,19 @@ def next_version(store: Path, line: str) -> tuple[str, str | None]:
 
 
 def variant_models(v: Variant, prefix: bool) -> list[ModelFile]:
-    """The variant's model files worth shipping: host-runnable ones and Lite ``.nb`` files that were verified."""
+    """The variant's host-NMS model files, and Lite x86 ``.nb`` files only when they matched paddle.inference."""
     _, files = models_from_deploy(v.deploy_json)
     lite = v.recipe.get("lite", {})
     out = []
     for m in files:
         if m.format == "paddlelite" and m.target == "x86" and not lite.get("x86_matches", False):
             continue
-        if m.format == "paddle" and m.nms == "in_model" and v.name != PARENT:
+        if m.nms == "in_model":  # every edge backend runs the host-NMS form (Paddle Lite needs it): ship one form
             continue
         name = f"{v.name}-{m.path.name}" if prefix else None
         out.append(ModelFile(m.path, m.format, m.target, m.precision, m.nms, m.runtime_version, m.params, name))
-    return out
+    # the runtime takes the first runnable model: ONNX Runtime, then Paddle Lite, then Paddle Inference
+    return sorted(out, key=lambda m: FORMAT_PREFERENCE.index(m.format))
 
 
 def _images(spec: LineSpec, ann: Path, limit: int) -> list[Path]:

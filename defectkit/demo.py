@@ -1,7 +1,8 @@
 """``defectkit demo``: the whole chain on a synthetic production line, end to end.
 
-synth -> data check -> fine-tune -> evaluate -> export (paddle + ONNX, verified) -> edge runtime on
-held-back boards -> one report (Markdown + JSON) whose path is printed last. Every step is the same
+synth -> data check -> fine-tune -> evaluate -> export (paddle + ONNX, verified) -> compress (PTQ INT8
+behind the accuracy gate) -> signed bundle -> edge runtime on held-back boards, reporting to a collector the
+demo starts itself -> one report (Markdown + JSON) whose path is printed last. Every step is the same
 function the CLI verbs and the tests call.
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: line spec)")
     p.add_argument("--pretrained", default=None, help="base weights to start from (path or URL)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic line (default 0)")
+    p.add_argument("--lite", action="store_true",
+                   help="also convert to Paddle Lite .nb (x86 + ARM) in the edge box (needs root, ~2 min once)")
     p.set_defaults(func=_run)
 
 
@@ -44,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     if args.pretrained:
         overrides["pretrained"] = args.pretrained
-    result = run_demo(args.out, count=args.count, holdout=args.holdout, seed=args.seed, overrides=overrides)
+    result = run_demo(args.out, count=args.count, holdout=args.holdout, seed=args.seed, overrides=overrides,
+                      lite=args.lite)
     s = result.summary
     print(f"\nmAP50 {s['val']['map50']:.3f}  mAP50-95 {s['val']['map50_95']:.3f}  "
           f"edge verdict accuracy {s['edge']['verdict_accuracy']:.3f} on {s['edge']['images']} held-back boards")
@@ -58,7 +62,7 @@ def _step(title: str) -> float:
 
 
 def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
-             overrides: dict[str, Any] | None = None) -> DemoResult:
+             overrides: dict[str, Any] | None = None, lite: bool = False) -> DemoResult:
     """Run every stage into ``out``; returns the report paths and the figures in it."""
     from detect.data.check import check_target
     from detect.data.synth import generate_line
@@ -67,7 +71,7 @@ def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
 
     out = Path(out).resolve()
     times: dict[str, float] = {}
-    t = _step("1/5 synthesise the line")
+    t = _step("1/6 synthesise the line")
     spec_path = out / "data" / DEMO_LINE / f"{DEMO_LINE}.yaml"
     if not spec_path.is_file():
         generate_line(out / "data" / DEMO_LINE, line=DEMO_LINE, count=count, seed=seed)
@@ -79,7 +83,7 @@ def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
     report.raise_if_faulty()
     times["synth"] = time.time() - t
 
-    t = _step("2/5 fine-tune PP-YOLOE+ (" + spec.model_size + f", {spec.image_size} px)")
+    t = _step("2/6 fine-tune PP-YOLOE+ (" + spec.model_size + f", {spec.image_size} px)")
     run_dir = out / "runs" / DEMO_LINE / "demo"
     if (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -91,7 +95,7 @@ def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
         metrics, run = result.metrics, result.run
     times["train"] = time.time() - t
 
-    t = _step("3/5 export paddle inference + ONNX")
+    t = _step("3/6 export paddle inference + ONNX")
     from detect.cli import verify_export
     from detect.export import export
 
@@ -100,23 +104,28 @@ def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
     print(f"ONNX Runtime vs paddle.inference: {agreement.summary()}")
     times["export"] = time.time() - t
 
-    t = _step("4/5 edge runtime on held-back boards (ONNX Runtime)")
-    from edge_runtime.decision import RuntimeConfig
-    from edge_runtime.predict import predict_folder
+    t = _step("4/6 compress: INT8 (ONNX Runtime, PaddleSlim) behind the accuracy gate")
+    from defectkit.demo_ship import compress_and_bundle, edge_run
 
-    preds = out / "edge" / "predictions.jsonl"
-    runtime = RuntimeConfig.from_dict(spec.runtime)
-    summary = predict_folder(exported.files["onnx"], holdout_dir / "images", preds, runtime,
-                             save_annotated=out / "edge" / "annotated", backend="onnxruntime", threads=2)
+    ship = compress_and_bundle(out, run.root, lite=lite)
+    times["compress"] = time.time() - t
+    print(f"bundle {ship.bundle} ({ship.shipped})")
+
+    t = _step("5/6 edge runtime on held-back boards (signed bundle, local collector)")
+    edge_loop = edge_run(out, ship.bundle, ship.public_key, holdout_dir / "images")
+    print(edge_loop["summary"])
+    preds = Path(edge_loop["predictions"][0])
     edge = verdict_accuracy(preds, holdout_dir / "annotations" / "all.json")
-    edge["latency_ms"] = summary.latency_ms
     times["edge"] = time.time() - t
 
-    _step("5/5 report")
+    _step("6/6 report")
     figures = {"line": spec.line, "val": metrics["val"], "best_epoch": metrics.get("best_epoch"),
                "epochs_run": metrics.get("epochs_run"), "stop_reason": metrics.get("stop_reason"),
                "train_minutes": metrics.get("train_minutes"), "export": {k: str(v) for k, v in exported.files.items()},
-               "onnx_vs_paddle": agreement.summary(), "edge": edge, "stage_seconds": {k: round(v, 1) for k, v in times.items()},
+               "onnx_vs_paddle": agreement.summary(), "edge": edge, "edge_loop": edge_loop,
+               "compress": {"table": str(ship.table_md), "variants": ship.variants, "shipped": ship.shipped,
+                            "bundle": str(ship.bundle), "public_key": str(ship.public_key)},
+               "stage_seconds": {k: round(v, 1) for k, v in times.items()},
                "predictions": str(preds), "curves": str(run.curves_png), "run": str(run.root)}
     from defectkit.report import write_demo_report
 

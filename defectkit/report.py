@@ -15,6 +15,18 @@ def _ap(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _compress_section(out: Path, figures: dict[str, Any]) -> str:
+    c = figures.get("compress")
+    if not c:
+        return "not run"
+    table = Path(c["table"])
+    body = table.read_text().split("\n", 2)[-1] if table.is_file() else ""
+    png = table.with_suffix(".png")
+    pic = f"\n![compression table]({os.path.relpath(png, out)})\n" if png.is_file() else ""
+    return (f"{body.strip()}\n{pic}\nShipped **{c['shipped']}** in the signed bundle "
+            f"`{os.path.relpath(c['bundle'], out)}` (public key `{os.path.relpath(c['public_key'], out)}`).")
+
+
 def write_demo_report(out: Path, figures: dict[str, Any]) -> tuple[Path, Path]:
     """Write ``out/report.md`` and ``out/report.json``; paths in the page are relative to ``out``."""
     val, edge = figures["val"], figures["edge"]
@@ -22,7 +34,7 @@ def write_demo_report(out: Path, figures: dict[str, Any]) -> tuple[Path, Path]:
     rows = "\n".join(f"| {name} | {_ap(ap)} | {_ap(val['per_class_ap50'].get(name))} |"
                      for name, ap in val["per_class"].items())
     exports = "\n".join(f"- `{name}`: `{rel(path)}`" for name, path in figures["export"].items())
-    lat = edge.get("latency_ms") or {}
+    loop = figures.get("edge_loop") or {}
     md = f"""# defectkit demo — line `{figures['line']}`
 
 ## Detector (validation split)
@@ -41,12 +53,16 @@ best epoch {figures['best_epoch']} of {figures['epochs_run']} ({figures['train_m
 
 ONNX Runtime vs paddle.inference: {figures['onnx_vs_paddle']}
 
-## Edge runtime on held-back boards (ONNX Runtime)
+## Compression (gate: mAP50-95 drop ≤ max_map_drop, golden images within the self-test tolerance)
+{_compress_section(out, figures)}
+
+## Edge runtime on held-back boards (signed bundle, local collector)
+{loop.get('summary', '')}
+
 {edge['images']} boards: verdict accuracy **{edge['verdict_accuracy']:.3f}**
-(NG found {edge['true_ng']}, NG missed {edge['missed_ng']}, false NG {edge['false_ng']}, OK {edge['true_ok']});
-median latency pre {lat.get('pre', float('nan')):.1f} ms, infer {lat.get('infer', float('nan')):.1f} ms,
-post {lat.get('post', float('nan')):.1f} ms. One JSON line per board: `{rel(figures['predictions'])}`;
-annotated images in `edge/annotated/`.
+(NG found {edge['true_ng']}, NG missed {edge['missed_ng']}, false NG {edge['false_ng']}, OK {edge['true_ok']}).
+The collector received {loop.get('collector_reports', 0)} report(s) covering {loop.get('collector_frames', 0)} frames.
+One JSON line per board: `{rel(figures['predictions'])}`; NG images annotated beside it.
 
 ## Time per stage (s)
 {', '.join(f'{k} {v}' for k, v in figures['stage_seconds'].items())}

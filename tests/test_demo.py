@@ -16,6 +16,17 @@ def test_demo_chain_writes_report_with_map_onnx_and_edge_predictions(tmp_path):
     onnx_path = tmp_path / "demo" / figures["export"]["onnx"] if not figures["export"]["onnx"].startswith("/") \
         else figures["export"]["onnx"]
     assert str(onnx_path).endswith("model.onnx")
-    rows = (tmp_path / "demo" / "edge" / "predictions.jsonl").read_text().splitlines()
+    rows = open(figures["predictions"]).read().splitlines()
     assert len(rows) == 5 and figures["edge"]["images"] == 5
     assert all(json.loads(r)["verdict"] in ("OK", "NG") for r in rows)
+    # compressed behind the gate, shipped as a signed bundle, inspected by the edge loop, reported back
+    c = figures["compress"]
+    names = {v["name"] for v in c["variants"]}
+    assert {"fp32", "ort-int8", "ptq-int8"} <= names and c["shipped"] in names
+    assert "## Compression" in md and "| fp32 | fp32 |" in md
+    from edge_runtime.bundle import verify_bundle
+
+    man = verify_bundle(c["bundle"], c["public_key"])
+    assert man.version == "1.0.0" and man.golden
+    loop = figures["edge_loop"]
+    assert loop["frames"] == 5 and loop["collector_frames"] == 5 and loop["errors"] == 0
