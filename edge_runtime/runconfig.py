@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from edge_runtime.decision import RuntimeConfig
 from edge_runtime.drift import DriftSettings
+from edge_runtime.typedconf import typed_from_mapping
 from edge_runtime.errors import ConfigError, UserInputError
 from edge_runtime.report import NAME_RE
 
@@ -35,25 +36,7 @@ class ReportSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, where: str = "report settings") -> "ReportSettings":
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in (values or {}).items():
-            if key not in known:
-                close = difflib.get_close_matches(str(key), list(known), n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(known))}."
-                raise ConfigError(f"{where}: unknown key 'report.{key}'.{hint}")
-            default = getattr(cls, key)
-            if isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                value = float(value) if ok else value
-            if not ok:
-                raise ConfigError(f"{where}: 'report.{key}' must be {type(default).__name__}, got {value!r}.")
-            kwargs[key] = value
-        settings = cls(**kwargs)
-        settings.validate(where)
-        return settings
+        return typed_from_mapping(cls, values, "report", where)
 
     def validate(self, where: str = "report settings") -> None:
         problems = []

@@ -9,9 +9,8 @@ a threshold does not flap.
 """
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -20,6 +19,7 @@ from edge_runtime.drift.detectors import CategoricalDetector, KSDetector, PSIDet
 from edge_runtime.drift.features import check_frame
 from edge_runtime.drift.reference import DriftReference, group_counts
 from edge_runtime.drift.stats import adjust_p_values
+from edge_runtime.typedconf import typed_from_mapping
 from edge_runtime.errors import ConfigError, DataError
 
 STATES = ("none", "warn", "alarm")
@@ -45,27 +45,7 @@ class DriftSettings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, where: str = "drift settings") -> "DriftSettings":
         """Settings from a dict (a line spec's ``drift`` section, a bundle manifest); unknown keys refused."""
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in (values or {}).items():
-            if key not in known:
-                close = difflib.get_close_matches(str(key), list(known), n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(known))}."
-                raise ConfigError(f"{where}: unknown key 'drift.{key}'.{hint}")
-            default = getattr(cls, key)
-            if isinstance(default, str):
-                ok = isinstance(value, str)
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                value = float(value) if ok else value
-            if not ok:
-                raise ConfigError(f"{where}: 'drift.{key}' must be {type(default).__name__}, got {value!r}.")
-            kwargs[key] = value
-        settings = cls(**kwargs)
-        settings.validate(where)
-        return settings
+        return typed_from_mapping(cls, values, "drift", where)
 
     def validate(self, where: str = "drift settings") -> None:
         problems = []
