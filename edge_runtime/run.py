@@ -91,6 +91,7 @@ class Inspector:
         self.metrics = metrics or RuntimeMetrics()
         self.summary = RunSummary()
         self.frame_hooks: list[Callable[[dict[str, Any]], None]] = []  # called per frame with the stage timings
+        self.periodic_ms = 0.0  # time spent in periodic work (reports spooled, metrics, updates): bench/edge_loop.py
         self.model: Optional[LoadedModel] = None
         self.monitor: Optional[DriftMonitor] = None
         self.source: Optional[Source] = None
@@ -168,7 +169,9 @@ class Inspector:
             for frame in self.source.frames(self.stop_event):
                 if frame is not None:
                     self._inspect(frame)
+                t_periodic = time.perf_counter()
                 self._periodic()
+                self.periodic_ms += (time.perf_counter() - t_periodic) * 1e3
                 if self.opts.max_frames is not None and self.summary.frames >= self.opts.max_frames:
                     self.summary.stopped_by = f"max frames ({self.opts.max_frames}) reached"
                     break
@@ -223,8 +226,10 @@ class Inspector:
             self.summary.ng += 1
         else:
             self.summary.ok += 1
-        for hook in self.frame_hooks:
-            hook(stages)
+        if self.frame_hooks:  # hooks also see "output": the JSON line, NG image, CSV summary and metrics just done
+            timed = {**stages, "output": (time.perf_counter() - t2) * 1e3}
+            for hook in self.frame_hooks:
+                hook(timed)
 
     def _skip(self, frame: Frame, rec: dict[str, Any], why: str) -> None:
         self._rl.warning("skip", "skipped frame %s: %s", frame.source, why)
