@@ -96,6 +96,22 @@ def freeze_bn_stats(model) -> int:
     return len(layers)
 
 
+def unbias_activation_scales(model) -> int:
+    """Start every moving-average activation scale from zero state (returns how many).
+
+    Paddle initialises them with ``accum = state = 1``, i.e. a prior abs-max of 1.0 weighted like one batch:
+    after the few steps of a small line's QAT epoch the scales still lean towards 1.0 and clip real activations.
+    With zeros, ``accum / state`` is the bias-corrected moving average of the observed abs-max from step one.
+    """
+    count = 0
+    for layer in model.sublayers():
+        if all(hasattr(layer, a) for a in ("_moving_rate", "_state", "_accum")):
+            layer._state.set_value(layer._state.numpy() * 0)
+            layer._accum.set_value(layer._accum.numpy() * 0)
+            count += 1
+    return count
+
+
 def quantize_model(model) -> tuple[Any, Any, list[str]]:
     """(quantized model, ppdet QAT object, FP32 layer names): RepVgg fused, fake-quant layers inserted in place."""
     from ppdet.slim.quant import QAT
@@ -153,6 +169,7 @@ def _train(spec: LineSpec, run: RunPaths, settings: dict[str, Any], progress: bo
     _, _, kept = quantize_model(trainer.model)
     if FREEZE_BN_STATS:
         freeze_bn_stats(trainer.model)
+    unbias_activation_scales(trainer.model)
     freeze = apply_freeze(trainer.model, parse_freeze(settings["freeze"]))
     session.freeze = session.cb.unfreezer.freeze_state = freeze
     # the optimizer was built on the pre-fusion parameters; rebuild it on the quantized model's
@@ -199,10 +216,16 @@ def _export(spec: LineSpec, state_file: Path, out_dir: Path, with_nms: bool, ste
                          f"(first: {missing[:3]}); they were not written by compress.qat.")
     model.set_state_dict(state)
     live["model"], live["slim"], live["slim_type"] = model, slim, "QAT"
+    produced = tmp / live["filename"]
+    produced.mkdir(parents=True)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(live, mode="test")
-        trainer.export(str(tmp))
-    produced = tmp / live["filename"]
+        trainer.model.eval()
+        # ppdet's export without its input-pruning trace (a second dygraph-to-static pass of the quantized model,
+        # half the export time): PP-YOLOE reads only image and scale_factor, as ppdet's own PTQ export states
+        _, full_spec = trainer._get_infer_cfg_and_input_spec(str(produced), prune_input=False)
+        feeds = [{k: v for k, v in full_spec[0].items() if k in ("image", "scale_factor")}]
+        slim.save_quantized_model(trainer.model, str(produced / "model"), input_spec=feeds)
     if not (produced / "model.pdmodel").is_file():
         raise ModelError(f"ppdet's QAT export wrote no model.pdmodel into '{produced}'.")
     for suffix in (".pdmodel", ".pdiparams"):
