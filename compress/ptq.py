@@ -264,12 +264,14 @@ def conv_sensitivity(fp32_dir: Path, int8_dir: Path, stem: str, feeds: list[dict
     for n in names:
         op = convs[n]
         before = min(input_snr(op.input("Input")[0]), 60.0)
-        lost[op.input("Filter")[0]] = round(before - min(snr[n], 60.0), 3)
+        w = op.input("Filter")[0]  # a shared weight (the head's proj_conv) is charged with its worst use
+        lost[w] = max(lost.get(w, -math.inf), round(before - min(snr[n], 60.0), 3))
     return lost
 
 
 def quantization_summary(model_file: Path) -> dict[str, Any]:
-    """What the INT8 program holds: QDQ op counts, quantized / FP32 convs, int8 weight tensors in the params."""
+    """What the INT8 program holds: QDQ op counts, quantized conv ops, FP32 conv weights, quantized weight tensors
+    (a weight shared by several convs counts once) and how many of them are stored as int8."""
     from detect.heavy import paddle_stack
 
     paddle = paddle_stack().paddle
@@ -285,15 +287,16 @@ def quantization_summary(model_file: Path) -> dict[str, Any]:
             types = [op.type for op in block.ops]
             dequant_of = {op.output("Y")[0]: op.input("X")[0] for op in block.ops if op.type == "dequantize_linear"}
             filters = [op.input("Filter")[0] for op in block.ops if op.type in CONV_OPS]
-            quantized = [dequant_of[f] for f in filters if f in dequant_of]
-            fp32 = [f for f in filters if f not in dequant_of]
+            quantized = list(dict.fromkeys(dequant_of[f] for f in filters if f in dequant_of))
+            fp32 = list(dict.fromkeys(f for f in filters if f not in dequant_of))
             int8 = [n for n in quantized if scope.find_var(n) is not None
                     and np.asarray(scope.find_var(n).get_tensor()).dtype == np.int8]
     finally:
         if was_dynamic:
             paddle.disable_static()
     return {"quantize_linear": types.count("quantize_linear"), "dequantize_linear": types.count("dequantize_linear"),
-            "convs_int8": len(quantized), "convs_fp32": fp32, "int8_weights": len(int8)}
+            "convs_int8": sum(f in dequant_of for f in filters), "convs_fp32": fp32, "quantized_weights": len(quantized),
+            "int8_weights": len(int8)}
 
 
 def _calibration_annotations(spec: LineSpec, images: Sequence[Path], dst: Path) -> Path | None:
