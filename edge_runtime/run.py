@@ -200,10 +200,11 @@ class Inspector:
             self._skip(frame, rec, f"inference failed: {exc}")
             return
         verdict = decide(dets, self._classes, self.opts.settings.runtime)
+        t_records = time.perf_counter()
+        records = dets.to_records(self._classes)  # the wire form, for the JSON line (and hard examples): output
         t0 = time.perf_counter()
         state = self.monitor.update(drift_features_of(image, verdict, len(self._classes)))
         t1 = time.perf_counter()
-        records = dets.to_records(self._classes)
         names = [self._classes[c] for c in verdict.counted.class_ids.tolist()]
         self.builder.record_frame(ng=verdict.is_ng, classes=names, latency_ms=frame.decode_ms + timing.total)
         self._offer_hard_example(image, records, frame, verdict)
@@ -227,7 +228,7 @@ class Inspector:
         else:
             self.summary.ok += 1
         if self.frame_hooks:  # hooks also see "output": the JSON line, NG image, CSV summary and metrics just done
-            timed = {**stages, "output": (time.perf_counter() - t2) * 1e3}
+            timed = {**stages, "output": (t0 - t_records + time.perf_counter() - t2) * 1e3}
             for hook in self.frame_hooks:
                 hook(timed)
 
