@@ -179,9 +179,10 @@ def _ptq(spec: LineSpec, run: RunPaths, s: Mapping[str, Any], parent: Variant, p
     from compress.ptq import ptq_paddle
 
     calib = calibration_images(spec, int(s["calib_images"]))
-    out = [quantize_onnx(spec, parent.export_dir, variant_dir(run.root, "ort-int8"), calib, progress=progress)]
+    out = [quantize_onnx(spec, parent.export_dir, variant_dir(run.root, "ort-int8"), calib,
+                         max_excluded=int(s["ort_max_fp32_convs"]), progress=progress)]
     out.append(ptq_paddle(spec, parent.export_dir, variant_dir(run.root, "ptq-int8"), calib,
-                          algo=str(s["ptq_algo"]), progress=progress))
+                          algo=str(s["ptq_algo"]), max_skipped=int(s["ptq_max_fp32_convs"]), progress=progress))
     return out
 
 

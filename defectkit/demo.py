@@ -62,7 +62,8 @@ def _step(title: str) -> float:
 
 
 def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
-             overrides: dict[str, Any] | None = None, lite: bool = False) -> DemoResult:
+             overrides: dict[str, Any] | None = None, lite: bool = False,
+             compress_overrides: dict[str, Any] | None = None) -> DemoResult:
     """Run every stage into ``out``; returns the report paths and the figures in it."""
     from detect.data.check import check_target
     from detect.data.synth import generate_line
@@ -107,7 +108,7 @@ def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
     t = _step("4/6 compress: INT8 (ONNX Runtime, PaddleSlim) behind the accuracy gate")
     from defectkit.demo_ship import compress_and_bundle, edge_run
 
-    ship = compress_and_bundle(out, run.root, lite=lite)
+    ship = compress_and_bundle(out, run.root, lite=lite, overrides=compress_overrides)
     times["compress"] = time.time() - t
     print(f"bundle {ship.bundle} ({ship.shipped})")
 

@@ -22,14 +22,15 @@ class ShipResult:
     messages: list[str] = field(default_factory=list)
 
 
-def compress_and_bundle(out: Path, run_dir: Path, lite: bool = False) -> ShipResult:
+def compress_and_bundle(out: Path, run_dir: Path, lite: bool = False,
+                        overrides: Optional[dict[str, Any]] = None) -> ShipResult:
     """PTQ (ONNX Runtime INT8 + PaddleSlim INT8), gate, table; bundle the INT8 ONNX if it passed, else FP32."""
     from compress.bundle_run import bundle_from_run
     from compress.keys import PRIVATE_NAME, PUBLIC_NAME, init_keys
     from compress.pipeline import compress_run
     from compress.variants import list_variants
 
-    result = compress_run(run_dir, "ptq", lite=lite)
+    result = compress_run(run_dir, "ptq", overrides or {}, lite=lite)
     for msg in result.messages:
         print(msg)
     variants = {v.name: v for v in list_variants(run_dir)}

@@ -8,7 +8,10 @@ from defectkit.demo import run_demo
 
 def test_demo_chain_writes_report_with_map_onnx_and_edge_predictions(tmp_path):
     result = run_demo(tmp_path / "demo", count=12, holdout=5, overrides={"epochs": 1, "batch_size": 4,
-                                                                         "warmup_steps": 1})
+                                                                         "warmup_steps": 1},
+                      # one quantization round each, few images: the chain, not the recipe, is under test here
+                      compress_overrides={"ptq_algo": "avg", "ptq_max_fp32_convs": 0, "ort_max_fp32_convs": 1,
+                                          "calib_images": 4, "golden_images": 2, "latency_threads": [2]})
     md = result.report_md.read_text()
     assert "mAP50" in md and "model.onnx" in md
     figures = json.loads(result.report_json.read_text())
