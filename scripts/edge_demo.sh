@@ -78,8 +78,14 @@ printf '{"admin": "%s", "devices": {"%s": "%s"}}\n' "$ADMIN" "$DEVICE" "$TOKEN" 
 printf '%s\n' "$TOKEN" > "$WORK/device.token"
 chmod 600 "$WORK/tokens.json" "$WORK/device.token"
 
-COLLECTOR_PID=""
-cleanup() { if [ -n "$COLLECTOR_PID" ]; then kill "$COLLECTOR_PID" 2>/dev/null || true; wait "$COLLECTOR_PID" 2>/dev/null || true; fi; }
+COLLECTOR_PID="" EDGE_PID=""
+cleanup() {
+  if [ -n "$EDGE_PID" ] && kill -0 -- "-$EDGE_PID" 2>/dev/null; then  # interrupted while watching: stop it cleanly
+    kill -TERM -- "-$EDGE_PID" 2>/dev/null || true
+    for _ in $(seq 150); do kill -0 -- "-$EDGE_PID" 2>/dev/null || break; sleep 0.2; done
+  fi
+  if [ -n "$COLLECTOR_PID" ]; then kill "$COLLECTOR_PID" 2>/dev/null || true; wait "$COLLECTOR_PID" 2>/dev/null || true; fi
+}
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM

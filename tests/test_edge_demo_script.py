@@ -105,6 +105,41 @@ def test_demo_runs_the_edge_side_in_the_python39_edge_box(demo_bundle, tmp_path)
     assert "edge_box.sh run" in proc.stderr
 
 
+@pytest.mark.parametrize("where", ["host", "box"])
+def test_watch_mode_picks_up_new_images_and_stops_cleanly_on_sigterm(demo_bundle, tmp_path, where):
+    """--watch: images dropped in while it runs are inspected; after the watch time SIGTERM reaches the runtime
+    (in the box through the edge_box.sh/unshare/chroot wrappers), which flushes the last report before exiting."""
+    import shutil
+    import threading
+    import time
+
+    bundle, key, images = demo_bundle
+    if where == "box":
+        from tests.edgebox import ensure_edgebox
+
+        ensure_edgebox()
+    files = sorted(images.glob("*.jpg"))
+    watched, work = tmp_path / "camera", tmp_path / "work"
+    watched.mkdir()
+    for p in files[:4]:  # already there at start (arrived while the box was down)
+        shutil.copy(p, watched / p.name)
+
+    def camera() -> None:  # the rest arrives while it runs, written under a temporary name, then renamed
+        time.sleep(4.0)
+        for p in files[4:]:
+            shutil.copy(p, watched / (p.name + ".part"))
+            (watched / (p.name + ".part")).rename(watched / p.name)
+
+    writer = threading.Thread(target=camera)
+    writer.start()
+    args = ["--bundle", str(bundle), "--public-key", str(key), "--images", str(watched), "--work", str(work),
+            "--watch", "10", "--report-interval", "1"] + (["--box", "--backend", "onnxruntime"] if where == "box" else [])
+    proc = _run(args, timeout=300)
+    writer.join()
+    assert "stopped by signal" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    _check_run(proc, work, watched)
+
+
 def test_help_and_bad_arguments_give_clear_messages(tmp_path, demo_bundle):
     proc = _run(["--help"])
     assert proc.returncode == 0 and "--bundle PATH" in proc.stdout and "--box" in proc.stdout

@@ -1,0 +1,503 @@
+"""The edge box's inspection loop under load: per-frame time split per backend, sustained frames/s, memory.
+
+Runs the real loop (``edge_runtime.run.Inspector``: the code behind ``python -m edge_runtime run``) on a real
+signed bundle for ``--seconds`` per backend, over a camera-like stream: an MJPEG video of held-back synthetic
+boards, rewound at its end so the stream never ends. Reports go to a real collector (``fleet.collector
+serve``, a separate process) every ``--report-interval`` seconds; the metrics server is on; NG images, JSON
+lines and the CSV summary are written as on a box.
+
+    python bench/edge_loop.py [--seconds 120] [--backend onnxruntime|paddle|paddlelite ...] [--quick] [--no-box]
+    python bench/edge_loop.py render [bench/results/edge_loop.json]   # docs section from saved results
+
+The bundle is built here once (cached in ``--work``): the kit's base detector (PP-YOLOE+ tiny, 320 px,
+``base_weights/pcb-base-tiny-320.pdparams``, no training) exported for a synthetic demo line (paddle + ONNX
+host-NMS, and a Paddle Lite x86 ``.nb`` converted in the edge box), a drift reference built on the line's
+training images with the runtime's own statistics, golden images, signed with a fresh key. ONNX Runtime and
+Paddle Inference run on this host (Python 3.11); ONNX Runtime and Paddle Lite run in the edge box
+(``scripts/edge_box.sh``, Python 3.9), where the ``measure`` step of this script imports only edge_runtime.
+
+Per frame: decode, pre, infer, post, drift (features + monitor), report (report counters, hard examples,
+alarm reports), output (JSON line, NG image, CSV summary, metrics); ``periodic`` is the loop's periodic work
+(reports built and spooled, metrics refreshed, update inbox polled), amortised per frame. The issue's bar:
+drift + report + periodic <= 3 % of the per-frame wall time, same run. Results: ``bench/results/edge_loop.json``
+(``edge_loop_quick.json`` with --quick) and the "## Edge loop" section of docs/benchmarks.md (full runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STAGES = ("decode", "pre", "infer", "post", "drift", "report", "output")
+LINE = "pcb-bench"
+DEVICE = "bench-box-01"
+BASE_WEIGHTS = ROOT / "base_weights" / "pcb-base-tiny-320.pdparams"
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+WARMUP_FRAMES = 10  # left out of the stage means and the frame rate (first inferences allocate)
+TARGETS = (("host", "onnxruntime"), ("host", "paddle"), ("box", "onnxruntime"), ("box", "paddlelite"))
+
+
+# ---------------------------------------------------------------------------------------- measuring (box-safe)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (MB), from /proc (the box has no psutil)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+class LoopingCapture:
+    """cv2.VideoCapture of a video file that rewinds at its end: a camera stream that never ends, decoded
+    frame by frame as the real VideoSource decodes it (passed as the loop's ``capture_factory``)."""
+
+    def __init__(self, path: str, *args: Any) -> None:
+        import cv2
+
+        self._cv2 = cv2
+        self._path = path
+        self._cap = cv2.VideoCapture(path)
+        self.rewinds = 0
+
+    def isOpened(self) -> bool:  # noqa: N802 (cv2's name)
+        return self._cap.isOpened()
+
+    def read(self):
+        ok, image = self._cap.read()
+        if not ok:
+            self._cap.release()
+            self._cap = self._cv2.VideoCapture(self._path)
+            self.rewinds += 1
+            ok, image = self._cap.read()
+        return ok, image
+
+    def release(self) -> None:
+        self._cap.release()
+
+
+class Recorder:
+    """A frame hook of the Inspector: keeps every frame's stage times, samples RSS, stops after ``seconds``."""
+
+    def __init__(self, inspector: Any, seconds: float, sample_s: float = 10.0) -> None:
+        self.inspector, self.seconds, self.sample_s = inspector, seconds, sample_s
+        self.stages: dict[str, list[float]] = {k: [] for k in STAGES}
+        self.times: list[float] = []
+        self.rss: list[tuple[float, float]] = []
+        self._next_sample = 0.0
+        self.periodic_at_warmup = 0.0
+
+    def __call__(self, stages: dict[str, float]) -> None:
+        now = time.perf_counter()
+        if not self.times:
+            self.t0 = now
+        self.times.append(now)
+        for k in STAGES:
+            self.stages[k].append(float(stages.get(k, 0.0)))
+        if len(self.times) == WARMUP_FRAMES + 1:
+            self.periodic_at_warmup = self.inspector.periodic_ms
+        if now >= self._next_sample:
+            self.rss.append((round(now - self.t0, 1), round(rss_mb(), 1)))
+            self._next_sample = now + self.sample_s
+        if now - self.t0 >= self.seconds:
+            self.inspector.stop()
+
+    def result(self) -> dict[str, Any]:
+        n = len(self.times) - 1 - WARMUP_FRAMES
+        if n < 2:
+            raise RuntimeError(f"only {len(self.times)} frames in {self.seconds} s: too few to measure")
+        t_start = self.times[WARMUP_FRAMES]
+        wall_ms = (self.times[-1] - t_start) * 1e3 / n
+        means = {k: sum(v[WARMUP_FRAMES + 1:]) / n for k, v in self.stages.items()}
+        periodic = (self.inspector.periodic_ms - self.periodic_at_warmup) / n
+        monitoring = means["drift"] + means["report"] + periodic
+        infer_sorted = sorted(self.stages["infer"][WARMUP_FRAMES + 1:])
+        split = {**{k: round(v, 3) for k, v in means.items()}, "periodic": round(periodic, 3)}
+        split["other"] = round(wall_ms - sum(split.values()), 3)  # source generator, Python loop, GC
+        windows = []  # frames/s per sample_s window: sustained means flat
+        edges = [t_start + i * self.sample_s for i in range(int((self.times[-1] - t_start) // self.sample_s) + 1)]
+        for a, b in zip(edges, edges[1:]):
+            windows.append(round(sum(1 for t in self.times if a <= t < b) / self.sample_s, 2))
+        return {
+            "frames": len(self.times), "seconds": round(self.times[-1] - self.t0, 1),
+            "fps": round(1e3 / wall_ms, 2), "fps_per_window": windows, "wall_ms_per_frame": round(wall_ms, 3),
+            "split_ms": split, "split_pct": {k: round(100 * v / wall_ms, 2) for k, v in split.items()},
+            "infer_ms_p50_p99": [round(infer_sorted[len(infer_sorted) // 2], 2),
+                                 round(infer_sorted[min(len(infer_sorted) - 1, int(0.99 * len(infer_sorted)))], 2)],
+            "drift_report_ms": round(monitoring, 3), "drift_report_pct": round(100 * monitoring / wall_ms, 2),
+            "output_pct": round(100 * means["output"] / wall_ms, 2),
+            "rss_mb_samples": self.rss,
+        }
+
+
+def measure(args: argparse.Namespace) -> int:
+    """One backend, one process: the Inspector on the bundle over the looping video; JSON to --out-json."""
+    import logging
+
+    from edge_runtime.run import Inspector
+    from edge_runtime.runconfig import ReportSettings, RunOptions, Settings, read_token
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rss_before = rss_mb()
+    cpu0, wall0 = os.times(), time.perf_counter()
+    opts = RunOptions(
+        bundle=Path(args.bundle), public_key=Path(args.public_key), source=str(args.video), device_id=DEVICE,
+        out_dir=Path(args.run_dir), collector=args.collector,
+        token=read_token(Path(args.token_file)) if args.token_file else None, backend=args.backend,
+        threads=args.threads, metrics_port=0, capture_factory=LoopingCapture,
+        settings=Settings(report=ReportSettings(interval_s=args.report_interval)), uplink_interval_s=1.0,
+    )
+    inspector = Inspector(opts)
+    rec = Recorder(inspector, args.seconds)
+    inspector.frame_hooks.append(rec)
+    summary = inspector.run()
+    cpu1, wall1 = os.times(), time.perf_counter()
+    out = rec.result()
+    import cv2
+    import numpy as np
+
+    out.update({
+        "backend": summary.backend, "bundle_version": summary.bundle_version, "threads": args.threads,
+        "python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
+        "runtime_version": _runtime_version(summary.backend),
+        "rss_mb": {"before_load": round(rss_before, 1), "start": rec.rss[0][1], "end": round(rss_mb(), 1),
+                   "peak": round(peak_rss_mb(), 1)},
+        "cpu_util": round((cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (wall1 - wall0), 2),
+        "ok": summary.ok, "ng": summary.ng, "skipped": summary.errors, "reports_spooled": summary.reports,
+        "reports_sent": inspector.uplink.state.sent_total if inspector.uplink else 0,
+        "drift_state": inspector.monitor.state if inspector.monitor else None,
+        "report_interval_s": args.report_interval, "stopped_by": summary.stopped_by,
+    })
+    Path(args.out_json).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("backend", "fps", "drift_report_pct")}))
+    return 0
+
+
+def _runtime_version(backend: str) -> str:
+    try:
+        if backend == "onnxruntime":
+            import onnxruntime
+
+            return f"onnxruntime {onnxruntime.__version__}"
+        if backend == "paddlelite":
+            from importlib.metadata import version
+
+            return f"paddlelite {version('paddlelite')}"
+        if backend == "paddle":
+            import paddle  # already imported by the backend
+
+            return f"paddle {paddle.__version__}"
+    except Exception as exc:  # a version string is not worth failing a 2-minute run for
+        return f"{backend} (version unknown: {exc})"
+    return backend
+
+
+# ---------------------------------------------------------------------------------------- the kit (host only)
+
+
+@dataclass
+class Kit:
+    bundle: str
+    public_key: str
+    video: str
+    tokens: str
+    token_file: str
+    models: list
+    frames_in_video: int
+
+
+def build_kit(work: Path, lite: bool) -> Kit:
+    """Bundle, key, stream video and collector tokens in ``work`` (reused when already there)."""
+    kit_json = work / "kit.json"
+    if kit_json.is_file():
+        kit = Kit(**json.loads(kit_json.read_text()))
+        if Path(kit.bundle).exists() and (not lite or "paddlelite" in kit.models):
+            print(f"kit reused from {work} (bundle {kit.bundle})", flush=True)
+            return kit
+        raise SystemExit(f"{work} holds a kit without what this run needs: remove it or pass another --work")
+    import zlib  # noqa: F401  -- before paddle (import-order segfault, STACK.md)
+
+    os.environ.setdefault("ENABLE_FALL_BACK", "False")  # paddle 2.6 export needs it (STACK.md)
+    import secrets
+    import shutil
+
+    import cv2
+
+    from compress.bundle import ModelFile, build_bundle
+    from compress.bundle_run import drift_reference
+    from compress.keys import PRIVATE_NAME, PUBLIC_NAME, init_keys, load_private_key
+    from detect.data.synth import generate_line
+    from detect.export import export
+    from edge_runtime.modelspec import ModelSpec
+    from edge_runtime.predict import Detector
+    from edge_runtime.selftest import expected_record
+
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print("building the bench kit: synthetic line, export of the base detector, drift reference, bundle", flush=True)
+    spec = generate_line(work / "line", line=LINE, count=64, seed=21, val_fraction=0.25, progress=False)
+    spec.model_size, spec.image_size = "tiny", 320  # the base weights' model
+    spec.save(spec.source)
+    stream = generate_line(work / "stream", line="stream", count=120, seed=4021, val_fraction=0.5, progress=False)
+    exp = work / "export"
+    export(spec, BASE_WEIGHTS, exp, formats=["paddle_nonms", "onnx_nonms"], meta={"note": "bench: base weights"})
+    deploy = ModelSpec.load(exp / "deploy.json")
+    onnx = exp / "model_nonms.onnx"
+    models = [ModelFile(onnx, "onnx", "any", "fp32", "host", None)]
+    if lite:
+        from compress.lite import opt_in_edgebox, rewrite_for_lite
+
+        plain = work / "lite_src"
+        plain.mkdir(exist_ok=True)
+        for suffix in (".pdmodel", ".pdiparams"):
+            shutil.copyfile(exp / f"model_nonms{suffix}", plain / f"model{suffix}")
+        rewrite_for_lite(plain, work / "lite_rewritten")
+        nb = opt_in_edgebox(work / "lite_rewritten", exp / "model_nonms_x86", "x86")
+        models.append(ModelFile(nb.path, "paddlelite", "x86", "fp32", "host", nb.version))
+    models.append(ModelFile(exp / "model_nonms.pdmodel", "paddle", "any", "fp32", "host", None,
+                            params=exp / "model_nonms.pdiparams"))
+    ref = drift_reference(spec, onnx, work / "drift_reference.json", progress=False)
+    det = Detector.from_model(onnx, backend="onnxruntime", threads=2)
+    val = json.loads(spec.paths.val.read_text())["images"][:3]
+    golden = []
+    for im in val:
+        path = spec.paths.images / im["file_name"]
+        golden.append((path, expected_record(det(cv2.imread(str(path))), det.classes)))
+    if not (work / "keys" / PRIVATE_NAME).is_file():
+        init_keys(work / "keys")
+    bundle_dir = build_bundle(work / "store", LINE, "1.0.0", None, models, deploy.input, deploy.postprocess,
+                              deploy.classes, {}, {"method": "none", "note": "base weights, not trained; bench"},
+                              golden, ref, load_private_key(work / "keys" / PRIVATE_NAME))
+    video, n = _write_video(sorted((stream.paths.images).glob("*.jpg")), work / "stream.avi")
+    token = secrets.token_urlsafe(24)
+    tokens = work / "tokens.json"
+    tokens.write_text(json.dumps({"admin": secrets.token_urlsafe(24), "devices": {DEVICE: token}}))
+    (work / "device.token").write_text(token + "\n")
+    kit = Kit(str(bundle_dir.parent / f"{bundle_dir.name}.tar.gz"), str(work / "keys" / PUBLIC_NAME), str(video),
+              str(tokens), str(work / "device.token"), [m.format for m in models], n)
+    kit_json.write_text(json.dumps(asdict(kit), indent=1))
+    print(f"kit built in {time.time() - t0:.0f} s: {kit.bundle}", flush=True)
+    return kit
+
+
+def _write_video(images: list[Path], out: Path) -> tuple[Path, int]:
+    """An MJPEG .avi of the boards (each frame a JPEG, as industrial USB/GigE cameras deliver them)."""
+    import cv2
+
+    first = cv2.imread(str(images[0]))
+    h, w = first.shape[:2]
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (w, h))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot write an MJPEG video at {out}")
+    for p in images:
+        writer.write(cv2.resize(cv2.imread(str(p)), (w, h)))
+    writer.release()
+    return out, len(images)
+
+
+# ---------------------------------------------------------------------------------------- orchestration
+
+
+class Collector:
+    """``python -m fleet.collector serve`` in its own process (the central side, not part of the box)."""
+
+    def __init__(self, work: Path, tokens: str) -> None:
+        self.log = open(work / "collector.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.collector", "serve", "--db", str(work / "collector.db"),
+                                      "--port", "0", "--tokens", tokens], cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            text = (work / "collector.log").read_text()
+            if "collector listening on " in text:
+                self.url = text.split("collector listening on ", 1)[1].split()[0]
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the collector exited:\n{text}")
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the collector did not start in 30 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def run_target(where: str, backend: str, kit: Kit, work: Path, args: argparse.Namespace, url: str) -> dict:
+    tag = f"{where}-{backend}"
+    run_dir, out_json = work / "runs" / tag, work / "runs" / f"{tag}.json"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cmd = ["measure", "--bundle", kit.bundle, "--public-key", kit.public_key, "--video", kit.video,
+           "--backend", backend, "--seconds", str(args.seconds), "--threads", str(args.threads),
+           "--run-dir", str(run_dir), "--out-json", str(out_json), "--collector", url,
+           "--token-file", kit.token_file, "--report-interval", str(args.report_interval)]
+    print(f"== {tag}: {args.seconds:.0f} s", flush=True)
+    load0 = os.getloadavg()
+    timeout = args.seconds + 300
+    if where == "host":
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *cmd], capture_output=True, text=True,
+                              timeout=timeout)
+    else:
+        from compress.lite import edgebox_run
+
+        proc = edgebox_run(["python", "/opt/defectkit/bench/edge_loop.py", *cmd], [work], timeout=timeout, check=False)
+    if proc.returncode != 0 or not out_json.is_file():
+        raise RuntimeError(f"{tag} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    res = json.loads(out_json.read_text())
+    res.update({"where": where, "loadavg_before_after": [round(load0[0], 2), round(os.getloadavg()[0], 2)]})
+    print(f"   {res['fps']} frames/s, infer {res['split_ms']['infer']} ms, drift+report {res['drift_report_pct']} %, "
+          f"RSS {res['rss_mb']['start']} -> {res['rss_mb']['end']} MB", flush=True)
+    return res
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    """The "## Edge loop" section of docs/benchmarks.md."""
+    cols = ("decode", "pre", "infer", "post", "drift", "report", "periodic", "output", "other")
+    loads = [x for r in results for x in r["loadavg_before_after"]]
+    lines = [
+        "## Edge loop", "",
+        "The edge box's real inspection loop (`edge_runtime.run.Inspector`, the code of `python -m edge_runtime run`)",
+        "on a signed bundle of the kit's base detector (PP-YOLOE+ tiny, 320 px, FP32, host NMS; not fine-tuned), fed",
+        "by an MJPEG stream of 320 x 320 synthetic boards (rewound at its end), reporting to a real collector process",
+        f"every {meta['report_interval_s']:g} s, metrics server on, NG images and JSON lines written;"
+        f" {meta['threads']} inference threads; one process per backend run.",
+        f"Command: `{meta['command']}`. Measured {meta['date']} on {meta['machine']}, while other engineers' training"
+        f" and tests shared the two cores (1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs), so"
+        " absolute frame rates are below an idle box's and vary run to run; compare shares within a row.", "",
+        "Per-frame time split (mean ms after 10 warm-up frames). `post` = host-side multiclass NMS (the bundle ships the"
+        " no-NMS model; score floor 0.01, top 1000 per class); `drift` = frame statistics + monitor (window evaluations"
+        " amortised); `report` = report counters, hard-example sampling, alarm reports; `periodic` = reports built and"
+        " spooled, metrics refreshed, update inbox polled, amortised per frame; `output` = detections in wire form,"
+        " JSON line, annotated NG image, CSV summary, metrics; `other` = source generator and loop overhead."
+        " The uplink thread sends the spool beside the loop (its CPU is in `cpu_util` in the JSON).", "",
+        "| where | backend | frames/s | " + " | ".join(cols) + " | wall ms | drift+report | RSS start → end (peak) MB |",
+        "|---|---|---|" + "---|" * len(cols) + "---|---|---|",
+    ]
+    for r in results:
+        s = r["split_ms"]
+        lines.append(f"| {r['where']} (Py {r['python']}) | {r['runtime_version']} | {r['fps']:.1f} | "
+                     + " | ".join(f"{s[c]:.2f}" for c in cols)
+                     + f" | {r['wall_ms_per_frame']:.1f} | **{r['drift_report_pct']:.2f} %** | "
+                       f"{r['rss_mb']['start']:.0f} → {r['rss_mb']['end']:.0f} ({r['rss_mb']['peak']:.0f}) |")
+    worst = max(r["drift_report_pct"] for r in results)
+    lines += ["", f"Frames per run: " + ", ".join(f"{r['where']}/{r['backend']} {r['frames']} in {r['seconds']:.0f} s"
+                                                   f" ({r['reports_spooled']} reports spooled, {r['reports_sent']} sent)"
+                                                   for r in results) + ".",
+              f"Bar (drift monitoring + reporting ≤ 3 % of the per-frame time, same run): worst {worst:.2f} % — "
+              + ("**met**." if worst <= 3.0 else "**not met**."),
+              "Writing outputs (JSON line, annotated NG image, CSV) is separate: " +
+              ", ".join(f"{r['where']}/{r['backend']} {r['output_pct']:.1f} %" for r in results) + ".",
+              f"Raw figures: `{meta['results']}`.", ""]
+    return "\n".join(lines)
+
+
+def write_docs_section(text: str) -> None:
+    """Replace only the "## Edge loop" section (other engineers own the other sections)."""
+    from edge_runtime.fileio import atomic_write_text
+
+    doc = DOCS.read_text()
+    start = doc.find("\n## Edge loop\n")
+    if start < 0:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    else:
+        nxt = doc.find("\n## ", start + 1)
+        doc = doc[:start + 1] + text.rstrip("\n") + "\n" + ("" if nxt < 0 else doc[nxt:])
+    atomic_write_text(DOCS, doc)
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["measure"]:
+        return measure(_measure_parser().parse_args(argv[1:]))
+    if argv[:1] == ["render"]:  # the docs section again from saved results (no new measurement)
+        saved = json.loads(Path(argv[1] if len(argv) > 1 else RESULTS / "edge_loop.json").read_text())
+        write_docs_section(markdown(saved["runs"], saved["meta"]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=120.0, help="seconds per backend run (default 120)")
+    ap.add_argument("--backend", action="append", choices=("onnxruntime", "paddle", "paddlelite"),
+                    help="only these backends (repeatable; default: all four runs)")
+    ap.add_argument("--quick", action="store_true", help="20 s per run, results to edge_loop_quick.json, docs untouched")
+    ap.add_argument("--no-box", action="store_true", help="host runs only (no edge box, no Paddle Lite)")
+    ap.add_argument("--threads", type=int, default=2, help="inference threads (default 2)")
+    ap.add_argument("--report-interval", type=float, default=5.0, help="seconds between reports (default 5)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/defectkit-bench-edge-loop"), help="kit and run folders")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds = min(args.seconds, 20.0)
+    targets = [(w, b) for w, b in TARGETS if (not args.backend or b in args.backend) and not (args.no_box and w == "box")]
+    if not targets:
+        ap.error("no run left: --no-box leaves no Paddle Lite run")
+    kit = build_kit(args.work, lite=any(b == "paddlelite" for _, b in targets))
+    collector = Collector(args.work, kit.tokens)
+    results = []
+    try:
+        for where, backend in targets:
+            results.append(run_target(where, backend, kit, args.work, args, collector.url))
+    finally:
+        collector.stop()
+    name = "edge_loop_quick.json" if args.quick else "edge_loop.json"
+    meta = {"command": ("python bench/edge_loop.py " + " ".join(argv)).strip(), "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
+            "report_interval_s": args.report_interval, "threads": args.threads, "seconds": args.seconds,
+            "bundle_models": kit.models, "video_frames": kit.frames_in_video, "results": f"bench/results/{name}"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from edge_runtime.fileio import atomic_write_text
+
+    atomic_write_text(RESULTS / name, json.dumps({"meta": meta, "runs": results}, indent=1))
+    section = markdown(results, meta)
+    print("\n" + section)
+    if not args.quick:
+        write_docs_section(section)
+    return 0
+
+
+def _measure_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge_loop.py measure", description="one backend run (imports edge_runtime only)")
+    for name in ("--bundle", "--public-key", "--video", "--run-dir", "--out-json"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--collector", default=None)
+    ap.add_argument("--token-file", default=None)
+    ap.add_argument("--report-interval", type=float, default=5.0)
+    return ap
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
