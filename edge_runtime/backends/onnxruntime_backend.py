@@ -26,6 +26,9 @@ class OnnxRuntimeBackend(Backend):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: warnings about unused initializers are noise on the box
+        # ORT's worker threads spin after each run by default; on a 2-core box that steals the CPU the rest of the
+        # frame (decode, host NMS, drift) needs: measured 36 -> 19 ms infer and 22 -> 12 ms NMS under load.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
