@@ -60,9 +60,10 @@ def _timed(name: str) -> Callable:
 @dataclass
 class _ExportContext:
     spec: LineSpec
-    weights: Path
+    weights: Path | None
     out: Path
     result: ExportResult
+    model: Any = None  # a live dygraph detector exported instead of ``weights`` (:func:`export_model`)
 
 
 def _paddle_export(ctx: _ExportContext, with_nms: bool, stem: str) -> Path:
@@ -77,10 +78,16 @@ def _paddle_export(ctx: _ExportContext, with_nms: bool, stem: str) -> Path:
     cfg = build_config(ctx.spec, settings, export_cfg, RunPaths(tmp))
     cfg["exclude_nms"] = not with_nms
     live = activate(cfg)
+    if ctx.model is not None:
+        _prepare_live_model(ctx.model, with_nms)
+        live["model"] = ctx.model
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(live, mode="test")
-        load_weight(trainer.model, str(ctx.weights)[: -len(".pdparams")])
+        if ctx.model is None:
+            load_weight(trainer.model, str(ctx.weights)[: -len(".pdparams")])
         trainer.export(str(tmp))
+    if ctx.model is not None:
+        _prepare_live_model(ctx.model, with_nms)  # leave the caller's model as it was given
     produced = tmp / live["filename"]
     if not (produced / "model.pdmodel").is_file():
         raise ModelError(f"ppdet export wrote no model.pdmodel into '{produced}'.")
@@ -90,6 +97,19 @@ def _paddle_export(ctx: _ExportContext, with_nms: bool, stem: str) -> Path:
         shutil.move(str(produced / "infer_cfg.yml"), ctx.out / "infer_cfg.yml")
     shutil.rmtree(tmp, ignore_errors=True)
     return ctx.out / f"{stem}.pdmodel"
+
+
+def _prepare_live_model(model: Any, with_nms: bool) -> None:
+    """Ready a live detector for one more ``Trainer.export``.
+
+    A built model fixed its NMS choice at construction (``exclude_nms`` on the head), so it is set on the instance;
+    ``paddle.jit.to_static`` replaced ``model.forward`` by a traced function during the previous export, which
+    would be reused as is, so the class's own forward is put back.
+    """
+    model.__dict__.pop("forward", None)
+    for layer in model.sublayers(include_self=True):
+        if hasattr(layer, "exclude_nms"):
+            layer.exclude_nms = not with_nms
 
 
 @_timed("paddle")
@@ -149,10 +169,7 @@ def export(spec: LineSpec, weights: Path, out_dir: Path, formats: list[str] | No
     """Export ``weights`` of ``spec`` into ``out_dir`` and write its ``deploy.json``."""
     from detect.heavy import paddle_stack
 
-    formats = formats or list(EXPORT_FORMATS)
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown:
-        raise ConfigError(f"unknown export format(s) {unknown}; choose from {', '.join(EXPORT_FORMATS)}.")
+    formats = _check_formats(formats)
     weights = Path(weights)
     if not weights.is_file():
         raise ConfigError(f"weights '{weights}' do not exist. Train first: `defectkit train LINE.yaml`.")
@@ -160,6 +177,37 @@ def export(spec: LineSpec, weights: Path, out_dir: Path, formats: list[str] | No
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = _ExportContext(spec, weights, out_dir, ExportResult(out_dir))
+    return _export_formats(ctx, formats, {"source_weights": str(weights), **(meta or {})})
+
+
+def export_model(spec: LineSpec, model: Any, out_dir: Path, formats: list[str] | None = None,
+                 meta: dict[str, Any] | None = None) -> ExportResult:
+    """Export a live dygraph detector (e.g. a pruned one, whose shapes a fresh model cannot load) like :func:`export`.
+
+    ``model`` must already be in its deploy form if ``convert_to_deploy`` cannot run twice on it (one trace per
+    format calls it each time); ``meta`` goes into deploy.json.
+    """
+    from detect.heavy import paddle_stack
+
+    formats = _check_formats(formats)
+    paddle_stack().paddle.set_device("cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = _ExportContext(spec, None, out_dir, ExportResult(out_dir), model=model)
+    return _export_formats(ctx, formats, dict(meta or {}))
+
+
+def _check_formats(formats: list[str] | None) -> list[str]:
+    formats = formats or list(EXPORT_FORMATS)
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown export format(s) {unknown}; choose from {', '.join(EXPORT_FORMATS)}.")
+    return formats
+
+
+def _export_formats(ctx: _ExportContext, formats: list[str], meta: dict[str, Any]) -> ExportResult:
+    """Run each format's exporter and write deploy.json (one ModelEntry per model file)."""
+    spec = ctx.spec
     entries = []
     for name in formats:
         exporter, fmt, nms = EXPORT_FORMATS[name]
@@ -170,8 +218,8 @@ def export(spec: LineSpec, weights: Path, out_dir: Path, formats: list[str] | No
     post = PostprocessSpec.from_dict({"nms_iou": ex["nms_iou"], "score_threshold": ex["score_threshold"],
                                       "nms_top_k": ex["nms_top_k"], "keep_top_k": ex["keep_top_k"]}, "export")
     deploy = ModelSpec(line=spec.line, classes=list(spec.classes), input=input_spec(spec), models=entries,
-                       postprocess=post, meta={"source_weights": str(weights), **(meta or {})})
-    ctx.result.deploy_json = deploy.save(out_dir / "deploy.json")
+                       postprocess=post, meta=meta)
+    ctx.result.deploy_json = deploy.save(ctx.out / "deploy.json")
     return ctx.result
 
 
