@@ -1,0 +1,138 @@
+"""ONNX Runtime INT8 on the tiny 2-epoch run (fast): really INT8, sensitive convs chosen by measurement (forced
+here with a zero golden tolerance, so every round fails and the ranking is used), outputs close to FP32 on raw
+tensors, verified against paddle.inference, served by the edge runtime's onnxruntime backend, bad input refused.
+
+The tiny model's scores sit at the NMS floor, so accuracy is checked on raw output tensors and against the FP32
+parent, never on absolute mAP (the base-detector tests in test_compress_ort_int8.py cover detections)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from compress.ort_quant import conv_sensitivity, quantize_onnx
+from compress.pipeline import calibration_images
+from edge_runtime.errors import UserInputError
+from edge_runtime.modelspec import ModelSpec
+
+STRICT = {"golden_score_tol": 0.0, "golden_box_px": 0.0, "golden_box_rel": 0.0, "golden_min_score": 0.0}
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_spec, tiny_export, tmp_path_factory):
+    spec = dataclasses.replace(tiny_spec, compress={**tiny_spec.compress, **STRICT})
+    calib = calibration_images(spec, 4)
+    out = tmp_path_factory.mktemp("ortq") / "ort-int8"
+    return spec, calib, quantize_onnx(spec, tiny_export.directory, out, calib, max_excluded=4, progress=False)
+
+
+def _feeds(model, spec_dir, images):
+    import cv2
+
+    from edge_runtime.preprocess import preprocess
+
+    deploy = ModelSpec.load(spec_dir / "deploy.json")
+    names = [i.name for i in model.get_inputs()]
+    out = []
+    for p in images:
+        image, scale = preprocess(cv2.imread(str(p)), deploy.input)
+        out.append({n: {"image": image, "scale_factor": scale}[n] for n in names})
+    return out
+
+
+def test_file_is_int8_qdq_smaller_with_its_deploy_entry(int8, tiny_export):
+    import onnx
+
+    _, _, v = int8
+    dst = v.export_dir / "model_nonms.onnx"
+    model = onnx.load(str(dst))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 10 and ops.count("DequantizeLinear") >= 10
+    int8_w = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8_w) >= 10
+    assert dst.stat().st_size < 0.6 * (tiny_export.directory / "model_nonms.onnx").stat().st_size
+    deploy = ModelSpec.load(v.export_dir / "deploy.json")
+    assert len(deploy.models) == 1
+    e = deploy.models[0]
+    assert (e.file, e.format, e.precision, e.nms) == ("model_nonms.onnx", "onnx", "int8", "host")
+    assert e.runtime_version.startswith("onnxruntime 1.")
+    assert (v.name, v.method, v.parent) == ("ort-int8", "ptq", "fp32")
+
+
+def test_excluded_convs_are_the_worst_measured(int8, tiny_export):
+    import onnx
+
+    _, calib, v = int8
+    r = v.recipe
+    assert r["calibration_images"] == len(calib) == 4
+    assert [x["kept_fp32"] for x in r["rounds"]] == [0, 1, 2, 4]  # all convs first, then the 1, 2, 4 worst FP32
+    ranked = r["most_sensitive"]
+    figures = [x["db_lost"] for x in ranked]
+    assert len(ranked) >= 2 and all(isinstance(f, float) for f in figures) and figures == sorted(figures, reverse=True)
+    kept = [x["node"] for x in r["kept_fp32"]]
+    assert kept == [x["node"] for x in ranked[:len(kept)]] and all(x["db_lost"] is not None for x in r["kept_fp32"])
+    convs = {n.name for n in onnx.load(str(tiny_export.directory / "model_nonms.onnx")).graph.node
+             if n.op_type == "Conv"}
+    assert set(kept) <= convs
+    # what the measurement finds on this model: ONNX Runtime's fused int8 kernel zeroes the DFL projection convs
+    # (softmax -> Conv, 1 output channel), so those three rank worst and are kept FP32
+    proj = {n.name for n in onnx.load(str(tiny_export.directory / "model_nonms.onnx")).graph.node
+            if n.op_type == "Conv" and n.input[0].startswith("softmax")}
+    assert len(proj) == 3 and proj <= set(kept[:3])
+    assert r["rounds"][-1]["output_sqnr_db"] > r["rounds"][0]["output_sqnr_db"] + 20
+    # the kept convs really run in FP32: their weights are not fed through DequantizeLinear
+    q = onnx.load(str(v.export_dir / "model_nonms.onnx")).graph
+    dq_out = {n.output[0] for n in q.node if n.op_type == "DequantizeLinear"}
+    for n in q.node:
+        if n.op_type == "Conv" and n.name in kept:
+            assert n.input[1] not in dq_out, n.name
+
+
+def test_sensitivity_is_zero_for_identical_models(int8, tiny_export, tmp_path):
+    """The measurement is a measurement: FP32 against itself loses nothing anywhere."""
+    import onnxruntime as ort
+
+    spec, calib, _ = int8
+    src = tiny_export.directory / "model_nonms.onnx"
+    feeds = _feeds(ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]), tiny_export.directory, calib)
+    lost = conv_sensitivity(src, src, feeds[:2], tmp_path)
+    assert lost and max(abs(v) for v in lost.values()) < 1e-6
+
+
+def test_outputs_close_to_fp32_and_verified_against_paddle(int8, tiny_export):
+    import onnxruntime as ort
+
+    _, calib, v = int8
+    opts = ort.SessionOptions()
+    fp = ort.InferenceSession(str(tiny_export.directory / "model_nonms.onnx"), opts, providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(v.export_dir / "model_nonms.onnx"), opts, providers=["CPUExecutionProvider"])
+    for feed in _feeds(fp, tiny_export.directory, calib):
+        (boxes_f, scores_f), (boxes_q, scores_q) = fp.run(None, feed), q.run(None, feed)
+        assert np.abs(scores_f - scores_q).max() < 0.05  # sigmoid scores
+        assert np.median(np.abs(boxes_f - boxes_q)) < 2.0  # pixels (128x96 images)
+    ver = v.recipe["verified_vs_paddle"]
+    assert ver["reference"] == "paddle.inference model_nonms.pdmodel"
+    assert ver["images"] >= 1 and "summary" in ver and ver["max_score_abs"] < 0.05
+
+
+def test_runs_through_the_edge_runtime_onnxruntime_backend(int8):
+    import cv2
+
+    from edge_runtime.predict import Detector
+
+    _, calib, v = int8
+    det = Detector.from_model(v.export_dir / "model_nonms.onnx", backend="onnxruntime", threads=1)
+    assert type(det.backend).__module__.endswith("onnxruntime_backend")
+    found = det(cv2.imread(str(calib[0])))
+    assert found.boxes.shape[1:] == (4,) and len(found.scores) == len(found.class_ids)
+
+
+def test_missing_calibration_images_are_refused(tiny_spec, tiny_export, tmp_path):
+    with pytest.raises(UserInputError, match=rf"no calibration images in {tiny_spec.paths.images}.*calib_images"):
+        quantize_onnx(tiny_spec, tiny_export.directory, tmp_path / "a", [], progress=False)
+    gone = tiny_spec.paths.images / "not-there.jpg"
+    with pytest.raises(UserInputError, match=r"1 calibration image\(s\) missing in .*not-there\.jpg.*Restore"):
+        quantize_onnx(tiny_spec, tiny_export.directory, tmp_path / "b", [gone], progress=False)
+    with pytest.raises(UserInputError, match="does not exist: export the run first"):
+        quantize_onnx(tiny_spec, tmp_path / "no-export", tmp_path / "c", [gone], progress=False)
