@@ -87,7 +87,7 @@ def _paddle_export(ctx: _ExportContext, with_nms: bool, stem: str) -> Path:
             load_weight(trainer.model, str(ctx.weights)[: -len(".pdparams")])
         trainer.export(str(tmp))
     if ctx.model is not None:
-        _prepare_live_model(ctx.model, with_nms)  # leave the caller's model as it was given
+        ctx.model.__dict__.pop("forward", None)  # the traced forward stays with this export only
     produced = tmp / live["filename"]
     if not (produced / "model.pdmodel").is_file():
         raise ModelError(f"ppdet export wrote no model.pdmodel into '{produced}'.")
