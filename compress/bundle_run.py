@@ -82,12 +82,15 @@ def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 40
 
     from edge_runtime.decision import decide
     from edge_runtime.drift import build_reference
+    from edge_runtime.drift.reference import MIN_REFERENCE_FRAMES
     from edge_runtime.predict import Detector
     from edge_runtime.run import drift_features_of
 
     det = Detector.from_model(model)
     cfg = runtime_config(spec)
     images = _images(spec, spec.paths.train, max_images)
+    if len(images) < MIN_REFERENCE_FRAMES:  # a small line: its validation images are in-distribution too
+        images += _images(spec, spec.paths.val, max_images - len(images))
     it = tqdm(images, desc="drift reference", unit="img", leave=False) if (progress and tqdm) else images
     feats = []
     for path in it:

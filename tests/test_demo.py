@@ -7,7 +7,7 @@ from defectkit.demo import run_demo
 
 
 def test_demo_chain_writes_report_with_map_onnx_and_edge_predictions(tmp_path):
-    result = run_demo(tmp_path / "demo", count=12, holdout=5, overrides={"epochs": 1, "batch_size": 4,
+    result = run_demo(tmp_path / "demo", count=30, holdout=5, overrides={"epochs": 1, "batch_size": 4,
                                                                          "warmup_steps": 1},
                       # one quantization round each, few images: the chain, not the recipe, is under test here
                       compress_overrides={"ptq_algo": "avg", "ptq_max_fp32_convs": 0, "ort_max_fp32_convs": 1,
