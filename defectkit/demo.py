@@ -144,7 +144,7 @@ def _demo_spec(spec_path: Path) -> Path:
     raw = yaml.safe_load(spec_path.read_text())
     if recipe.is_file():
         ref = yaml.safe_load(recipe.read_text())
-        for key in ("image_size", "model_size", "train", "export", "runtime", "drift"):
+        for key in ("image_size", "model_size", "train", "export", "compress", "runtime", "drift"):
             if key in ref:
                 raw[key] = ref[key]
         pretrained = (raw.get("train") or {}).get("pretrained")
