@@ -19,10 +19,11 @@ from typing import Any, Sequence
 
 from compress.bundle import ModelFile, build_bundle, models_from_deploy
 from compress.gate import runtime_config
+from compress.measure import read_image
 from compress.pipeline import GOLDEN_FILE, load_run, primary_model
 from compress.variants import COMPRESS_DIR, PARENT, Variant, load_variant
 from detect.linespec import LineSpec
-from edge_runtime.errors import DataError, UserInputError
+from edge_runtime.errors import UserInputError
 
 try:
     from tqdm import tqdm
@@ -78,8 +79,6 @@ def _images(spec: LineSpec, ann: Path, limit: int) -> list[Path]:
 
 def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 400, progress: bool = True) -> Path:
     """``drift_reference.json`` from the training images, through the model that is shipped."""
-    import cv2
-
     from edge_runtime.decision import decide
     from edge_runtime.drift import build_reference
     from edge_runtime.drift.reference import MIN_REFERENCE_FRAMES
@@ -94,9 +93,7 @@ def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 40
     it = tqdm(images, desc="drift reference", unit="img", leave=False) if (progress and tqdm) else images
     feats = []
     for path in it:
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise DataError(f"training image {path} cannot be decoded; run `defectkit data check` on the line.")
+        img = read_image(path, "training image")
         feats.append(drift_features_of(img, decide(det(img), det.classes, cfg), len(det.classes)))
     ref = build_reference(feats, class_names=det.classes, meta={"line": spec.line, "model": model.name,
                                                               "images": len(feats)})
@@ -105,8 +102,6 @@ def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 40
 
 def golden_expected(run_dir: Path, v: Variant, model: Path) -> list[tuple[Path, dict[str, Any]]]:
     """(image, expected record) for the run's golden images, from the shipped model."""
-    import cv2
-
     from edge_runtime.predict import Detector
     from edge_runtime.selftest import expected_record
 
@@ -117,9 +112,7 @@ def golden_expected(run_dir: Path, v: Variant, model: Path) -> list[tuple[Path, 
     det = Detector.from_model(model)
     out = []
     for p in json.loads(path.read_text())["images"]:
-        img = cv2.imread(p, cv2.IMREAD_COLOR)
-        if img is None:
-            raise DataError(f"golden image {p} (listed in {path}) cannot be read; run compress again.")
+        img = read_image(p, f"golden image (listed in {path})")
         out.append((Path(p), expected_record(det(img), det.classes)))
     return out
 

@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from compress.measure import read_image
 from detect.linespec import LineSpec, resolve_settings
 from edge_runtime.decision import RuntimeConfig, decide
-from edge_runtime.errors import DataError
 from edge_runtime.selftest import Tolerance, compare
 
 
@@ -74,15 +74,6 @@ def runtime_config(spec: LineSpec) -> RuntimeConfig:
                                    f"{spec.source or spec.line}: runtime")
 
 
-def _read(path: Path) -> np.ndarray:
-    import cv2
-
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"golden image {path} cannot be decoded; run `defectkit data check` on the line.")
-    return img
-
-
 def choose_golden(parent_model: Path, spec: LineSpec, count: int, margin: float = 0.2,
                   candidates: Sequence[Path] | None = None) -> list[Path]:
     """Up to ``count`` validation images on which the parent is unambiguous, NG and OK alternating.
@@ -101,7 +92,7 @@ def choose_golden(parent_model: Path, spec: LineSpec, count: int, margin: float 
     thr = cfg.thresholds_for(det.classes)
     ng, ok = [], []
     for path in candidates:
-        dets = det(_read(path))
+        dets = det(read_image(path, "golden image"))
         limits = thr[dets.class_ids.astype(int)] if len(dets) else np.zeros(0)
         if len(dets) and np.any(np.abs(dets.scores - limits) < margin):
             continue
@@ -124,7 +115,7 @@ def golden_check(parent_model: Path, variant_model: Path, images: Sequence[Path]
     variant = Detector.from_model(variant_model, backend=variant_backend)
     out = GoldenCheck()
     for path in images:
-        img = _read(Path(path))
+        img = read_image(path, "golden image")
         a, b = parent(img), variant(img)
         out.images += 1
         problems = compare(a, b, tol)

@@ -24,13 +24,30 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 
-def _read(path: Path) -> np.ndarray:
+def read_image(path: str | Path, what: str = "image") -> np.ndarray:
+    """A BGR image of the line, or a DataError naming it (``what``: "golden image", "training image", ...)."""
     import cv2
 
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
-        raise DataError(f"image {path} cannot be decoded; run `defectkit data check` on the line.")
+        raise DataError(f"{what} {path} cannot be decoded; run `defectkit data check` on the line.")
     return img
+
+
+def calibration_annotations(spec: LineSpec, images: Sequence[Path], dst: Path) -> Path | None:
+    """The calibration images' ground truth (they are training images) as a COCO file of their own, so a
+    quantizer can measure its mAP drop on them; None when the training annotations do not cover them all."""
+    from detect.data.coco import load_coco, subset, write_coco
+
+    try:
+        coco = load_coco(spec.paths.train)
+    except DataError:  # no training annotations at hand: the mAP criterion is skipped, detections still compared
+        return None
+    by_name = {Path(im["file_name"]).name: im["id"] for im in coco["images"]}
+    ids = [by_name.get(Path(p).name) for p in images]
+    if any(i is None for i in ids):
+        return None
+    return write_coco(dst, subset(coco, ids))
 
 
 def evaluate_model(model: str | Path, spec: LineSpec, ann_file: str | Path | None = None, backend: str | None = None,
@@ -53,7 +70,7 @@ def evaluate_model(model: str | Path, spec: LineSpec, ann_file: str | Path | Non
     it = tqdm(images, desc=f"eval {Path(model).name}", unit="img", leave=False) if (progress and tqdm) else images
     dets = []
     for im in it:
-        found = detector(_read(spec.paths.images / im["file_name"]))
+        found = detector(read_image(spec.paths.images / im["file_name"]))
         for box, cls, score in zip(found.boxes, found.class_ids, found.scores):
             x1, y1, x2, y2 = (float(v) for v in box)
             dets.append({"image_id": im["id"], "category_id": cat_ids[int(cls)],
@@ -68,7 +85,7 @@ def median_latency_ms(model: str | Path, images: Sequence[Path], backend: str | 
     from edge_runtime.preprocess import preprocess
 
     detector = Detector.from_model(model, backend=backend, threads=threads)
-    frames = [_read(Path(p)) for p in images] or [np.zeros((320, 320, 3), np.uint8)]
+    frames = [read_image(Path(p)) for p in images] or [np.zeros((320, 320, 3), np.uint8)]
     feeds = []
     for img in frames:
         image, scale = preprocess(img, detector.spec.input)
@@ -84,4 +101,4 @@ def median_latency_ms(model: str | Path, images: Sequence[Path], backend: str | 
     return round(statistics.median(times), 2)
 
 
-__all__ = ["evaluate_model", "median_latency_ms"]
+__all__ = ["evaluate_model", "median_latency_ms", "read_image", "calibration_annotations"]

@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from compress.measure import evaluate_model
+from compress.measure import calibration_annotations, evaluate_model
 from compress.ptq import calibration_feeds
 from compress.variants import Variant
 from detect.linespec import LineSpec
@@ -176,16 +176,6 @@ def _mismatches(reference, model: Path, images: Sequence[Path], tol, classes: Se
     return bad, flips
 
 
-def _calibration_annotations(spec: LineSpec, images: Sequence[Path], dst: Path) -> Path:
-    """The calibration images' ground truth (they are training images) as a COCO file of their own."""
-    from detect.data.coco import load_coco, subset, write_coco
-
-    coco = load_coco(spec.paths.train)
-    names = {Path(p).name for p in images}
-    ids = [im["id"] for im in coco["images"] if Path(im["file_name"]).name in names]
-    return write_coco(dst, subset(coco, ids))
-
-
 def verify_against_paddle(parent_export: Path, int8_model: Path, images: Sequence[Path], min_score: float,
                           source: str = "model_nonms.onnx") -> dict:
     """Agreement of the INT8 ONNX (ONNX Runtime) with the FP32 host-NMS paddle program (paddle.inference).
@@ -253,8 +243,9 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
     max_drop, tol, _ = gate_settings(spec)
     reference = Detector.from_model(src, backend="onnxruntime")
     out_dir.mkdir(parents=True, exist_ok=True)
-    calib_ann = _calibration_annotations(spec, calib_images, out_dir / ".calibration.json")
-    fp32_map = evaluate_model(src, spec, calib_ann, backend="onnxruntime", progress=False).map50_95
+    calib_ann = calibration_annotations(spec, calib_images, out_dir / ".calibration.json")
+    fp32_map = None if calib_ann is None else evaluate_model(src, spec, calib_ann, backend="onnxruntime",
+                                                             progress=False).map50_95
     rounds: list[dict] = []
     lost: dict[str, float] = {}
     meta = {"parent": str(src), "quantizer": f"onnxruntime.quantization {onnxruntime.__version__}"}
@@ -270,8 +261,8 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
             _quantize(pre, out_dir / "model_nonms.onnx", feeds, excluded)
             cand = _write_candidate(src, out_dir, deploy, meta)
             bad, flips = _mismatches(reference, cand, calib_images, tol, deploy.classes)
-            drop = round((fp32_map - evaluate_model(cand, spec, calib_ann, backend="onnxruntime",
-                                                    progress=False).map50_95) * 100, 3)
+            drop = 0.0 if fp32_map is None else round((fp32_map - evaluate_model(
+                cand, spec, calib_ann, backend="onnxruntime", progress=False).map50_95) * 100, 3)
             out_db = output_sqnr_db(src, cand, feeds)
             rounds.append({"kept_fp32": len(excluded), "calib_map_drop_pts": drop, "images_off": bad,
                            "verdict_flips": flips, "output_sqnr_db": out_db})

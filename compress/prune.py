@@ -21,7 +21,6 @@ figures come from :func:`measure_cost`, the same count.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 
 from compress.prune_core import (CRITERIA, MAX_RATIO, apply_ratio, build_detector, build_parts, drop_backups,
                                  eval_mode, gflops_of, params_m_of, pruned_layers, search_ratio, to_deploy)
+from compress.finetune import train_without_checkpoints
 from compress.variants import PARENT, Variant
 from detect.linespec import LineSpec, resolve_settings
 from detect.ppyoloe import RunPaths
@@ -144,9 +144,6 @@ def rebuild_after_pruning(trainer) -> None:
 def _finetune(spec: LineSpec, run: RunPaths, settings: dict[str, Any], ratio: float | None,
               flops_target: float | None, criterion: str, epochs: int, progress: bool) -> tuple[dict, list[dict]]:
     """Session with the weights loaded, pruned in place, EMA/optimizer rebuilt, trained; (pruning record, history)."""
-    from ppdet.engine.callbacks import ComposeCallback
-
-    from detect import callbacks as cb
     from detect.plots import read_history
     from detect.train import build_session, check_data, check_settings
 
@@ -166,17 +163,7 @@ def _finetune(spec: LineSpec, run: RunPaths, settings: dict[str, Any], ratio: fl
         save_state_atomic(trainer.model.state_dict(), run.best_weights)
         return record, []
     # the fine-tune is short and not resumable (a checkpoint of pruned shapes cannot be resumed by detect.resume)
-    dropped = (cb.Checkpointing,) if progress else (cb.Checkpointing, cb.ProgressBar)
-    trainer._callbacks = [c for c in trainer._callbacks if not isinstance(c, dropped)]
-    trainer._compose_callback = ComposeCallback(trainer._callbacks)
-    session.began = time.time()
-    with open(session.log_file, "a") as fh, contextlib.redirect_stdout(fh):
-        try:
-            trainer.train(validate=True)
-        except cb.StopTraining as stop:  # a stopper from the caller's overrides
-            log.info("prune fine-tune stopped early: %s", stop.reason)
-        finally:
-            session.cb.progress.close()
+    train_without_checkpoints(trainer, session, progress, "prune fine-tune")
     return record, read_history(run.history)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from compress.measure import calibration_annotations
 from compress.variants import Variant
 from detect.linespec import LineSpec
 from edge_runtime.errors import DataError, ModelError, UserInputError
@@ -299,21 +300,6 @@ def quantization_summary(model_file: Path) -> dict[str, Any]:
             "int8_weights": len(int8)}
 
 
-def _calibration_annotations(spec: LineSpec, images: Sequence[Path], dst: Path) -> Path | None:
-    """The calibration images' ground truth as a COCO file of their own (None if some are not annotated)."""
-    from detect.data.coco import load_coco, subset, write_coco
-
-    try:
-        coco = load_coco(spec.paths.train)
-    except Exception:  # no training annotations at hand: the mAP criterion is skipped, detections still compared
-        return None
-    by_name = {Path(im["file_name"]).name: im["id"] for im in coco["images"]}
-    ids = [by_name.get(Path(p).name) for p in images]
-    if any(i is None for i in ids):
-        return None
-    return write_coco(dst, subset(coco, ids))
-
-
 def _write_deploy(out_dir: Path, stem: str, parent: ModelSpec, parent_entry: ModelEntry, meta: dict) -> Path:
     from detect.export import paddle_version
 
@@ -375,7 +361,7 @@ def ptq_paddle(spec: LineSpec, parent_export: Path, out_dir: Path, calib_images:
     out_dir.mkdir(parents=True, exist_ok=True)
     reference_det = Detector.from_model(src, backend="paddle")
     reference = [reference_det(cv2.imread(str(p), cv2.IMREAD_COLOR)) for p in calib_images]
-    ann = _calibration_annotations(spec, calib_images, out_dir / ".calibration.json")
+    ann = calibration_annotations(spec, calib_images, out_dir / ".calibration.json")
     fp32_map = evaluate_model(src, spec, ann, backend="paddle", progress=False).map50_95 if ann else None
     from importlib.metadata import version
 

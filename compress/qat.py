@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from compress.finetune import train_without_checkpoints
 from compress.variants import PARENT, Variant
 from detect.linespec import LineSpec, resolve_settings
 from detect.ppyoloe import RunPaths, activate, build_config
@@ -158,7 +159,6 @@ def _train(spec: LineSpec, run: RunPaths, settings: dict[str, Any], progress: bo
     """Build the kit's training session, quantize its model in place, train; returns (FP32 layers, history)."""
     from ppdet.core.workspace import create
 
-    from detect import callbacks as cb
     from detect.freeze import apply_freeze, parse_freeze
     from detect.plots import read_history
     from detect.train import build_session, check_data, check_settings
@@ -180,19 +180,7 @@ def _train(spec: LineSpec, run: RunPaths, settings: dict[str, Any], progress: bo
     # the optimizer was built on the pre-fusion parameters; rebuild it on the quantized model's
     trainer.optimizer = create("OptimizerBuilder")(trainer.lr, trainer.model)
     # QAT is short and not resumable: no full checkpoints (the best weights are still written every epoch)
-    from ppdet.engine.callbacks import ComposeCallback
-
-    dropped = (cb.Checkpointing,) if progress else (cb.Checkpointing, cb.ProgressBar)
-    trainer._callbacks = [c for c in trainer._callbacks if not isinstance(c, dropped)]
-    trainer._compose_callback = ComposeCallback(trainer._callbacks)
-    session.began = time.time()
-    with open(session.log_file, "a") as fh, contextlib.redirect_stdout(fh):
-        try:
-            trainer.train(validate=True)
-        except cb.StopTraining as stop:  # a stopper from the caller's overrides
-            log.info("QAT stopped early: %s", stop.reason)
-        finally:
-            session.cb.progress.close()
+    train_without_checkpoints(trainer, session, progress, "QAT")
     return kept, read_history(run.history)
 
 
@@ -316,7 +304,7 @@ def _try_onnx(spec: LineSpec, pdmodel: Path, images: list[Path],
     import paddle2onnx
 
     from compress.gate import gate_settings
-    from compress.measure import _read, evaluate_model
+    from compress.measure import evaluate_model, read_image
     from edge_runtime.predict import Detector
     from edge_runtime.preprocess import preprocess
 
@@ -340,7 +328,7 @@ def _try_onnx(spec: LineSpec, pdmodel: Path, images: list[Path],
     _, tol, _ = gate_settings(spec)
     score_diff = box_diff = top_score = 0.0
     for path in images:
-        image, scale = preprocess(_read(path), paddle_det.spec.input)
+        image, scale = preprocess(read_image(path), paddle_det.spec.input)
         feeds = {"image": image, "scale_factor": scale}
         a = paddle_det.backend.infer({n: feeds[n] for n in paddle_det.backend.input_names})
         b = onnx_det.backend.infer({n: feeds[n] for n in onnx_det.backend.input_names})
