@@ -172,21 +172,31 @@ def test_sigkill_at_three_random_moments_then_the_run_finishes_intact(tiny_spec,
     from detect.checkpoints import list_checkpoints, verify
 
     rng = random.Random(20261122)
+    epochs = 9
     run_dir = tmp_path / tiny_spec.line / "killed"
     base = [sys.executable, "-m", "defectkit", "train", str(tiny_spec.source), "--runs", str(tmp_path)]
-    start = base + ["--name", "killed", "--epochs", "7", "--batch-size", "4", "--set", "warmup_steps=2",
+    start = base + ["--name", "killed", "--epochs", str(epochs), "--batch-size", "4", "--set", "warmup_steps=2",
                     "--set", "multiscale=False", "--set", "visualdl=False", "--set", "mosaic=0.5",
                     "--set", "close_mosaic=2", "--set", "lr=0.01"]
     again = base + ["--resume", str(run_dir)]
-    kills, seen, command = [], 0, start
+    kills, seen, command, epoch_seconds = [], 0, start, []
     log = open(tmp_path / "stderr.log", "w")
     while len(kills) < 3:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=tmp_path)
         deadline = time.time() + 90
-        while _newest_epoch(run_dir / "checkpoints") <= seen and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        # Wait for two new checkpoints: the gap between them is this machine's epoch time, so the kill below
+        # lands inside the next epoch (a fixed sleep crossed whole epochs on a fast CI machine and killed
+        # after the last checkpoint).
+        appeared = []
+        while len(appeared) < 2 and proc.poll() is None and time.time() < deadline:
+            newest = _newest_epoch(run_dir / "checkpoints")
+            if newest > seen:
+                appeared.append(time.monotonic())
+                seen = newest
+            time.sleep(0.02)
         assert proc.poll() is None, f"training ended before it could be killed (see {tmp_path / 'stderr.log'})"
-        time.sleep(rng.uniform(0.0, 1.5))
+        epoch_seconds.append(appeared[1] - appeared[0])
+        time.sleep(rng.uniform(0.0, 0.8) * min(epoch_seconds))
         proc.kill()
         proc.wait()
         seen = _newest_epoch(run_dir / "checkpoints")
@@ -196,15 +206,15 @@ def test_sigkill_at_three_random_moments_then_the_run_finishes_intact(tiny_spec,
         command = again
     done = subprocess.run(again, stdout=subprocess.PIPE, stderr=log, cwd=tmp_path, timeout=120, text=True)
     assert done.returncode == 0, (tmp_path / "stderr.log").read_text()[-2000:]
-    assert kills == sorted(kills) and kills[-1] < 7
+    assert kills == sorted(kills) and kills[-1] < epochs, kills
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 7 and metrics["stop_reason"] == "completed all epochs"
+    assert metrics["epochs_run"] == epochs and metrics["stop_reason"] == "completed all epochs"
     assert len(metrics["resumes"]) == 3  # one per kill
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == list(range(1, 8))
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     assert all("map50_95" in h and "loss" in h for h in history)
     remaining = list_checkpoints(run_dir / "checkpoints")
-    assert remaining and remaining[-1].epoch == 7
+    assert remaining and remaining[-1].epoch == epochs
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     for ckpt in remaining:  # every checkpoint on disk verifies and loads
         assert verify(ckpt) == []
