@@ -23,7 +23,7 @@ from compress.measure import read_image
 from compress.pipeline import GOLDEN_FILE, load_run, primary_model
 from compress.variants import COMPRESS_DIR, PARENT, Variant, load_variant
 from detect.linespec import LineSpec
-from edge_runtime.errors import UserInputError
+from edge_runtime.errors import ConfigError, UserInputError
 
 try:
     from tqdm import tqdm
@@ -117,6 +117,21 @@ def golden_expected(run_dir: Path, v: Variant, model: Path) -> list[tuple[Path, 
     return out
 
 
+def retrain_record(run_dir: Path, allow_refused: bool) -> dict | None:
+    """A retrained run ships only when its forgetting gate passed (``defectkit retrain`` wrote the verdict)."""
+    from detect.retrain import read_record
+
+    record = read_record(run_dir)
+    if record is None or record.get("status") == "passed" or (allow_refused and record.get("status") == "refused"):
+        return record
+    if record.get("status") == "refused":
+        reasons = "; ".join(record.get("forgetting", {}).get("reasons", [])) or "see retrain.md"
+        raise ConfigError(f"run '{run_dir}' is a retrain that forgot old classes ({reasons}); it is not shipped. "
+                          f"Retrain with more replay or epochs (figures: {Path(run_dir) / 'retrain.md'}).")
+    raise ConfigError(f"run '{run_dir}' is a retrain that has not been judged yet (status "
+                      f"{record.get('status')!r}): finish it with `defectkit retrain --resume {run_dir}`.")
+
+
 def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | Path, key_path: str | Path,
                     version: str | None = None, parent_version: str | None = None,
                     allow_refused: bool = False, progress: bool = True) -> Path:
@@ -127,6 +142,7 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
         raise UserInputError("name at least one --variant (see `<run>/compress/table.md`).")
     key = load_private_key(key_path)
     spec, run = load_run(run_dir)
+    retrained = retrain_record(run.root, allow_refused)
     chosen = [load_variant(run.root, n) for n in dict.fromkeys(variants)]
     for v in chosen:
         shippable(v, allow_refused)
@@ -155,6 +171,11 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
             metrics[f"{tag}gate_passed"] = 1.0 if v.gate["passed"] else 0.0
     recipe = {v.name: {"method": v.method, "parent": v.parent, **v.recipe} for v in chosen}
     recipe["run"] = str(run.root)
+    if retrained:
+        f = retrained.get("forgetting", {})
+        metrics["old_classes_map_drop_pts"] = float(f.get("drop_points", 0.0))
+        recipe["retrain"] = {"parent_run": retrained["parent"]["run"], "new_classes": retrained["new_classes"],
+                             "status": retrained["status"], "replay": retrained["retrain"]["replay"]}
     if any(m.format == "paddlelite" and m.target == "arm" for m in models):
         recipe["arm_note"] = "ARM .nb converted by paddle_lite_opt but not run: no ARM CPU on the build machine"
     return build_bundle(store, spec.line, version, parent_version, models, deploy.input, deploy.postprocess,

@@ -19,6 +19,7 @@ VERB_MODULES: tuple[str, ...] = (
     "defectkit.demo",
     "detect.data.cli",
     "detect.cli",
+    "detect.retrain_cli",
     "detect.pretrain",
     "compress.cli",
     "edge_runtime.cli",

@@ -20,7 +20,7 @@ from edge_runtime.errors import ConfigError
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
 MODEL_SIZES = ("tiny", "s", "m", "l", "x")
-SECTIONS = ("data", "train", "export", "compress", "runtime", "drift")
+SECTIONS = ("data", "train", "retrain", "export", "compress", "runtime", "drift")
 _LINE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _TOP_KEYS = ("line", "classes", "image_size", "model_size", "paths") + SECTIONS
 
@@ -123,6 +123,7 @@ class LineSpec:
     paths: DataPaths
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    retrain: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
     compress: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)

@@ -123,17 +123,23 @@ def generate_line(
     image_format: str = "jpg",
     progress: bool = True,
     style: str = "green",
+    classes: tuple[str, ...] = DEFECT_CLASSES,
 ) -> LineSpec:
-    """Write a synthetic PCB line into ``out_dir`` (normalised layout + ``<line>.yaml``) and return its spec."""
+    """Write a synthetic PCB line into ``out_dir`` (normalised layout + ``<line>.yaml``) and return its spec.
+
+    ``classes``: a subset of the drawable defects, in contract order (a line that has not met the others yet)."""
     _check_args(count, size, defect_free_fraction, val_fraction, image_format)
+    unknown = [c for c in classes if c not in DEFECT_CLASSES]
+    if unknown or not classes:
+        raise UserInputError(f"synthetic defects {unknown or '(none)'} cannot be drawn; choose from {list(DEFECT_CLASSES)}")
     out_dir = Path(out_dir)
     layout = Layout(out_dir)
     _clear_previous_run(layout, line)
     images, annotations = synth_images(
-        layout.images, count, size, seed, defect_free_fraction, image_format, DEFECT_CLASSES, line, progress,
+        layout.images, count, size, seed, defect_free_fraction, image_format, tuple(classes), line, progress,
         style,
     )
-    coco = make_coco(images, annotations, DEFECT_CLASSES, f"defectkit synth line={line} seed={seed}")
+    coco = make_coco(images, annotations, classes, f"defectkit synth line={line} seed={seed}")
     write_coco(layout.all, coco)
     train, val = stratified_split(coco, val_fraction, seed)
     write_coco(layout.train, train)
@@ -144,7 +150,7 @@ def generate_line(
         data["val_fraction"] = val_fraction
     if seed:
         data["split_seed"] = seed
-    raw = {"line": line, "classes": list(DEFECT_CLASSES), "image_size": image_size, "model_size": "tiny",
+    raw = {"line": line, "classes": list(classes), "image_size": image_size, "model_size": "tiny",
            "paths": {"root": "."}, "data": data}
     spec = LineSpec.from_dict(raw, out_dir.resolve(), where=f"synth line '{line}'")
     spec.save(out_dir / f"{line}.yaml")

@@ -1,0 +1,150 @@
+"""Incremental retrain of a line: from the line's current model, with new data, without forgetting.
+
+``retrain(parent_run, adds)``:
+1. merges the parent's data (replayed, ``retrain.replay``) with the new data folders into the run
+   (:mod:`detect.retrain_data`); new defect classes are appended to the class list, never inserted;
+2. grows the parent's classification head to the new class count, keeping every old row
+   (:mod:`detect.head_surgery`), and starts from it with the backbone frozen (``retrain.freeze``) at a
+   lower learning rate (``retrain.lr_factor``) for ``retrain.epochs``: a normal training run of the kit, so
+   early stopping, checkpoints, kill -9 and ``--resume`` behave as in ``defectkit train``;
+3. judges forgetting (:mod:`detect.forgetting`) and writes ``retrain.json``, ``retrain.md``, ``retrain.png``.
+
+``retrain.json`` is written before training starts (status "training") so ``resume_retrain`` knows the parent.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from detect.forgetting import ForgettingVerdict, judge, markdown, plot
+from detect.linespec import LineSpec, resolve_settings
+from detect.ppyoloe import RunPaths
+from detect.retrain_data import Parent, check_lineage, load_parent, merge_data, retrain_spec
+from edge_runtime.errors import ConfigError
+from edge_runtime.fileio import atomic_write_json, atomic_write_text
+
+RECORD = "retrain.json"
+
+
+@dataclass
+class RetrainResult:
+    run: RunPaths
+    metrics: dict[str, Any]
+    verdict: ForgettingVerdict
+    record: dict[str, Any]
+
+
+def record_path(run: RunPaths) -> Path:
+    return run.root / RECORD
+
+
+def read_record(run_dir: Path | str) -> dict[str, Any] | None:
+    """The retrain record of a run, or None for a run that is not a retrain."""
+    import json
+
+    path = record_path(RunPaths(Path(run_dir)))
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def retrain_settings(spec: LineSpec, retrain_overrides: dict[str, Any] | None,
+                     train_overrides: dict[str, Any] | None, init: Path) -> tuple[dict, dict]:
+    """(retrain section, train overrides): defaults < line spec < command line, for both sections."""
+    r = resolve_settings(spec, "retrain", retrain_overrides)
+    if r["epochs"] < 1 or r["lr_factor"] <= 0:
+        raise ConfigError(f"retrain.epochs must be >= 1 and retrain.lr_factor > 0, got {r['epochs']} and "
+                          f"{r['lr_factor']}.")
+    lr = resolve_settings(spec, "train")["lr"] * r["lr_factor"]
+    train = {"epochs": r["epochs"], "lr": lr, "freeze": r["freeze"], **(train_overrides or {}),
+             "pretrained": str(init)}
+    return r, train
+
+
+def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec | None = None,
+            run_dir: Path | str | None = None, retrain_overrides: dict[str, Any] | None = None,
+            train_overrides: dict[str, Any] | None = None, quiet: bool = False) -> RetrainResult:
+    """Retrain ``parent_dir``'s model with the data folders ``adds`` (and ``spec``'s classes, if given)."""
+    from detect.checkpoints import list_checkpoints
+    from detect.head_surgery import write_grown_weights
+    from detect.train import default_run_dir, train
+
+    parent = load_parent(parent_dir)
+    base = spec if spec is not None else parent.spec
+    added = check_lineage(parent, base)
+    run = RunPaths(Path(run_dir) if run_dir else default_run_dir(
+        base, parent.run.root.parent.parent, datetime.now().strftime("retrain-%Y%m%d-%H%M%S")))
+    if run.metrics.exists() or list_checkpoints(run.checkpoints):
+        raise ConfigError(f"run '{run.root}' already exists: continue it with `defectkit retrain --resume "
+                          f"{run.root}` or choose another --name.")
+    init = run.root / "init.pdparams"
+    r, overrides = retrain_settings(base, retrain_overrides, train_overrides, init)
+    created = not run.root.exists()
+    try:  # a refusal while preparing leaves no half-made run behind
+        merged = merge_data(parent, adds, base.classes, run.root / "data", r["replay"], int(overrides.get("seed", 0)))
+        rspec = retrain_spec(parent, spec, merged)
+        write_grown_weights(parent.weights, len(parent.spec.classes), len(rspec.classes), init)
+    except BaseException:
+        if created:
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
+    record = {
+        "status": "training",
+        "parent": {"run": str(parent.run.root.resolve()), "classes": parent.spec.classes,
+                   "weights": str(parent.weights.resolve())},
+        "classes": rspec.classes, "new_classes": added, "data": merged.sources, "retrain": r,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(record_path(run), record)
+    result = train(rspec, run.root, overrides, quiet=quiet)
+    return finish_retrain(run, parent, rspec, result.metrics, quiet)
+
+
+def resume_retrain(run_dir: Path | str, overrides: dict[str, Any] | None = None, quiet: bool = False) -> RetrainResult:
+    """Continue an interrupted retrain exactly (``defectkit train --resume`` semantics), then judge it."""
+    from detect.train import resume
+
+    run = RunPaths(Path(run_dir))
+    record = read_record(run.root)
+    if record is None:
+        raise ConfigError(f"'{run.root}' is not a retrain (no {RECORD}); resume a training run with "
+                          f"`defectkit train --resume {run.root}`.")
+    parent = load_parent(record["parent"]["run"])
+    if run.metrics.is_file() and not overrides:  # training finished; the process died while judging
+        import json
+
+        metrics = json.loads(run.metrics.read_text())
+    else:
+        metrics = resume(run.root, overrides, quiet=quiet).metrics
+    return finish_retrain(run, parent, LineSpec.load(run.line_spec), metrics, quiet)
+
+
+def finish_retrain(run: RunPaths, parent: Parent, spec: LineSpec, metrics: dict[str, Any],
+                   quiet: bool = False) -> RetrainResult:
+    """Score parent and retrained model on the parent's val set; write the verdict beside the run."""
+    import json
+
+    from detect.evaluate import EvalResult
+    from detect.infer import evaluate_weights
+
+    r = resolve_settings(spec, "retrain")
+    before = evaluate_weights(parent.spec, parent.weights, parent.spec.paths.val, run.eval_dir / "parent")
+    after = evaluate_weights(spec, run.best_weights, run.root / "data" / "val_old.json", run.eval_dir / "old_classes")
+    merged_val = EvalResult(**{k: v for k, v in metrics["val"].items()}) if "val" in metrics else None
+    if merged_val is not None:  # metrics.json holds None for NaN
+        nan = lambda d: {k: float("nan") if v is None else v for k, v in d.items()}  # noqa: E731
+        merged_val.per_class, merged_val.per_class_ap50 = nan(merged_val.per_class), nan(merged_val.per_class_ap50)
+    verdict = judge(before, after, parent.spec.classes, merged_val, r["max_map_drop"], r["max_class_drop"],
+                    r["min_new_class_ap50"])
+    record = json.loads(record_path(run).read_text())
+    record.update(status="passed" if verdict.passed else "refused", forgetting=verdict.to_dict(),
+                  finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    atomic_write_json(record_path(run), record)
+    title = f"{spec.line} — retrain {run.root.name} of {parent.run.root.name}"
+    atomic_write_text(run.root / "retrain.md", markdown(verdict, title))
+    plot(verdict, run.root / "retrain.png", title)
+    if not quiet:
+        print(verdict.line())
+        print(f"figures: {run.root / 'retrain.md'}  plot: {run.root / 'retrain.png'}")
+    return RetrainResult(run, metrics, verdict, record)

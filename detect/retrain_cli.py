@@ -1,0 +1,65 @@
+"""``defectkit retrain``: incremental retrain of a line from its current model (see :mod:`detect.retrain`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from detect.cli import parse_sets
+from edge_runtime.errors import UserInputError
+
+RETRAIN_FLAGS = {"epochs": int, "replay": float, "lr_factor": float, "freeze": str}
+EXIT_REFUSED = 6  # the retrained model forgot old classes (or did not learn a new one): kept, not fit to ship
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "retrain", help="retrain a line's model with new images / hard examples / new classes, without forgetting",
+        description="Start from a finished run of the line (--from), add new data folders (--add, as made by "
+                    "`defectkit data import`), optionally a line spec with new classes appended (--spec). The old "
+                    "classes are checked on the parent's validation set: exit 6 if they got worse beyond "
+                    "retrain.max_class_drop / retrain.max_map_drop.")
+    p.add_argument("--from", dest="parent", type=Path, metavar="RUN_DIR", help="the line's current run (runs/<line>/<run>)")
+    p.add_argument("--add", action="append", default=[], type=Path, metavar="DATA_DIR",
+                   help="data folder with images/ and annotations/ (repeatable)")
+    p.add_argument("--spec", type=Path, help="line spec with new classes appended / new settings (default: the parent's)")
+    p.add_argument("--name", help="run name (default retrain-YYYYmmdd-HHMMSS, beside the parent)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted retrain exactly")
+    for flag, typ in RETRAIN_FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=f"r_{flag}", type=typ, metavar=flag.upper(),
+                       help=f"retrain.{flag} (line spec default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="retrain.* or train.* setting, e.g. --set max_class_drop=2 --set batch_size=4 (repeatable)")
+    p.set_defaults(func=_retrain)
+
+
+def split_sets(items: list[str]) -> tuple[dict, dict]:
+    """``--set`` items to (retrain overrides, train overrides): a key of the retrain section wins."""
+    from detect.linespec import load_defaults
+
+    retrain_keys = set(load_defaults()["retrain"])
+    r, t = {}, {}
+    for key, value in parse_sets(items).items():
+        (r if key in retrain_keys else t)[key] = value
+    return r, t
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from detect.linespec import LineSpec
+    from detect.retrain import resume_retrain, retrain
+
+    r_over, t_over = split_sets(args.set)
+    r_over.update({k: getattr(args, f"r_{k}") for k in RETRAIN_FLAGS if getattr(args, f"r_{k}") is not None})
+    if args.resume:
+        result = resume_retrain(args.resume, {**t_over, **({"epochs": r_over["epochs"]} if "epochs" in r_over else {})})
+    else:
+        if args.parent is None:
+            raise UserInputError("give --from RUN_DIR (the line's current run) and at least one --add DATA_DIR.")
+        spec = LineSpec.load(args.spec) if args.spec else None
+        run_dir = args.parent.parent / args.name if args.name else None
+        result = retrain(args.parent, args.add, spec, run_dir, r_over, t_over)
+    m = result.metrics
+    print(f"run {result.run.root}: mAP50-95 {m['val']['map50_95']:.3f} on the merged val set; {result.verdict.line()}")
+    if not result.verdict.passed:
+        print("refused: `defectkit bundle` will not ship this run. Figures: " + str(result.run.root / "retrain.md"))
+        return EXIT_REFUSED
+    return 0

@@ -1,0 +1,210 @@
+"""The data of an incremental retrain: the parent run's images replayed beside the new ones, in one COCO set.
+
+A retrain starts from a finished run of the line (the *parent*). Its training and validation sets are the
+parent's (as recorded in the parent's ``line.yaml``, so a retrain of a retrain carries everything forward)
+plus every data folder given with ``--add`` (new images, labelled hard examples, images of a new defect
+class). The merged set is written into the new run (``<run>/data``: images hard-linked, or copied across
+file systems, under unique names), so the run stays resumable and reproducible when the sources move.
+
+Class order is the contract with the edge box: the new class list must start with the parent's classes in
+the same order; new classes are appended. Added data maps its categories to the line's classes by name.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from detect.data.coco import Layout, class_names, load_coco, make_coco, write_coco
+from detect.data.split import stratified_split
+from detect.linespec import DataPaths, LineSpec
+from detect.ppyoloe import RunPaths
+from edge_runtime.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A finished run a retrain starts from: its line spec (classes, data), best weights and metrics."""
+
+    run: RunPaths
+    spec: LineSpec
+    metrics: dict[str, Any]
+
+    @property
+    def weights(self) -> Path:
+        return self.run.best_weights
+
+
+def load_parent(run_dir: Path | str) -> Parent:
+    """The parent run, refused with the fix when it is not a finished run of the kit."""
+    import json
+
+    run = RunPaths(Path(run_dir))
+    where = f"parent run '{run.root}'"
+    if not run.line_spec.is_file():
+        raise ConfigError(f"{where} has no line.yaml: give a run folder runs/<line>/<run> made by `defectkit train`.")
+    if not run.metrics.is_file():
+        raise ConfigError(f"{where} has not finished (no metrics.json): finish it first with "
+                          f"`defectkit train --resume {run.root}`.")
+    if not run.best_weights.is_file():
+        raise ConfigError(f"{where} has no best weights ({run.best_weights}).")
+    return Parent(run, LineSpec.load(run.line_spec), json.loads(run.metrics.read_text()))
+
+
+def new_classes(parent: Sequence[str], classes: Sequence[str], where: str) -> list[str]:
+    """The classes appended after the parent's; refuses a list that reorders, renames or drops one."""
+    if list(classes[: len(parent)]) != list(parent):
+        raise ConfigError(
+            f"{where}: classes {list(classes)} must start with the parent model's classes {list(parent)} in the same "
+            f"order (the order is the contract with the edge box). Append new defect classes at the end.")
+    return list(classes[len(parent):])
+
+
+def check_lineage(parent: Parent, spec: LineSpec) -> list[str]:
+    """``spec`` may retrain ``parent``: same line, parent's classes first; returns the appended classes."""
+    if spec.line != parent.spec.line:
+        raise ConfigError(f"line spec {spec.source}: line '{spec.line}' is not the parent run's line "
+                          f"'{parent.spec.line}'. Retrain a line from one of its own runs.")
+    return new_classes(parent.spec.classes, spec.classes, f"line spec {spec.source or parent.run.line_spec}")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One source of images for the merged set: a COCO file, the folder its file names are relative to, a tag."""
+
+    ann: Path
+    images: Path
+    tag: str
+
+
+def added_parts(root: Path | str, tag: str) -> tuple[Part, Part | None]:
+    """(train part, val part or None) of an ``--add`` folder in the kit's layout (``defectkit data import``)."""
+    layout = Layout(Path(root))
+    if not layout.root.is_dir():
+        raise ConfigError(f"--add {root}: no such folder. Give a data folder with images/ and annotations/ "
+                          f"(made by `defectkit data import`).")
+    train = layout.train if layout.train.is_file() else layout.all
+    if not train.is_file():
+        raise DataError(f"--add {root}: neither {layout.train} nor {layout.all} exists. Import the images with "
+                        f"`defectkit data import` (or split them with `defectkit data split`).")
+    val = Part(layout.val, layout.images, f"{tag}v") if layout.val.is_file() and train == layout.train else None
+    return Part(train, layout.images, tag), val
+
+
+@dataclass
+class Merged:
+    """The merged set written into the run, with what came from where (for retrain.json)."""
+
+    train: Path
+    val: Path
+    val_old: Path  # the parent's val set, categories renumbered to the new class list: the forgetting gate's set
+    images: Path
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: a copy
+        shutil.copyfile(src, dst)
+
+
+def _remap(part: Part, classes: Sequence[str], images_out: Path, coco: dict[str, Any], out_images: list,
+           out_anns: list, seen: dict[Path, int]) -> dict[str, Any]:
+    """Append ``coco``'s images (linked into ``images_out``) and boxes to the merged lists, categories by name."""
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    unknown = sorted(set(names.values()) - set(classes))
+    if unknown:
+        raise DataError(f"'{part.ann}': categories {unknown} are not classes of the line {list(classes)}. Add them at "
+                        f"the end of 'classes' in the line spec (new defect classes), or fix their names.")
+    cat_id = {cid: classes.index(name) + 1 for cid, name in names.items()}
+    new_id: dict[int, int] = {}
+    for im in coco["images"]:
+        src = (part.images / im["file_name"]).resolve()
+        if not src.is_file():
+            raise DataError(f"'{part.ann}': image id={im['id']} file_name={im['file_name']!r} not found at {src}. "
+                            f"Run `defectkit data check {part.ann.parent.parent}`.")
+        if src in seen:  # the same image given twice (e.g. a relabelled hard example): the later labels win
+            drop = seen[src]
+            out_anns[:] = [a for a in out_anns if a["image_id"] != drop]
+            new_id[im["id"]] = drop
+            continue
+        name = f"{part.tag}-{im['file_name'].replace('/', '_').replace(os.sep, '_')}"
+        _link(src, images_out / name)
+        new_id[im["id"]] = len(out_images) + 1
+        seen[src] = new_id[im["id"]]
+        out_images.append({"id": new_id[im["id"]], "file_name": name, "width": im["width"], "height": im["height"]})
+    for a in coco["annotations"]:
+        out_anns.append({**a, "id": len(out_anns) + 1, "image_id": new_id[a["image_id"]],
+                         "category_id": cat_id[a["category_id"]]})
+    return {"annotations": str(part.ann), "images": len(coco["images"]), "boxes": len(coco["annotations"]),
+            "classes": sorted(set(names.values()))}
+
+
+def _merge(parts: list[tuple[Part, dict[str, Any]]], classes: Sequence[str], images_out: Path, dst: Path,
+           description: str) -> tuple[Path, list[dict[str, Any]]]:
+    images: list = []
+    anns: list = []
+    seen: dict[Path, int] = {}
+    sources = [_remap(p, classes, images_out, coco, images, anns, seen) for p, coco in parts]
+    for i, a in enumerate(anns, 1):
+        a["id"] = i
+    return write_coco(dst, make_coco(images, anns, classes, description)), sources
+
+
+def replayed(parent_train: dict[str, Any], replay: float, seed: int) -> dict[str, Any]:
+    """The share ``replay`` of the parent's training images, stratified by rarest class (all of them at 1.0)."""
+    if not 0.0 <= replay <= 1.0:
+        raise ConfigError(f"retrain.replay is a share of the parent's training images in [0, 1], got {replay}.")
+    if replay >= 1.0 or len(parent_train["images"]) < 2:
+        return parent_train if replay > 0 else {**parent_train, "images": [], "annotations": []}
+    if replay <= 0.0:
+        return {**parent_train, "images": [], "annotations": []}
+    kept, _ = stratified_split(parent_train, 1.0 - replay, seed)
+    return kept
+
+
+def merge_data(parent: Parent, adds: Sequence[Path | str], classes: Sequence[str], out: Path, replay: float,
+               seed: int) -> Merged:
+    """Write ``out/{train,val,val_old}.json`` and ``out/images`` for a retrain of ``parent`` with ``adds``."""
+    if not adds:
+        raise ConfigError("a retrain needs new data: give at least one --add DATA_FOLDER (new images, labelled "
+                          "hard examples or a new defect class).")
+    images_out = out / "images"
+    images_out.mkdir(parents=True, exist_ok=True)
+    p = parent.spec.paths
+    old_train, old_val = load_coco(p.train), load_coco(p.val)
+    for ann, coco in ((p.train, old_train), (p.val, old_val)):
+        if class_names(coco) != parent.spec.classes:
+            raise DataError(f"'{ann}': categories {class_names(coco)} are not the parent's classes "
+                            f"{parent.spec.classes}; the parent run's data changed since it trained.")
+    train_parts = [(Part(p.train, p.images, "parent"), replayed(old_train, replay, seed))]
+    val_parts = [(Part(p.val, p.images, "parent"), old_val)]
+    for i, root in enumerate(adds, 1):
+        tr, va = added_parts(root, f"add{i}")
+        train_parts.append((tr, load_coco(tr.ann)))
+        if va is not None:
+            val_parts.append((va, load_coco(va.ann)))
+    desc = f"defectkit retrain of {parent.run.root.name}"
+    train, sources = _merge(train_parts, classes, images_out, out / "train.json", desc)
+    val, val_sources = _merge(val_parts, classes, images_out, out / "val.json", desc + " (val)")
+    val_old, _ = _merge(val_parts[:1], classes, images_out, out / "val_old.json", desc + " (parent's val)")
+    for s, role in zip(sources + val_sources, ["train"] * len(sources) + ["val"] * len(val_sources)):
+        s["split"] = role
+    sources[0]["replay"] = replay
+    return Merged(train, val, val_old, images_out, sources + val_sources)
+
+
+def retrain_spec(parent: Parent, spec: LineSpec | None, merged: Merged) -> LineSpec:
+    """The line spec the retrain trains with: the given one (or the parent's), its data the merged set."""
+    import copy
+
+    base = copy.deepcopy(spec if spec is not None else parent.spec)
+    check_lineage(parent, base)
+    base.paths = DataPaths(root=merged.train.parent.resolve(), images=merged.images.resolve(),
+                           train=merged.train.resolve(), val=merged.val.resolve())
+    return base
