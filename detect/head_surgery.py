@@ -41,6 +41,18 @@ def grow_class_rows(stored: dict[str, np.ndarray], old: int, new: int, prior: fl
     return out
 
 
+def first_classes_model(weights: Path, n: int, dst: Path) -> Path:
+    """A detector of only the first ``n`` classes of ``weights`` (class-head rows cut): the parent of a line
+    that has not met the other classes yet, for the retrain benchmark and tests."""
+    from detect.callbacks import save_state_atomic
+    from detect.heavy import paddle_stack
+
+    paddle = paddle_stack().paddle
+    stored = paddle.load(str(weights))
+    save_state_atomic({k: paddle.to_tensor(v.numpy()[:n]) if CLASS_HEAD.match(k) else v for k, v in stored.items()}, dst)
+    return dst
+
+
 def write_grown_weights(parent_weights: Path, old: int, new: int, dst: Path) -> Path:
     """The parent's ``.pdparams`` with its class head grown to ``new`` classes, saved to ``dst`` (atomically)."""
     from detect.callbacks import save_state_atomic

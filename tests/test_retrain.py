@@ -24,18 +24,14 @@ OLD = list(DEFECT_CLASSES[:5])
 def parent(tmp_path_factory):
     """runs/pcb-rt/parent: base weights cut to five classes, the five-class line's spec and metrics."""
     from detect.data.synth import generate_line
-    from detect.heavy import paddle_stack
+    from detect.head_surgery import first_classes_model
     from detect.ppyoloe import RunPaths
 
-    paddle = paddle_stack().paddle
     tmp = tmp_path_factory.mktemp("retrain")
     spec = generate_line(tmp / "old", line="pcb-rt", count=48, seed=21, val_fraction=0.25, progress=False,
                          classes=tuple(OLD))
-    stored = paddle.load(str(ROOT / "base_weights" / "pcb-base-tiny-320.pdparams"))
-    five = {k: paddle.to_tensor(v.numpy()[:5]) if k.startswith("yolo_head.pred_cls") else v for k, v in stored.items()}
     run = RunPaths(tmp / "runs" / "pcb-rt" / "parent")
-    run.best_weights.parent.mkdir(parents=True)
-    paddle.save(five, str(run.best_weights))
+    first_classes_model(ROOT / "base_weights" / "pcb-base-tiny-320.pdparams", 5, run.best_weights)
     spec.save(run.line_spec)
     run.metrics.write_text(json.dumps({"classes": OLD, "source": "base weights cut to five classes"}))
     return run

@@ -1,0 +1,120 @@
+"""Does a retrain that adds a defect class forget the old ones? Three strategies, one run, same data.
+
+    python bench/retrain_forgetting.py [--epochs 4] [--new-images 24] [--out bench/results/retrain_forgetting.json]
+
+Parent: the kit's base detector cut to its first five classes, on a five-class synthetic line (48 images,
+320 px). New data: images showing only the sixth class (spurious_copper), labelled only with it: what an
+engineer sends when a new defect appears. Strategies, each a real ppdet training of ``--epochs``:
+
+- kit: ``defectkit retrain`` defaults (parent images replayed, class head grown keeping old rows, backbone frozen);
+- no replay: the same without the parent's images (``retrain.replay 0``);
+- naive: new images only, starting from the parent weights with ppdet's own loader (the mismatched class head
+  is skipped, so re-initialised), as a plain ``defectkit train --pretrained`` would.
+
+Every model is scored on the parent's validation set (old classes, per class) by the same gate code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import zlib  # noqa: E402,F401  -- before paddle (import-order segfault, STACK.md)
+
+TRAIN = {"batch_size": 4, "multiscale": False, "warmup_steps": 4, "visualdl": False}
+
+
+def setup(tmp: Path, new_images: int):
+    from detect.data.defects import DEFECT_CLASSES
+    from detect.data.synth import generate_line
+    from detect.head_surgery import first_classes_model
+    from detect.linespec import LineSpec
+    from detect.ppyoloe import RunPaths
+
+    spec = generate_line(tmp / "old", line="pcb-bench", count=48, seed=21, val_fraction=0.25, progress=False,
+                         classes=DEFECT_CLASSES[:5])
+    generate_line(tmp / "new", line="pcb-bench", count=new_images, seed=33, val_fraction=0.25, progress=False,
+                  classes=DEFECT_CLASSES[5:])
+    parent = RunPaths(tmp / "runs" / "pcb-bench" / "parent")
+    first_classes_model(ROOT / "base_weights" / "pcb-base-tiny-320.pdparams", 5, parent.best_weights)
+    spec.save(parent.line_spec)
+    parent.metrics.write_text(json.dumps({"classes": list(DEFECT_CLASSES[:5])}))
+    six = LineSpec.load(parent.line_spec)
+    six.classes = list(DEFECT_CLASSES)
+    six.save(tmp / "pcb-bench-v2.yaml")
+    return parent, six
+
+
+def naive(parent, kit_run: Path, out: Path, epochs: int):
+    """ppdet's plain fine-tune on the new images only: mismatched head tensors skipped by load_pretrain_weight."""
+    import copy
+
+    from detect.data.coco import load_coco, subset, write_coco
+    from detect.forgetting import judge
+    from detect.infer import evaluate_weights
+    from detect.linespec import DataPaths, LineSpec, resolve_settings
+    from detect.retrain_data import load_parent
+    from detect.train import train
+
+    spec = copy.deepcopy(LineSpec.load(kit_run / "line.yaml"))
+    data = kit_run / "data"
+    train_coco = load_coco(data / "train.json")
+    only_new = subset(train_coco, [im["id"] for im in train_coco["images"] if not im["file_name"].startswith("parent-")])
+    write_coco(out / "new_only.json", only_new)
+    spec.paths = DataPaths(data, data / "images", out / "new_only.json", data / "val.json")
+    r = resolve_settings(spec, "retrain")
+    result = train(spec, out / "naive", {**TRAIN, "epochs": epochs, "lr": 0.01 * r["lr_factor"], "freeze": r["freeze"],
+                                         "pretrained": str(parent.best_weights)}, quiet=True)
+    p = load_parent(parent.root)
+    before = evaluate_weights(p.spec, p.weights, p.spec.paths.val, out / "naive-eval-parent")
+    after = evaluate_weights(spec, result.run.best_weights, data / "val_old.json", out / "naive-eval-old")
+    from detect.evaluate import EvalResult
+
+    val = result.metrics["val"]
+    merged = EvalResult(val["map50_95"], val["map50"], {k: float("nan") if v is None else v for k, v in val["per_class"].items()},
+                        {k: float("nan") if v is None else v for k, v in val["per_class_ap50"].items()})
+    return judge(before, after, p.spec.classes, merged, r["max_map_drop"], r["max_class_drop"], r["min_new_class_ap50"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--new-images", type=int, default=24)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrain_forgetting.json")
+    args = ap.parse_args()
+    from detect.retrain import retrain
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        parent, six = setup(tmp, args.new_images)
+        for name, over in (("kit", {}), ("no replay", {"replay": 0.0})):
+            t = time.time()
+            res = retrain(parent.root, [tmp / "new"], six, parent.root.parent / name.replace(" ", "-"),
+                          {"epochs": args.epochs, **over}, TRAIN, quiet=True)
+            rows[name] = {"seconds": round(time.time() - t, 1), **res.verdict.to_dict()}
+        t = time.time()
+        rows["naive"] = {**naive(parent, parent.root.parent / "kit", tmp, args.epochs).to_dict()}
+        rows["naive"]["seconds"] = round(time.time() - t, 1)
+    print(f"{'strategy':<10} {'old mAP50-95':>12} {'change':>8} {'worst class':>22} {'new AP50':>9} {'gate':>8} {'s':>6}")
+    for name, r in rows.items():
+        worst = max(r["classes"], key=lambda c: c["drop_points"] or -1e9)
+        worst_text = f"{worst['name']} {-worst['drop_points']:+.2f}"
+        new50 = next(iter(r["new_classes_ap50"].values()), None)
+        new_text = "n/a" if new50 is None else f"{new50:.3f}"
+        print(f"{name:<10} {r['old_map_parent']:.4f}->{r['old_map_retrained']:.4f} {-r['drop_points']:+8.2f} "
+              f"{worst_text:>22} {new_text:>9} {'passed' if r['passed'] else 'REFUSED':>8} {r['seconds']:6.1f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"epochs": args.epochs, "new_images": args.new_images, "rows": rows}, indent=1))
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
