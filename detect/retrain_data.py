@@ -22,6 +22,7 @@ from detect.data.split import stratified_split
 from detect.linespec import DataPaths, LineSpec
 from detect.ppyoloe import RunPaths
 from edge_runtime.errors import ConfigError, DataError
+from edge_runtime.hard_examples import unreviewed_prelabels
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ def _link(src: Path, dst: Path) -> None:
 def _remap(part: Part, classes: Sequence[str], images_out: Path, coco: dict[str, Any], out_images: list,
            out_anns: list, seen: dict[Path, int]) -> dict[str, Any]:
     """Append ``coco``'s images (linked into ``images_out``) and boxes to the merged lists, categories by name."""
+    if unreviewed_prelabels(coco):
+        raise DataError(f"'{part.ann}' holds model pre-labels nobody has reviewed (info.reviewed is false): "
+                        f"correct them in a labelling tool and re-export, or set info.reviewed to true.")
     names = {c["id"]: c["name"] for c in coco["categories"]}
     unknown = sorted(set(names.values()) - set(classes))
     if unknown:

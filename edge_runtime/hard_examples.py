@@ -19,6 +19,14 @@ from .spool import Spool
 SCHEMA = "defectkit.hard_example/1"
 _META_KEYS = ("schema", "id", "device_id", "line", "bundle_version", "time", "max_score", "detections")
 _OPTIONAL_KEYS = ("source", "width", "height", "verdict")
+PRELABEL_SOURCE = "defectkit hard examples (model pre-labels)"
+"""COCO ``info.description`` of a hard-example export (fleet.labelling); training refuses it while unreviewed."""
+
+
+def unreviewed_prelabels(coco: Mapping[str, Any]) -> bool:
+    """True for a pre-label export nobody has reviewed yet: training on it would teach the model its own output."""
+    info = coco.get("info") or {}
+    return info.get("description") == PRELABEL_SOURCE and info.get("reviewed") is False
 
 
 class HardExampleSampler:

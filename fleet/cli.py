@@ -35,6 +35,15 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--limit", type=int, default=20, help="newest N (default %(default)s)")
     ls.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     ls.set_defaults(func=_list)
+    ex = sub.add_parser("export-hard-examples",
+                        help="hard examples of a line as a data folder with model pre-labels, for labelling and retrain")
+    ex.add_argument("--db", required=True, type=Path, help="SQLite store of the collector")
+    ex.add_argument("--line", required=True, help="the line whose hard examples to export")
+    ex.add_argument("--out", required=True, type=Path, help="new data folder (images/ + annotations/all.json)")
+    ex.add_argument("--classes", help="the line's classes in contract order, comma-separated (categories 1..K)")
+    ex.add_argument("--device", help="only this device")
+    ex.add_argument("--min-score", type=float, default=0.3, help="pre-label detections at or above (default %(default)s)")
+    ex.set_defaults(func=_export_hard_examples)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -45,6 +54,21 @@ def _serve(args: argparse.Namespace) -> int:
                                  data_dir=args.data_dir, max_report_bytes=args.max_report_kb * 1024,
                                  max_hard_example_bytes=args.max_hard_example_kb * 1024)
     serve(settings)
+    return 0
+
+
+def _export_hard_examples(args: argparse.Namespace) -> int:
+    from fleet import store
+    from fleet.labelling import export_hard_examples
+
+    if not args.db.is_file():
+        raise UserInputError(f"collector store {args.db} does not exist; give the --db that 'collector serve' uses")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
+    with store.session(path=args.db) as conn:
+        done = export_hard_examples(conn, line=args.line, out=args.out, classes=classes, min_score=args.min_score,
+                                    device=args.device)
+    print(f"{done.images} hard examples, {done.boxes} pre-labelled boxes ({', '.join(done.classes) or 'no class'}) "
+          f"-> {done.root}\nreview them in a labelling tool, then: defectkit retrain --from RUN --add {done.root}")
     return 0
 
 
