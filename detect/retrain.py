@@ -73,8 +73,8 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
     parent = load_parent(parent_dir)
     base = spec if spec is not None else parent.spec
     added = check_lineage(parent, base)
-    run = RunPaths(Path(run_dir) if run_dir else default_run_dir(
-        base, parent.run.root.parent.parent, datetime.now().strftime("retrain-%Y%m%d-%H%M%S")))
+    run = RunPaths((Path(run_dir) if run_dir else default_run_dir(
+        base, parent.run.root.parent.parent, datetime.now().strftime("retrain-%Y%m%d-%H%M%S"))).resolve())
     if run.metrics.exists() or list_checkpoints(run.checkpoints):
         raise ConfigError(f"run '{run.root}' already exists: continue it with `defectkit retrain --resume "
                           f"{run.root}` or choose another --name.")
@@ -105,7 +105,7 @@ def resume_retrain(run_dir: Path | str, overrides: dict[str, Any] | None = None,
     """Continue an interrupted retrain exactly (``defectkit train --resume`` semantics), then judge it."""
     from detect.train import resume
 
-    run = RunPaths(Path(run_dir))
+    run = RunPaths(Path(run_dir).resolve())
     record = read_record(run.root)
     if record is None:
         raise ConfigError(f"'{run.root}' is not a retrain (no {RECORD}); resume a training run with "
@@ -130,7 +130,9 @@ def finish_retrain(run: RunPaths, parent: Parent, spec: LineSpec, metrics: dict[
 
     r = resolve_settings(spec, "retrain")
     before = evaluate_weights(parent.spec, parent.weights, parent.spec.paths.val, run.eval_dir / "parent")
-    after = evaluate_weights(spec, run.best_weights, run.root / "data" / "val_old.json", run.eval_dir / "old_classes")
+    # absolute: ppdet joins a relative annotation path onto the data set folder
+    old_val = (run.root / "data" / "val_old.json").resolve()
+    after = evaluate_weights(spec, run.best_weights, old_val, run.eval_dir / "old_classes")
     merged_val = EvalResult(**{k: v for k, v in metrics["val"].items()}) if "val" in metrics else None
     if merged_val is not None:  # metrics.json holds None for NaN
         nan = lambda d: {k: float("nan") if v is None else v for k, v in d.items()}  # noqa: E731

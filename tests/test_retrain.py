@@ -151,7 +151,7 @@ def test_forgetting_verdict_is_computed_from_both_models_on_the_parents_val_set(
     assert (retrained.run.root / "retrain.png").stat().st_size > 10_000
 
 
-def test_resume_after_a_death_during_the_gate_judges_without_training(retrained):
+def test_resume_after_a_death_during_the_gate_judges_without_training(retrained, monkeypatch):
     from detect.retrain import resume_retrain
 
     path = retrained.run.root / "retrain.json"
@@ -159,7 +159,8 @@ def test_resume_after_a_death_during_the_gate_judges_without_training(retrained)
     verdict = record.pop("forgetting")
     path.write_text(json.dumps({**record, "status": "training"}))
     mtime = retrained.run.best_weights.stat().st_mtime
-    again = resume_retrain(retrained.run.root, quiet=True)
+    monkeypatch.chdir(retrained.run.root.parent)  # a relative run path, as typed on the command line
+    again = resume_retrain(retrained.run.root.name, quiet=True)
     assert retrained.run.best_weights.stat().st_mtime == mtime  # no training happened
     assert again.verdict.old_map_retrained == pytest.approx(verdict["old_map_retrained"], abs=1e-4)
     assert json.loads(path.read_text())["status"] in ("passed", "refused")
