@@ -21,7 +21,8 @@ import numpy as np
 
 from compress.measure import read_image
 from detect.linespec import LineSpec, resolve_settings
-from edge_runtime.decision import RuntimeConfig, decide
+from edge_runtime.decision import decide
+from edge_runtime.settings import RuntimeSettings
 from edge_runtime.selftest import Tolerance, compare
 
 
@@ -60,7 +61,7 @@ class GateResult:
         return head + ("" if self.passed else " — " + "; ".join(self.reasons))
 
 
-def gate_settings(spec: LineSpec) -> tuple[float, Tolerance, RuntimeConfig]:
+def gate_settings(spec: LineSpec) -> tuple[float, Tolerance, RuntimeSettings]:
     """The line's gate limits: max mAP drop, golden tolerance (the self-test's), decision config."""
     c = resolve_settings(spec, "compress")
     tol = Tolerance(score=float(c["golden_score_tol"]), box_px=float(c["golden_box_px"]),
@@ -68,9 +69,9 @@ def gate_settings(spec: LineSpec) -> tuple[float, Tolerance, RuntimeConfig]:
     return float(c["max_map_drop"]), tol, runtime_config(spec)
 
 
-def runtime_config(spec: LineSpec) -> RuntimeConfig:
+def runtime_config(spec: LineSpec) -> RuntimeSettings:
     r = resolve_settings(spec, "runtime")
-    return RuntimeConfig.from_dict({k: r[k] for k in ("score_threshold", "class_thresholds", "min_area", "roi")},
+    return RuntimeSettings.from_dict({k: r[k] for k in ("score_threshold", "class_thresholds", "min_area", "roi")},
                                    f"{spec.source or spec.line}: runtime")
 
 

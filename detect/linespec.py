@@ -2,75 +2,36 @@
 
 A line spec names the line, its classes (their order is the contract with the edge box), the network
 input size, the model size, where the data is, and overrides of the defaults table
-(``detect/defaults.yaml``). Settings resolve in one visible order: defaults, then the line spec, then
-the command line (see :func:`resolve_settings`).
+(``detect/defaults.yaml``). ``LineSpec.settings`` is the resolved :class:`~detect.settings.Settings`:
+defaults < the spec file; a command puts its command-line values on top once, with :meth:`LineSpec.with_cli`,
+and hands the result to the stage functions. A run records the spec it used, settings and overrides included,
+in ``settings.yaml`` (:mod:`detect.run_settings`); later stages read that, not the spec file.
 """
 from __future__ import annotations
 
-import copy
-import difflib
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from detect.settings import SECTIONS, Layer, Settings
 from edge_runtime.errors import ConfigError
+from edge_runtime.typedconf import did_you_mean
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
 MODEL_SIZES = ("tiny", "s", "m", "l", "x")
-SECTIONS = ("data", "train", "retrain", "export", "compress", "runtime", "drift")
 _LINE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _TOP_KEYS = ("line", "classes", "image_size", "model_size", "paths") + SECTIONS
 
 
-def load_defaults() -> dict[str, dict[str, Any]]:
-    """The defaults table, a fresh copy each call (callers may mutate it)."""
+def load_table() -> dict[str, dict[str, Any]]:
+    """The annotated defaults table as data (the documentation of every setting; tests compare it with the
+    dataclasses of :mod:`detect.settings`)."""
     with open(DEFAULTS_PATH, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
-
-
-def _did_you_mean(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
-    return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(choices))}."
-
-
-def _check_type(where: str, key: str, value: Any, default: Any) -> Any:
-    """Accept a value only if it has the default's type (ints are fine where floats are expected)."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}.")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}.")
-        return float(value)
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: '{key}' must be a whole number, got {value!r}.")
-        return value
-    if isinstance(default, str):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. freeze: 2
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: '{key}' must be text, got {value!r}.")
-        return value
-    if isinstance(default, list) and not isinstance(value, list):
-        raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}.")
-    if isinstance(default, dict) and not isinstance(value, dict):
-        raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}.")
-    return value
-
-
-def merge_section(where: str, section: str, base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Overlay ``overrides`` on ``base``, refusing unknown keys and wrong types."""
-    merged = dict(base)
-    for key, value in (overrides or {}).items():
-        if key not in base:
-            raise ConfigError(f"{where}: unknown key '{section}.{key}'.{_did_you_mean(key, list(base))}")
-        merged[key] = _check_type(where, f"{section}.{key}", value, base[key])
-    return merged
 
 
 @dataclass(frozen=True)
@@ -87,7 +48,7 @@ class DataPaths:
         known = {"root", "images", "train", "val"}
         for key in raw:
             if key not in known:
-                raise ConfigError(f"{where}: unknown key 'paths.{key}'.{_did_you_mean(key, sorted(known))}")
+                raise ConfigError(f"{where}: unknown key 'paths.{key}'.{did_you_mean(key, sorted(known))}")
         if "root" not in raw:
             raise ConfigError(f"{where}: 'paths.root' is missing (the folder holding images/ and annotations/).")
         root = (base_dir / str(raw["root"])).resolve()
@@ -100,8 +61,6 @@ class DataPaths:
 
     def to_yaml(self, base_dir: Path) -> dict[str, str]:
         def rel(p: Path, start: Path) -> str:
-            import os
-
             return os.path.relpath(p, start)
 
         return {
@@ -112,23 +71,18 @@ class DataPaths:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class LineSpec:
-    """A production line: id, classes in contract order, input size, model size, data, settings."""
+    """A production line: id, classes in contract order, input size, model size, data, resolved settings."""
 
     line: str
-    classes: list[str]
+    classes: list
     image_size: int
     model_size: str
     paths: DataPaths
-    data: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-    retrain: dict[str, Any] = field(default_factory=dict)
-    export: dict[str, Any] = field(default_factory=dict)
-    compress: dict[str, Any] = field(default_factory=dict)
-    runtime: dict[str, Any] = field(default_factory=dict)
-    drift: dict[str, Any] = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)
     source: Path | None = None
+    cli: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # command-line overrides on top of the file
 
     @property
     def num_classes(self) -> int:
@@ -140,7 +94,7 @@ class LineSpec:
             raise ConfigError(f"{where}: expected a YAML mapping at the top level, got {type(raw).__name__}.")
         for key in raw:
             if key not in _TOP_KEYS:
-                raise ConfigError(f"{where}: unknown key '{key}'.{_did_you_mean(str(key), list(_TOP_KEYS))}")
+                raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(str(key), list(_TOP_KEYS))}")
         for key in ("line", "classes", "paths"):
             if key not in raw:
                 raise ConfigError(f"{where}: required key '{key}' is missing.")
@@ -150,10 +104,10 @@ class LineSpec:
                 f"{where}: line id '{line}' must be lower-case letters, digits, '-' or '_' (at most 64)."
             )
         classes = raw["classes"]
-        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) and c for c in classes):
             raise ConfigError(f"{where}: 'classes' must be a non-empty list of class names.")
         if len(set(classes)) != len(classes):
-            dup = sorted({c for c in classes if classes.count(c) > 1})
+            dup = sorted({c for c in classes if list(classes).count(c) > 1})
             raise ConfigError(f"{where}: class names must be unique; repeated: {', '.join(dup)}.")
         image_size = raw.get("image_size", 320)
         if not isinstance(image_size, int) or image_size < 64 or image_size % 32:
@@ -165,29 +119,23 @@ class LineSpec:
             )
         if not isinstance(raw["paths"], Mapping):
             raise ConfigError(f"{where}: 'paths' must be a mapping with at least 'root'.")
-        defaults = load_defaults()
-        sections = {}
-        for name in SECTIONS:
-            over = raw.get(name) or {}
-            if not isinstance(over, Mapping):
-                raise ConfigError(f"{where}: '{name}' must be a mapping of settings.")
-            sections[name] = merge_section(where, name, defaults[name], over)
-        pretrained = sections["train"]["pretrained"]
-        if pretrained and "://" not in pretrained and not Path(pretrained).is_absolute():
-            sections["train"]["pretrained"] = str((base_dir / pretrained).resolve())  # relative to the spec file
-        unknown_cls = set(sections["runtime"]["class_thresholds"]) - set(classes)
+        layer = {name: dict(raw[name] or {}) if isinstance(raw[name], Mapping) else raw[name]
+                 for name in SECTIONS if name in raw}
+        train = layer.get("train")
+        if isinstance(train, dict) and isinstance(train.get("pretrained"), str):
+            train["pretrained"] = absolute_weights(train["pretrained"], base_dir)  # relative to the spec file
+        spec = cls(line=line, classes=list(classes), image_size=image_size, model_size=model_size,
+                   paths=DataPaths.from_yaml(where, raw["paths"], base_dir),
+                   settings=Settings.resolve((where, layer)))
+        spec.check_class_thresholds(where)
+        return spec
+
+    def check_class_thresholds(self, where: str) -> None:
+        unknown_cls = set(self.settings.runtime.class_thresholds) - set(self.classes)
         if unknown_cls:
             raise ConfigError(
                 f"{where}: runtime.class_thresholds names unknown classes: {', '.join(sorted(unknown_cls))}."
             )
-        return cls(
-            line=line,
-            classes=list(classes),
-            image_size=image_size,
-            model_size=model_size,
-            paths=DataPaths.from_yaml(where, raw["paths"], base_dir),
-            **sections,
-        )
 
     @classmethod
     def load(cls, path: str | Path) -> "LineSpec":
@@ -201,12 +149,24 @@ class LineSpec:
         except yaml.YAMLError as exc:
             raise ConfigError(f"line spec '{path}' is not valid YAML: {exc}") from exc
         spec = cls.from_dict(raw, path.parent.resolve(), where=f"line spec '{path}'")
-        spec.source = path.resolve()
+        return replace(spec, source=path.resolve())
+
+    def with_cli(self, cli: Layer | None) -> "LineSpec":
+        """This spec with the command line on top: defaults < line spec < CLI. Called once per command."""
+        if not cli or not any(cli.values()):
+            return self
+        spec = replace(self, settings=self.settings.overlay("command line", cli),
+                       cli=merge_layers(self.cli, cli))
+        spec.check_class_thresholds("command line")
         return spec
+
+    def with_settings(self, settings: Settings) -> "LineSpec":
+        """The same line with a stage's own settings (e.g. the QAT session's training section)."""
+        return replace(self, settings=settings)
 
     def to_dict(self, base_dir: Path) -> dict[str, Any]:
         """The YAML form: only settings that differ from the defaults are written."""
-        defaults = load_defaults()
+        defaults = Settings().to_dict()
         out: dict[str, Any] = {
             "line": self.line,
             "classes": list(self.classes),
@@ -214,8 +174,8 @@ class LineSpec:
             "model_size": self.model_size,
             "paths": self.paths.to_yaml(base_dir),
         }
-        for name in SECTIONS:
-            diff = {k: v for k, v in getattr(self, name).items() if defaults[name].get(k) != v}
+        for name, values in self.settings.to_dict().items():
+            diff = {k: v for k, v in values.items() if defaults[name].get(k) != v}
             if diff:
                 out[name] = diff
         return out
@@ -227,16 +187,20 @@ class LineSpec:
         path = Path(path)
         text = yaml.safe_dump(self.to_dict(path.parent.resolve()), sort_keys=False)
         atomic_write_text(path, text)
-        self.source = path.resolve()
         return path
 
-    def with_overrides(self, section: str, overrides: Mapping[str, Any]) -> "LineSpec":
-        """A copy with CLI overrides applied on one section: defaults < line spec < CLI."""
-        spec = copy.deepcopy(self)
-        setattr(spec, section, merge_section("command line", section, getattr(self, section), overrides))
-        return spec
+
+def absolute_weights(pretrained: str, base_dir: Path) -> str:
+    """A relative ``train.pretrained`` path is relative to the file that names it; URLs stay as they are."""
+    if pretrained and "://" not in pretrained and not Path(pretrained).is_absolute():
+        return str((base_dir / pretrained).resolve())
+    return pretrained
 
 
-def resolve_settings(spec: LineSpec, section: str, cli: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The override order in one line: defaults, then the line spec, then the command line."""
-    return merge_section("command line", section, {**load_defaults()[section], **getattr(spec, section)}, cli or {})
+def merge_layers(*layers: Layer) -> dict[str, dict[str, Any]]:
+    """Section-wise union of override layers, later ones winning."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for name, values in (layer or {}).items():
+            out.setdefault(name, {}).update(values or {})
+    return out

@@ -31,8 +31,9 @@ from typing import Any, Mapping, Union
 from edge_runtime.errors import BundleError, ConfigError, require
 from edge_runtime.modelspec import FORMATS, NMS_PLACES, PRECISIONS, TARGETS, InputSpec, PostprocessSpec
 from edge_runtime.modelspec import file_sha256 as sha256_file
+from edge_runtime.settings import BoxSettings
 
-SCHEMA = "defectkit.bundle/1"
+SCHEMA = "defectkit.bundle/2"  # /2: the line's runtime, drift and report settings travel in the manifest
 SIGNATURE_SCHEMA = "defectkit.bundle-signature/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -92,6 +93,7 @@ class Manifest:
     recipe: dict[str, Any]
     golden: tuple[GoldenImage, ...]
     drift_reference: FileRef
+    settings: BoxSettings  # the line's runtime / drift / report sections: what the box runs on
     kit_version: str = "0"
     schema: str = SCHEMA
     root: Path | None = field(default=None, compare=False, repr=False)
@@ -112,6 +114,7 @@ class Manifest:
             "recipe": dict(self.recipe),
             "golden": [asdict(g) for g in self.golden],
             "drift_reference": asdict(self.drift_reference),
+            "settings": self.settings.to_dict(),
         }
         return out
 
@@ -181,6 +184,7 @@ class Manifest:
                 recipe=dict(d.get("recipe", {})),
                 golden=golden,
                 drift_reference=_ref(d["drift_reference"], source),
+                settings=BoxSettings.from_sections(d["settings"], f"{source}: settings", require_all=True),
             )
         except KeyError as exc:
             raise BundleError(f"{source}: missing field {exc}") from None

@@ -2,7 +2,7 @@
 
 The same parser serves ``defectkit predict`` (via :func:`register`) and ``python -m edge_runtime
 predict`` (via :func:`main`, which must not import the ``defectkit`` package: the edge box lacks the
-trainer's dependencies). Settings resolve as: RuntimeConfig defaults < --runtime-config file < flags.
+trainer's dependencies). Settings resolve as: RuntimeSettings defaults < --runtime-config file < flags.
 """
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Handler of ``predict``: returns 0; kit errors propagate to the CLI layer."""
-    from edge_runtime.decision import RuntimeConfig
+    from edge_runtime.settings import RuntimeSettings
     from edge_runtime.predict import Detector, predict_folder
 
-    cfg = RuntimeConfig.load(args.runtime_config) if args.runtime_config else RuntimeConfig()
+    cfg = RuntimeSettings.load(args.runtime_config) if args.runtime_config else RuntimeSettings()
     cfg = cfg.with_overrides(score_threshold=args.score_threshold)
     detector = Detector.from_model(args.model, backend=args.backend, threads=args.threads, verify=not args.no_verify)
     summary = predict_folder(detector, args.source, args.out, cfg, save_annotated=args.save_annotated)

@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 
 from edge_runtime.backends import Backend, choose_backend, create_backend
-from edge_runtime.decision import RuntimeConfig, decide
+from edge_runtime.decision import decide
+from edge_runtime.settings import RuntimeSettings
 from edge_runtime.errors import ModelError, UserInputError
 from edge_runtime.fileio import atomic_write_bytes
 from edge_runtime.modelspec import FILENAME, ModelEntry, ModelSpec
@@ -205,7 +206,7 @@ def predict_folder(
     model: str | Path | Detector,
     source_dir: str | Path,
     out_jsonl: str | Path,
-    runtime_cfg: RuntimeConfig | None = None,
+    runtime_cfg: RuntimeSettings | None = None,
     save_annotated: Path | None = None,
     backend: str | None = None,
     threads: int = 2,
@@ -215,7 +216,7 @@ def predict_folder(
     Unreadable images are logged and written as a line with "error". The JSON-lines file appears
     atomically when the run ends (a crash leaves the previous file untouched).
     """
-    cfg = runtime_cfg or RuntimeConfig()
+    cfg = runtime_cfg or RuntimeSettings()
     detector = model if isinstance(model, Detector) else Detector.from_model(model, backend=backend, threads=threads)
     cfg.thresholds_for(detector.classes)  # refuse unknown class names before the first image
     source_dir = Path(source_dir)
@@ -248,7 +249,7 @@ def predict_folder(
 def _predict_one(
     detector: Detector,
     path: Path,
-    cfg: RuntimeConfig,
+    cfg: RuntimeSettings,
     source_dir: Path,
     save_annotated: Path | None,
     summary: Summary,

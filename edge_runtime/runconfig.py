@@ -1,92 +1,18 @@
-"""Settings of ``python -m edge_runtime run``: the ``report`` section, the settings file, the options.
+"""Options of ``python -m edge_runtime run``: the flags, and how they go on top of the line's settings.
 
-The box has no PyYAML, so the sections of ``detect/defaults.yaml`` that the box uses are mirrored here as
-dataclasses with the same defaults (a test keeps them equal): ``runtime`` (:class:`RuntimeConfig`), ``drift``
-(:class:`DriftSettings`) and ``report`` (:class:`ReportSettings`). A line's values reach the box as one JSON
-file, ``{"runtime": {...}, "drift": {...}, "report": {...}}`` (``--settings``); flags override it.
+The line's ``runtime`` / ``drift`` / ``report`` sections (:mod:`edge_runtime.settings`) come from the verified
+bundle manifest; an override file and flags go on top of them.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
-from edge_runtime.decision import RuntimeConfig
-from edge_runtime.drift import DriftSettings
-from edge_runtime.typedconf import typed_from_mapping
-from edge_runtime.errors import ConfigError, UserInputError
+from edge_runtime.settings import BoxSettings
+from edge_runtime.errors import UserInputError
 from edge_runtime.report import NAME_RE
-
-SECTIONS = ("runtime", "drift", "report")
-
-
-@dataclass(frozen=True)
-class ReportSettings:
-    """The ``report`` section of detect/defaults.yaml (kept equal to it by a test)."""
-
-    interval_s: float = 60.0
-    spool_max_mb: float = 200.0
-    hard_example_low: float = 0.3
-    hard_example_high: float = 0.7
-    hard_examples_per_hour: int = 20
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None, where: str = "report settings") -> "ReportSettings":
-        return typed_from_mapping(cls, values, "report", where)
-
-    def validate(self, where: str = "report settings") -> None:
-        problems = []
-        if self.interval_s <= 0:
-            problems.append(f"interval_s must be > 0 seconds (got {self.interval_s})")
-        if self.spool_max_mb <= 0:
-            problems.append(f"spool_max_mb must be > 0 (got {self.spool_max_mb})")
-        if not 0.0 <= self.hard_example_low < self.hard_example_high <= 1.0:
-            problems.append(f"need 0 <= hard_example_low < hard_example_high <= 1 "
-                            f"(got {self.hard_example_low}, {self.hard_example_high})")
-        if self.hard_examples_per_hour < 0:
-            problems.append(f"hard_examples_per_hour must be >= 0 (got {self.hard_examples_per_hour})")
-        if problems:
-            raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The three sections the box uses, from defaults < ``--settings`` file < flags."""
-
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    drift: DriftSettings = field(default_factory=DriftSettings)
-    report: ReportSettings = field(default_factory=ReportSettings)
-
-    @classmethod
-    def from_dict(cls, raw: Any, where: str = "settings") -> "Settings":
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{where}: expected a JSON object with sections {', '.join(SECTIONS)}.")
-        for key in raw:
-            if key not in SECTIONS:
-                close = difflib.get_close_matches(str(key), SECTIONS, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"{where}: unknown section '{key}'.{hint} The box reads {', '.join(SECTIONS)}.")
-        return cls(
-            runtime=RuntimeConfig.from_dict(raw.get("runtime", {}), where=f"{where} 'runtime'"),
-            drift=DriftSettings.from_mapping(raw.get("drift", {}), where=f"{where} 'drift'"),
-            report=ReportSettings.from_mapping(raw.get("report", {}), where=f"{where} 'report'"),
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Settings":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"settings file '{path}' cannot be read ({exc.strerror}).") from None
-        except ValueError as exc:
-            raise ConfigError(f"settings file '{path}' is not valid JSON: {exc}") from None
-        return cls.from_dict(raw, where=f"settings file '{path}'")
-
 
 @dataclass
 class RunOptions:
@@ -102,7 +28,7 @@ class RunOptions:
     token: Optional[str] = None
     backend: Optional[str] = None
     threads: int = 2
-    settings: Settings = field(default_factory=Settings)
+    settings: BoxSettings = field(default_factory=BoxSettings)
     watch: bool = False
     settle_ms: float = 300.0
     watch_after: str = "keep"
@@ -177,21 +103,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     """Defaults < --settings file < flags, in one visible place."""
-    settings = Settings.load(args.settings) if args.settings else Settings()
-    runtime = settings.runtime.with_overrides(score_threshold=args.score_threshold)
-    report_over = {k: v for k, v in (("interval_s", args.report_interval), ("spool_max_mb", args.spool_max_mb))
-                   if v is not None}
-    report = ReportSettings.from_mapping({**_asdict(settings.report), **report_over}, where="command line")
+    settings = BoxSettings.load_overrides(args.settings, BoxSettings()) if args.settings else BoxSettings()
+    settings = settings.with_overrides("runtime", score_threshold=args.score_threshold)
+    settings = settings.with_overrides("report", interval_s=args.report_interval, spool_max_mb=args.spool_max_mb)
     token = read_token(args.token_file) if args.token_file else None
     return RunOptions(
         bundle=args.bundle, public_key=args.public_key, source=args.source, device_id=args.device_id,
         out_dir=args.out, state_dir=args.state_dir, collector=args.collector, token=token, backend=args.backend,
-        threads=args.threads, settings=Settings(runtime, settings.drift, report), watch=args.watch,
+        threads=args.threads, settings=settings, watch=args.watch,
         settle_ms=args.settle_ms, watch_after=args.watch_after, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port, max_frames=args.max_frames, update_poll_s=args.update_poll,
         update_url=args.update_url, save_ng=not args.no_ng_images, keep_days=args.keep_days,
     )
-
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}

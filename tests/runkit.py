@@ -18,7 +18,8 @@ import numpy as np
 
 from compress.bundle import ModelFile, build_bundle
 from compress.keys import init_keys, load_private_key
-from edge_runtime.decision import RuntimeConfig, decide
+from edge_runtime.decision import decide
+from edge_runtime.settings import RuntimeSettings
 from edge_runtime.drift import build_reference
 from edge_runtime.drift.synthetic import BoardStream
 from edge_runtime.modelspec import InputSpec, PostprocessSpec
@@ -82,7 +83,7 @@ def board_frames(n: int, seed: int, style=None) -> list[np.ndarray]:
 
 def drift_reference(base: Path, detector: Detector, frames: Sequence[np.ndarray]) -> Path:
     """drift_reference.json from in-distribution frames, built the way the trainer builds it."""
-    cfg = RuntimeConfig()
+    cfg = RuntimeSettings()
     feats = []
     for img in frames:
         dets = detector(img)

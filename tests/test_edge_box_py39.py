@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from compress.lite import edgebox_run
-from edge_runtime.decision import RuntimeConfig
+from edge_runtime.settings import RuntimeSettings
 from edge_runtime.predict import predict_folder
 from tests.edgebox import ensure_edgebox
 from tests.test_edge_onnx_models import RAW_BOXES, build_nms_model, build_raw_model, write_deploy
@@ -46,7 +46,7 @@ def test_predict_in_the_edge_box_matches_the_host(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert "Python 3.9" in proc.stdout and "5 images:" in proc.stdout and "1 unreadable" in proc.stdout
         assert "onnxruntime 1.19" in proc.stderr  # the box's own runtime, not the host's
-        predict_folder(tmp_path / form, src, host_out, RuntimeConfig(score_threshold=0.2), threads=1)
+        predict_folder(tmp_path / form, src, host_out, RuntimeSettings(score_threshold=0.2), threads=1)
         box, host = _lines(box_out), _lines(host_out)
         assert sorted(box) == sorted(host)
         for name, rec in host.items():

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from detect.linespec import DEFAULTS_PATH
-from edge_runtime.decision import RuntimeConfig, decide
+from edge_runtime.decision import decide
+from edge_runtime.settings import RuntimeSettings
 from edge_runtime.errors import ConfigError
 from edge_runtime.postprocess import Detections
 
@@ -22,12 +23,12 @@ def _dets():
 
 def test_defaults_mirror_the_runtime_section_of_defaults_yaml():
     table = yaml.safe_load(DEFAULTS_PATH.read_text())["runtime"]
-    assert RuntimeConfig().to_dict() == table
-    assert RuntimeConfig.from_dict(table) == RuntimeConfig()
+    assert RuntimeSettings().to_dict() == table
+    assert RuntimeSettings.from_dict(table) == RuntimeSettings()
 
 
 def test_default_threshold_counts_scores_from_half():
-    v = decide(_dets(), CLASSES, RuntimeConfig())
+    v = decide(_dets(), CLASSES, RuntimeSettings())
     assert v.verdict == "NG" and v.is_ng
     assert v.counted.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
     assert v.mask.tolist() == [True, True, True, False]  # same order as the detections (by score)
@@ -36,23 +37,23 @@ def test_default_threshold_counts_scores_from_half():
 
 def test_class_thresholds_min_area_and_roi_each_filter():
     d = _dets()
-    v = decide(d, CLASSES, RuntimeConfig(class_thresholds={"dent": 0.4, "stain": 0.95, "scratch": 0.6}))
+    v = decide(d, CLASSES, RuntimeSettings(class_thresholds={"dent": 0.4, "stain": 0.95, "scratch": 0.6}))
     assert sorted(v.counted.scores.tolist()) == pytest.approx([0.45, 0.6, 0.7])  # 0.6 >= 0.6 counts
-    v = decide(d, CLASSES, RuntimeConfig(min_area=100))  # stain box is 3x3 = 9 px
+    v = decide(d, CLASSES, RuntimeSettings(min_area=100))  # stain box is 3x3 = 9 px
     assert v.counted.class_ids.tolist() == [1, 0]
-    v = decide(d, CLASSES, RuntimeConfig(roi=(0, 0, 150, 150)))  # centre (320, 320) is outside
+    v = decide(d, CLASSES, RuntimeSettings(roi=(0, 0, 150, 150)))  # centre (320, 320) is outside
     assert v.counted.class_ids.tolist() == [2, 0]
-    v = decide(d, CLASSES, RuntimeConfig(score_threshold=0.95, roi=(0, 0, 50, 50)))
+    v = decide(d, CLASSES, RuntimeSettings(score_threshold=0.95, roi=(0, 0, 50, 50)))
     assert v.verdict == "OK" and len(v.counted) == 0
     assert v.reason == "4 detection(s) ignored: 4 below threshold"
-    v = decide(d, CLASSES, RuntimeConfig(score_threshold=0.5, min_area=50, roi=(0, 0, 50, 50)))
+    v = decide(d, CLASSES, RuntimeSettings(score_threshold=0.5, min_area=50, roi=(0, 0, 50, 50)))
     assert v.verdict == "NG" and v.counted.class_ids.tolist() == [0]
-    v = decide(d, CLASSES, RuntimeConfig(score_threshold=0.5, min_area=200, roi=(0, 0, 50, 50)))
+    v = decide(d, CLASSES, RuntimeSettings(score_threshold=0.5, min_area=200, roi=(0, 0, 50, 50)))
     assert v.reason == "4 detection(s) ignored: 1 below threshold, 2 smaller than min_area, 1 outside ROI"
 
 
 def test_no_detections_is_ok():
-    v = decide(Detections.empty(), CLASSES, RuntimeConfig())
+    v = decide(Detections.empty(), CLASSES, RuntimeSettings())
     assert (v.verdict, v.reason, len(v.counted)) == ("OK", "no detections", 0)
 
 
@@ -70,11 +71,11 @@ def test_no_detections_is_ok():
 )
 def test_config_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):
-        RuntimeConfig.from_dict(raw)
+        RuntimeSettings.from_dict(raw)
 
 
 def test_unknown_class_names_are_refused_with_a_hint():
-    cfg = RuntimeConfig(class_thresholds={"dnet": 0.3})
+    cfg = RuntimeSettings(class_thresholds={"dnet": 0.3})
     with pytest.raises(ConfigError, match=r"'dnet' \(did you mean 'dent'\?\). The model's classes are: scratch, dent"):
         decide(_dets(), CLASSES, cfg)
 
@@ -82,12 +83,12 @@ def test_unknown_class_names_are_refused_with_a_hint():
 def test_load_file_and_cli_overrides(tmp_path):
     path = tmp_path / "runtime.json"
     path.write_text(json.dumps({"score_threshold": 0.3, "roi": [0, 0, 640, 480], "class_thresholds": {"dent": 0.2}}))
-    cfg = RuntimeConfig.load(path)
+    cfg = RuntimeSettings.load(path)
     assert cfg.roi == (0.0, 0.0, 640.0, 480.0) and cfg.class_thresholds == {"dent": 0.2}
     over = cfg.with_overrides(score_threshold=0.8, min_area=None)
     assert (over.score_threshold, over.roi, over.min_area) == (0.8, cfg.roi, 0)
     path.write_text("[1, 2")
     with pytest.raises(ConfigError, match=r"runtime.json' is not valid JSON"):
-        RuntimeConfig.load(path)
+        RuntimeSettings.load(path)
     with pytest.raises(ConfigError, match=r"runtime config '.*nope.json' does not exist"):
-        RuntimeConfig.load(tmp_path / "nope.json")
+        RuntimeSettings.load(tmp_path / "nope.json")

@@ -25,7 +25,8 @@ def demo_bundle(tiny_spec, tiny_export, tmp_path_factory):
     """(bundle .tar.gz, public key, images folder) from the tiny export, host-NMS ONNX model."""
     from compress.bundle import build_bundle, models_from_deploy
     from compress.keys import init_keys, load_private_key
-    from edge_runtime.decision import RuntimeConfig, decide
+    from edge_runtime.decision import decide
+    from edge_runtime.settings import RuntimeSettings
     from edge_runtime.drift import build_reference
     from edge_runtime.predict import Detector
     from edge_runtime.run import drift_features_of
@@ -39,7 +40,7 @@ def demo_bundle(tiny_spec, tiny_export, tmp_path_factory):
     images = sorted(tiny_spec.paths.images.glob("*.jpg"))
     assert len(images) >= 8
     frames = [cv2.imread(str(p)) for p in images]
-    feats = [drift_features_of(img, decide(det(img), det.classes, RuntimeConfig()), len(det.classes)) for img in frames]
+    feats = [drift_features_of(img, decide(det(img), det.classes, RuntimeSettings()), len(det.classes)) for img in frames]
     ref = build_reference(feats * 3, class_names=det.classes).save(base / "drift_reference.json")
     golden = [(p, expected_record(det(img), det.classes)) for p, img in zip(images[:2], frames[:2])]
     keys = init_keys(base / "keys")

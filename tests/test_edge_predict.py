@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge_runtime import cli
-from edge_runtime.decision import RuntimeConfig
+from edge_runtime.settings import RuntimeSettings
 from edge_runtime.errors import BundleError, ConfigError, ModelError, UserInputError
 from edge_runtime.predict import Detector, predict_folder
 from tests.test_edge_onnx_models import RAW_BOXES, build_nms_model, build_raw_model, write_deploy
@@ -86,7 +86,7 @@ def test_predict_folder_writes_json_lines_and_annotated_pngs(nms_export, tmp_pat
     src = _folder(tmp_path)
     out = tmp_path / "out" / "preds.jsonl"
     ann = tmp_path / "annotated"
-    summary = predict_folder(nms_export / "model.onnx", src, out, RuntimeConfig(score_threshold=0.5),
+    summary = predict_folder(nms_export / "model.onnx", src, out, RuntimeSettings(score_threshold=0.5),
                              save_annotated=ann, threads=1)
     assert (summary.images, summary.errors, summary.ng, summary.ok) == (4, 1, 2, 1)
     assert set(summary.latency_ms) == {"pre", "infer", "post", "total"} and summary.latency_ms["infer"] > 0
@@ -107,7 +107,7 @@ def test_predict_folder_writes_json_lines_and_annotated_pngs(nms_export, tmp_pat
     drawn = cv2.imread(str(ann / "red.png"))
     assert drawn.shape == (96, 128, 3) and not np.array_equal(drawn, _image(96, 128, (0, 0, 255)))
     # a higher threshold turns the blue part (0.7) OK; thresholds per class work through the same path
-    summary = predict_folder(nms_export / "model.onnx", src, out, RuntimeConfig(score_threshold=0.8), threads=1)
+    summary = predict_folder(nms_export / "model.onnx", src, out, RuntimeSettings(score_threshold=0.8), threads=1)
     assert (summary.ng, summary.ok) == (1, 2)
 
 
@@ -119,7 +119,7 @@ def test_predict_folder_errors_are_kit_errors(nms_export, tmp_path):
         predict_folder(nms_export / "model.onnx", tmp_path / "empty", tmp_path / "p.jsonl", threads=1)
     with pytest.raises(ConfigError, match="class_thresholds names classes the model does not have: 'rust'"):
         predict_folder(nms_export / "model.onnx", _folder(tmp_path), tmp_path / "p.jsonl",
-                       RuntimeConfig(class_thresholds={"rust": 0.2}), threads=1)
+                       RuntimeSettings(class_thresholds={"rust": 0.2}), threads=1)
     assert not list(tmp_path.glob("*.jsonl")) and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -195,7 +195,7 @@ def test_draw_marks_counted_boxes_in_class_colour_and_ignored_ones_grey():
     img = np.full((200, 300, 3), 255, np.uint8)
     dets = Detections.build(np.array([[20, 60, 120, 160], [150, 60, 280, 190], [10, 10, 20, 20]]),
                             np.array([0.9, 0.4, 0.05]), np.array([0, 1, 1]))
-    verdict = decide(dets, CLASSES, RuntimeConfig())
+    verdict = decide(dets, CLASSES, RuntimeSettings())
     drawn = draw_detections(img, dets, CLASSES, verdict)
     assert tuple(drawn[110, 20].tolist()) == class_color(0)  # left edge of the counted box
     assert tuple(drawn[120, 150].tolist()) == (160, 160, 160)  # left edge of the ignored box

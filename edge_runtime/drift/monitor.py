@@ -19,52 +19,10 @@ from edge_runtime.drift.detectors import CategoricalDetector, KSDetector, PSIDet
 from edge_runtime.drift.features import check_frame
 from edge_runtime.drift.reference import DriftReference, group_counts
 from edge_runtime.drift.stats import adjust_p_values
-from edge_runtime.typedconf import typed_from_mapping
+from edge_runtime.settings import CORRECTIONS, MIN_VALID, DriftSettings
 from edge_runtime.errors import ConfigError, DataError
 
 STATES = ("none", "warn", "alarm")
-CORRECTIONS = ("bonferroni", "fdr", "none")
-MIN_VALID = 20  # fewer finite window values (or reference values) than this: the feature is not scored
-
-
-@dataclass(frozen=True)
-class DriftSettings:
-    """The ``drift`` section of detect/defaults.yaml (kept equal to it by a test; the box has no YAML)."""
-
-    window: int = 200
-    psi_warn: float = 0.1
-    psi_alarm: float = 0.25
-    ks_p_warn: float = 0.05
-    ks_p_alarm: float = 0.001
-    eval_every: int = 10
-    hysteresis: int = 3
-    min_frames: int = 100
-    correction: str = "bonferroni"
-    psi_max_bins: int = 10
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None, where: str = "drift settings") -> "DriftSettings":
-        """Settings from a dict (a line spec's ``drift`` section, a bundle manifest); unknown keys refused."""
-        return typed_from_mapping(cls, values, "drift", where)
-
-    def validate(self, where: str = "drift settings") -> None:
-        problems = []
-        if self.window < MIN_VALID:
-            problems.append(f"window must be at least {MIN_VALID} frames (got {self.window})")
-        if not 1 <= self.min_frames <= self.window:
-            problems.append(f"min_frames must be between 1 and window={self.window} (got {self.min_frames})")
-        if self.eval_every < 1 or self.hysteresis < 1:
-            problems.append(f"eval_every and hysteresis must be >= 1 (got {self.eval_every}, {self.hysteresis})")
-        if not 0 < self.psi_warn <= self.psi_alarm:
-            problems.append(f"need 0 < psi_warn <= psi_alarm (got {self.psi_warn}, {self.psi_alarm})")
-        if not 0 < self.ks_p_alarm <= self.ks_p_warn < 1:
-            problems.append(f"need 0 < ks_p_alarm <= ks_p_warn < 1 (got {self.ks_p_alarm}, {self.ks_p_warn})")
-        if self.correction not in CORRECTIONS:
-            problems.append(f"correction must be one of {', '.join(CORRECTIONS)} (got {self.correction!r})")
-        if self.psi_max_bins < 2:
-            problems.append(f"psi_max_bins must be >= 2 (got {self.psi_max_bins})")
-        if problems:
-            raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
 
 
 def psi_bins(window: int, n_ref: int, psi_warn: float, max_bins: int) -> int:
