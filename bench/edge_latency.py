@@ -11,7 +11,7 @@ kept is printed and saved with the figures.
 
 Variants built here (cached in ``--work``): FP32 export (``detect.export.export``: paddle + ONNX, host NMS);
 ONNX Runtime INT8 (``compress.ort_quant.quantize_onnx``, QDQ); PaddleSlim INT8 (``compress.ptq.ptq_paddle``,
-QDQ, run by paddle.inference); Paddle Lite x86 ``.nb`` of both paddle models (``compress.lite_export``: rewrite +
+QDQ, run by paddle.inference); Paddle Lite x86 ``.nb`` of both paddle models (``compress.lite_variants``: rewrite +
 ``paddle_lite_opt`` in the edge box). Measured: median time of one ``backend.infer`` call of the edge runtime
 (pre/post-processing excluded), per backend, precision and thread count; paddle.inference and ONNX Runtime on
 this host (Python 3.11), Paddle Lite in the edge box (Python 3.9, paddlelite 2.13rc0, ``scripts/edge_box.sh``),
@@ -163,7 +163,7 @@ def build(work: Path, quick: bool) -> dict[str, Any]:
         info["notes"]["ptq_int8"] = {"skipped_fp32": pv.recipe["skipped"], "seconds": round(time.time() - t1, 1),
                                      "algo": "avg"}
         print(f"PaddleSlim INT8 in {time.time() - t1:.0f} s", flush=True)
-    from compress.lite_export import add_lite_models
+    from compress.lite_variants import add_lite_models
 
     for precision, d in (("fp32", exp), ("int8", ptq_dir)):
         if d is None:
@@ -189,7 +189,7 @@ def build(work: Path, quick: bool) -> dict[str, Any]:
 def measure(info: dict[str, Any], work: Path, rounds: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
     """Per backend and thread count, FP32 and INT8 interleaved call by call; ``rounds`` passes over the thread
     counts in alternating order. Paddle Lite runs in the edge box, one box start per round."""
-    from compress.lite import edgebox_run
+    from compress.lite_convert import edgebox_run
 
     images = info["images"][:4]
     models: dict[str, dict[str, str]] = {}

@@ -243,7 +243,7 @@ def build_kit(work: Path, lite: bool) -> Kit:
     import cv2
 
     from compress.bundle import ModelFile, build_bundle
-    from compress.bundle_run import drift_reference
+    from compress.bundle_from_run import drift_reference
     from compress.keys import PRIVATE_NAME, PUBLIC_NAME, init_keys, load_private_key
     from detect.data.synth import generate_line
     from detect.export import export
@@ -264,7 +264,7 @@ def build_kit(work: Path, lite: bool) -> Kit:
     onnx = exp / "model_nonms.onnx"
     models = [ModelFile(onnx, "onnx", "any", "fp32", "host", None)]
     if lite:
-        from compress.lite import opt_in_edgebox, rewrite_for_lite
+        from compress.lite_convert import opt_in_edgebox, rewrite_for_lite
 
         plain = work / "lite_src"
         plain.mkdir(exist_ok=True)
@@ -365,7 +365,7 @@ def run_target(where: str, backend: str, kit: Kit, work: Path, args: argparse.Na
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *cmd], capture_output=True, text=True,
                               timeout=timeout)
     else:
-        from compress.lite import edgebox_run
+        from compress.lite_convert import edgebox_run
 
         proc = edgebox_run(["python", "/opt/defectkit/bench/edge_loop.py", *cmd], [work], timeout=timeout, check=False)
     if proc.returncode != 0 or not out_json.is_file():

@@ -59,7 +59,7 @@ def register(subparsers) -> None:
     r.add_argument("--out", type=Path, default=Path("bundles"), help="bundle store root (default ./bundles)")
     r.add_argument("--version", dest="bundle_version", help="new version (default: next major, e.g. 2.0.0)")
     r.add_argument("--parent-version", default=None, help="version this one replaces (default: the newest)")
-    r.set_defaults(func=_bundle_run)
+    r.set_defaults(func=_bundle_from_run)
 
     v = bsub.add_parser("verify", help="check the signature and every checksum of a bundle (dir or .tar.gz)")
     v.add_argument("path", type=Path)
@@ -83,8 +83,8 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bundle_run(args: argparse.Namespace) -> int:
-    from compress.bundle_run import bundle_from_run
+def _bundle_from_run(args: argparse.Namespace) -> int:
+    from compress.bundle_from_run import bundle_from_run
 
     out = bundle_from_run(args.run, args.variant, args.out, args.key, args.bundle_version, args.parent_version)
     print(f"bundle {out}  and  {out.parent / (out.name + '.tar.gz')}")

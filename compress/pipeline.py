@@ -242,7 +242,7 @@ def add_lite(v: Variant, images: list[Path]) -> list[str]:
     spec = ModelSpec.load(v.deploy_json)
     if not any(m.format == "paddle" and m.nms == "host" for m in spec.models):
         return []
-    from compress.lite_export import add_lite_models, verify_lite_x86
+    from compress.lite_variants import add_lite_models, verify_lite_x86
 
     entries = add_lite_models(v.export_dir)
     agreement = verify_lite_x86(v.export_dir, images)

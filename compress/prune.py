@@ -1,7 +1,7 @@
 """Structured filter pruning (PaddleSlim FPGM / L1-norm) of the backbone and neck, a fine-tune to recover, export.
 
 PaddleDetection has no pruning recipe for PP-YOLOE; this is one (the model surgery is in
-:mod:`compress.prune_core`). The order of work:
+:mod:`compress.prune_filters`). The order of work:
 
 1. the kit's training session (:func:`detect.train.build_session`: the line's config, seeded loader, callbacks)
    is built with the fine-tuned ``weights`` loaded;
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compress.prune_core import (CRITERIA, MAX_RATIO, apply_ratio, build_detector, build_parts, drop_backups,
+from compress.prune_filters import (CRITERIA, MAX_RATIO, apply_ratio, build_detector, build_parts, drop_backups,
                                  eval_mode, gflops_of, params_m_of, pruned_layers, search_ratio, to_deploy)
 from compress.finetune import train_without_checkpoints
 from compress.variants import PARENT, Variant

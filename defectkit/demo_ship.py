@@ -25,7 +25,7 @@ class ShipResult:
 def compress_and_bundle(out: Path, run_dir: Path, lite: bool = False,
                         overrides: Optional[dict[str, Any]] = None) -> ShipResult:
     """PTQ (ONNX Runtime INT8 + PaddleSlim INT8), gate, table; bundle the INT8 ONNX if it passed, else FP32."""
-    from compress.bundle_run import bundle_from_run
+    from compress.bundle_from_run import bundle_from_run
     from compress.keys import PRIVATE_NAME, PUBLIC_NAME, init_keys
     from compress.pipeline import compress_run
     from compress.variants import list_variants

@@ -31,7 +31,7 @@ def ensure_edgebox(timeout: float = 900) -> Path:
 
 def run_python_in_box(code: str, binds: list[Path], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run Python source inside the box (project on PYTHONPATH, ``binds`` read-write at the same paths)."""
-    from compress.lite import edgebox_run
+    from compress.lite_convert import edgebox_run
 
     return edgebox_run(["python", "-c", textwrap.dedent(code)], binds, timeout=timeout, check=False)
 

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from compress.bundle_run import bundle_from_run, next_version
+from compress.bundle_from_run import bundle_from_run, next_version
 from compress.gate import GoldenCheck, judge
 from compress.keys import init_keys
 from compress.pipeline import calibration_images, ensure_parent, golden_images, load_run

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from compress.lite import edgebox_run
+from compress.lite_convert import edgebox_run
 from edge_runtime.settings import RuntimeSettings
 from edge_runtime.predict import predict_folder
 from tests.edgebox import ensure_edgebox

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.lite import opt_in_edgebox, rewrite_for_lite, unsupported_ops
+from compress.lite_convert import opt_in_edgebox, rewrite_for_lite, unsupported_ops
 from edge_runtime.backends.paddlelite_backend import nb_header
 from edge_runtime.errors import ModelError, UserInputError
 from tests.edgebox import (ROOT, box_json, ensure_edgebox, export_tiny_model, paddle_inference_outputs,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from compress.lite import edgebox_run
+from compress.lite_convert import edgebox_run
 from tests.edgebox import SCRIPT, ensure_edgebox
 
 pytestmark = [pytest.mark.edgebox, pytest.mark.timeout(300)]

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from compress.lite import edgebox_lite_version
-from compress.lite_export import add_lite_models, run_lite_x86, verify_lite_x86
+from compress.lite_convert import edgebox_lite_version
+from compress.lite_variants import add_lite_models, run_lite_x86, verify_lite_x86
 from compress.pipeline import calibration_images
 from detect.linespec import LineSpec
 from edge_runtime.backends.paddlelite_backend import nb_header

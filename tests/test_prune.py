@@ -125,7 +125,7 @@ def test_finetune_ran_an_epoch_and_wrote_history(variant):
 
 def test_deploy_fusion_of_pruned_repvgg_blocks_keeps_the_outputs(variant, tiny_spec):
     """The RepVgg workaround: a fused (deploy) pruned detector computes what the unfused one does."""
-    from compress.prune_core import build_detector, detector_inputs, repvgg_blocks, to_deploy
+    from compress.prune_filters import build_detector, detector_inputs, repvgg_blocks, to_deploy
 
     weights = _train_dir(variant) / "weights" / "best.pdparams"
     model = build_detector(tiny_spec, weights)

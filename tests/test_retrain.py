@@ -167,7 +167,7 @@ def test_resume_after_a_death_during_the_gate_judges_without_training(retrained,
 
 
 def test_bundle_refuses_a_refused_or_unjudged_retrain(retrained, tmp_path):
-    from compress.bundle_run import retrain_record
+    from compress.bundle_from_run import retrain_record
 
     run = tmp_path / "run"
     shutil.copytree(retrained.run.root, run, ignore=shutil.ignore_patterns("images", "checkpoints", "eval"))

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from compress.bundle import ModelFile
-from compress.lite import edgebox_run, opt_in_edgebox, rewrite_for_lite
+from compress.lite_convert import edgebox_run, opt_in_edgebox, rewrite_for_lite
 from tests.edgebox import ensure_edgebox
 from tests.runkit import CLASSES, export_tiny_detector, make_bundle, make_keys, write_images
 from tests.test_edge_onnx_models import write_deploy

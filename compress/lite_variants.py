@@ -1,7 +1,7 @@
 """Paddle Lite ``.nb`` files for a variant's export directory, and the proof that the x86 one matches.
 
 :func:`add_lite_models` takes the export's paddle model (host NMS by default: Lite has no kernel for every NMS
-op), applies the program rewrite Paddle Lite needs for Paddle 2.6 exports (``compress.lite.rewrite_for_lite``),
+op), applies the program rewrite Paddle Lite needs for Paddle 2.6 exports (``compress.lite_convert.rewrite_for_lite``),
 converts it with ``paddle_lite_opt`` inside the edge box for each target and appends one deploy.json entry per
 ``.nb`` (format paddlelite, the target, the source's precision and NMS place, the edge box's Paddle Lite version:
 the runtime refuses a ``.nb`` made by another version). :func:`verify_lite_x86` runs the x86 ``.nb`` *inside*
@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from compress.lite import MODEL_FILE, PARAMS_FILE, TARGETS, edgebox_run, opt_in_edgebox, rewrite_for_lite
+from compress.lite_convert import MODEL_FILE, PARAMS_FILE, TARGETS, edgebox_run, opt_in_edgebox, rewrite_for_lite
 from detect.compare import Agreement, compare_detections
 from edge_runtime.errors import ModelError, UserInputError
 from edge_runtime.modelspec import ModelEntry, ModelSpec, file_sha256
