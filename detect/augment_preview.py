@@ -1,7 +1,7 @@
 """``defectkit augment-preview``: a PNG grid of training samples exactly as the model receives them.
 
 The samples go through the same ppdet reader (Mosaic, MixUp, HSV, flip, multi-scale resize) with the
-same seeds as the training loader (:class:`detect.rng.SeededLoader`), so the grid for epoch E shows the
+same seeds as the training loader (:class:`detect.seeded_loader.SeededLoader`), so the grid for epoch E shows the
 first images of epoch E of a run with these settings, boxes included. An engineer sees whether Mosaic
 cuts defects in half, whether HSV jitter turns a green board blue, or whether boxes drift after a flip.
 """
@@ -27,7 +27,7 @@ _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
 def preview_samples(spec: LineSpec, n: int, overrides: dict[str, Any] | None = None,
                     epoch: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The first ``n`` training samples of ``epoch`` after every transform: (RGB uint8 image, boxes, classes)."""
-    from detect.rng import SeededCollate, SeededLoader
+    from detect.seeded_loader import SeededCollate, SeededLoader
     from detect.train import check_class_contract, check_settings, min_box_side
 
     settings = resolve_settings(spec, "train", overrides)

@@ -133,7 +133,7 @@ class EpochSeeder(Callback):
     def on_epoch_begin(self, status):
         epoch = int(status["epoch_id"])
         if status.get("mode") == "train" and epoch != self.seen:  # ppdet calls it again before evaluating
-            from detect.rng import seed_epoch
+            from detect.seeded_loader import seed_epoch
 
             seed_epoch(self.seed, epoch)
             self.seen = epoch

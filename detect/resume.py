@@ -5,7 +5,7 @@ best metric, the early-stopping counters, the RNG states or the data order (STAC
 optimizer moments by Paddle's generated parameter names (``conv2d_57.w_0``), which differ as soon as a
 process builds another model first. Here every tensor is keyed by its structured name
 (``backbone.stem.conv1.conv.weight``), the data order and augmentations are pure functions of
-(seed, epoch) (:mod:`detect.rng`), and the callbacks' counters travel in ``state.json``.
+(seed, epoch) (:mod:`detect.seeded_loader`), and the callbacks' counters travel in ``state.json``.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def restore_optimizer(optimizer, model, saved: dict[str, Any]) -> None:
 def checkpoint_writer(session) -> Callable[[dict, dict | None], Checkpoint]:
     """The function :class:`detect.callbacks.Checkpointing` calls at the end of every epoch."""
     from detect.callbacks import coco_results, evaluates
-    from detect.rng import capture_rng
+    from detect.seeded_loader import capture_rng
 
     trainer, run, settings, spec = session.trainer, session.run, session.settings, session.spec
     policy = Retention.from_settings(settings)
@@ -147,7 +147,7 @@ def truncate_history(run: RunPaths, epoch: int) -> None:
 
 def restore_session(session, ckpt: Checkpoint, state: dict[str, Any]) -> None:
     """Put a checkpoint back into a freshly built session, before ``trainer.train``."""
-    from detect.rng import restore_rng
+    from detect.seeded_loader import restore_rng
 
     trainer = session.trainer
     weights = ckpt.tensors("model.pdparams")

@@ -4,7 +4,7 @@ The run directory holds the resolved config and a copy of the line spec, ``histo
 epoch), best and last weights, resumable ``checkpoints/`` (see :mod:`detect.checkpoints`),
 ``metrics.json`` (best epoch, per-class AP, stop reason) and ``training_curves.png``.
 A training session is ppdet's ``Trainer`` plus the kit's pieces: frozen layers (:mod:`detect.freeze`),
-a data loader whose order and augmentations are pure functions of (seed, epoch) (:mod:`detect.rng`),
+a data loader whose order and augmentations are pure functions of (seed, epoch) (:mod:`detect.seeded_loader`),
 and callbacks for progress, history, early stopping, time budget, best weights and checkpoints.
 """
 from __future__ import annotations
@@ -158,7 +158,7 @@ def preflight_reader(loader) -> None:
     A transform that raises inside paddle's DataLoader with ``worker_num: 0`` hangs forever with no
     traceback (STACK.md); called directly, the same error surfaces with its cause.
     """
-    from detect.rng import SeededCollate
+    from detect.seeded_loader import SeededCollate
 
     samples = loader.samples()
     keys = loader.batches(0)[0] if len(loader) else []
@@ -250,7 +250,7 @@ def build_session(spec: LineSpec, run: RunPaths, settings: dict[str, Any], fresh
 
     from detect.freeze import apply_freeze, parse_freeze
     from detect.resume import checkpoint_writer
-    from detect.rng import install_seeded_loader
+    from detect.seeded_loader import install_seeded_loader
 
     seed = int(settings["seed"])
     seed_everything(seed)
