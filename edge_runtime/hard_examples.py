@@ -13,7 +13,7 @@ import uuid
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 from .errors import UserInputError
-from .report import NAME_RE, parse_utc, utc_iso
+from .wire_report import NAME_RE, parse_utc, utc_iso
 from .spool import Spool
 
 SCHEMA = "defectkit.hard_example/1"

@@ -23,13 +23,13 @@ from edge_runtime.decision import Verdict, decide
 from edge_runtime.drift import DriftMonitor, frame_features
 from edge_runtime.errors import DefectkitError
 from edge_runtime.hard_examples import HardExampleSampler
-from edge_runtime.outputs import Outputs
-from edge_runtime.report import ReportBuilder, utc_iso
+from edge_runtime.local_log import Outputs
+from edge_runtime.wire_report import ReportBuilder, utc_iso
 from edge_runtime.runconfig import RunOptions, add_run_arguments, options_from_args
-from edge_runtime.service import MetricsServer, RuntimeMetrics
+from edge_runtime.metrics_server import MetricsServer, RuntimeMetrics
 from edge_runtime.sources import Frame, Source, open_source
 from edge_runtime.spool import Spool, SpoolError
-from edge_runtime.update import BundleManager, BundlePuller, LoadedModel
+from edge_runtime.bundle_manager import BundleManager, BundlePuller, LoadedModel
 from edge_runtime.uplink import Uplink, UplinkThread
 
 log = logging.getLogger("defectkit.run")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 from edge_runtime.settings import BoxSettings
 from edge_runtime.errors import UserInputError
-from edge_runtime.report import NAME_RE
+from edge_runtime.wire_report import NAME_RE
 
 @dataclass
 class RunOptions:

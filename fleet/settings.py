@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.report import NAME_RE
+from edge_runtime.wire_report import NAME_RE
 
 MIN_TOKEN_LEN = 16
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -18,7 +18,7 @@ from detect.linespec import DEFAULTS_PATH
 from edge_runtime.cli import main as edge_main
 from edge_runtime.drift.synthetic import IN_DISTRIBUTION, SHIFTED, BoardStream
 from edge_runtime.errors import ConfigError
-from edge_runtime.report import validate_report
+from edge_runtime.wire_report import validate_report
 from edge_runtime.run import Inspector
 from edge_runtime.runconfig import ReportSettings, RunOptions, Settings
 from edge_runtime.spool import Spool

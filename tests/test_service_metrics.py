@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.service import MetricsServer, RuntimeMetrics
+from edge_runtime.metrics_server import MetricsServer, RuntimeMetrics
 
 pytestmark = pytest.mark.timeout(30)
 

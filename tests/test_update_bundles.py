@@ -18,7 +18,7 @@ import pytest
 from edge_runtime.errors import BundleError
 from edge_runtime.run import Inspector
 from edge_runtime.runconfig import RunOptions
-from edge_runtime.update import BundleManager, BundlePuller
+from edge_runtime.bundle_manager import BundleManager, BundlePuller
 from tests.runkit import FakeCameraFactory, FakeCapture, archive_of, make_bundle, make_keys, red_image
 
 pytestmark = pytest.mark.timeout(120)

@@ -8,7 +8,7 @@ from edge_runtime.bundle import verify_bundle
 from edge_runtime.errors import BundleError, ConfigError, ModelError
 from edge_runtime.postprocess import Detections
 from edge_runtime.selftest import Tolerance, choose_model, compare, parse_expected, self_test
-from edge_runtime.update import BundleManager
+from edge_runtime.bundle_manager import BundleManager
 from tests.runkit import CLASSES, make_bundle, make_keys
 
 pytestmark = pytest.mark.timeout(60)

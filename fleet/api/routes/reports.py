@@ -7,7 +7,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from edge_runtime.report import SCHEMA, report_errors
+from edge_runtime.wire_report import SCHEMA, report_errors
 from fleet import store
 from fleet.api.deps import AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, parse_json, read_body
 from fleet.settings import CollectorSettings

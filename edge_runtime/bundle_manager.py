@@ -38,7 +38,7 @@ from edge_runtime.predict import Detector
 from edge_runtime.selftest import SelfTestReport, Tolerance, bundle_detector, choose_model, self_test
 from edge_runtime.sources import is_temp_name
 
-log = logging.getLogger("defectkit.update")
+log = logging.getLogger("defectkit.bundle_manager")
 
 STATE_FILE = "state.json"
 

@@ -32,7 +32,7 @@ from edge_runtime.draw import draw_detections
 from edge_runtime.fileio import atomic_write_bytes
 from edge_runtime.postprocess import Detections
 
-log = logging.getLogger("defectkit.outputs")
+log = logging.getLogger("defectkit.local_log")
 
 SUMMARY_FIELDS = ("window_start", "window_end", "bundle_version", "frames", "ok", "ng", "errors", "ng_rate",
                   "latency_ms_p50", "latency_ms_p95", "drift_state")

@@ -18,7 +18,7 @@ from typing import Any, Deque, Dict, Mapping, Optional
 
 from edge_runtime.errors import ConfigError
 
-log = logging.getLogger("defectkit.service")
+log = logging.getLogger("defectkit.metrics_server")
 
 PREFIX = "defectkit"
 STAGES = ("decode", "pre", "infer", "post", "drift", "report")
