@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The Debian packages the test suite runs for real, installed on the host only when missing, each announced
+# with the reason. `make test` calls this; nothing else of the kit installs on the host.
+#   ffmpeg       serves a real MJPEG camera stream on loopback (tests/test_sources_stream.py)
+#   debootstrap  builds the edge-box root filesystem (scripts/edge_box.sh; Paddle Lite has no Python 3.11 wheel)
+set -euo pipefail
+declare -A WHY=(
+  [ffmpeg]="serves a real MJPEG camera stream on loopback for the stream-source tests"
+  [debootstrap]="builds the edge-box root filesystem (Debian bullseye, Python 3.9, Paddle Lite)"
+)
+missing=()
+for pkg in ffmpeg debootstrap; do
+  command -v "$pkg" >/dev/null || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+for pkg in "${missing[@]}"; do echo "defectkit: installing Debian package '$pkg' on this host: ${WHY[$pkg]}" >&2; done
+[ "$(id -u)" = 0 ] || { echo "defectkit: needs root to install ${missing[*]}: sudo apt-get install ${missing[*]}" >&2; exit 2; }
+apt-get update -qq >&2
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
