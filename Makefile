@@ -9,4 +9,4 @@ demo:
 	@VENV=$$(bash scripts/install.sh) && "$$VENV/bin/defectkit" demo --out demo_out
 
 test:
-	@VENV=$$(bash scripts/install.sh) && "$$VENV/bin/python" -m pytest -q tests
+	@VENV=$$(bash scripts/install.sh) && bash scripts/host_deps.sh && "$$VENV/bin/python" -m pytest -q tests

@@ -3,7 +3,9 @@
 # ONNX Runtime, numpy, opencv-python-headless, cryptography and the kit's edge_runtime in /opt/edge.
 # PyPI has paddlelite only for Python <= 3.10, so the kit converts and runs .nb files in here (STACK.md).
 #
-#   scripts/edge_box.sh [build] [ROOT]         build or refresh (default ROOT: $DEFECTKIT_CACHE/edgebox-bullseye-py39)
+#   scripts/edge_box.sh [build] [--install-deps] [ROOT]
+#                                              build or refresh (default ROOT: $DEFECTKIT_CACHE/edgebox-bullseye-py39);
+#                                              a missing debootstrap is refused unless --install-deps (then announced)
 #   scripts/edge_box.sh run [--root ROOT] [--bind PATH]... [--] CMD...
 #                                              run CMD inside the box: project read-only at /opt/defectkit,
 #                                              /proc mounted, PYTHONPATH=/opt/defectkit, each --bind PATH
@@ -113,8 +115,12 @@ build() {
     if grep -q " $(realpath "$root")/" /proc/mounts; then die "$root has mounts in use: unmount them first"; fi
     rm -rf "$root"
   fi
-  command -v debootstrap >/dev/null || { log "installing debootstrap on the host"; \
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+  if ! command -v debootstrap >/dev/null; then
+    [ "$INSTALL_DEPS" = 1 ] || die "debootstrap is missing on this host: install it (apt-get install debootstrap; \
+\`make test\` does, via scripts/host_deps.sh) or pass --install-deps to let this script install it"
+    log "installing Debian package 'debootstrap' on this host: it builds the edge-box root filesystem"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  fi
   mkdir -p "$root"
   t0=$SECONDS
   log "debootstrap $SUITE into $root"
@@ -156,10 +162,13 @@ run() {
 }
 
 export BOX_PYTHONPATH="${BOX_PYTHONPATH:-}"
+INSTALL_DEPS=0
 case "${1:-build}" in
-  build) shift || true; build "${1:-}" ;;
+  build) shift || true
+         if [ "${1:-}" = --install-deps ]; then INSTALL_DEPS=1; shift; fi
+         build "${1:-}" ;;
   run) shift; run "$@" ;;
   path) echo "$DEFAULT_ROOT" ;;
-  -h|--help|help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help|help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) build "$1" ;;
 esac
