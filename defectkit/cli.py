@@ -24,6 +24,7 @@ VERB_MODULES: tuple[str, ...] = (
     "compress.cli",
     "edge_runtime.cli",
     "fleet.cli",
+    "fleet.ops_cli",
 )
 
 

@@ -1,4 +1,8 @@
-"""``defectkit collector serve|list``: run the collector, or read what its store holds."""
+"""``defectkit collector serve|list|export-hard-examples``: run the collector, or read what its store holds.
+
+This module builds the parser only; it imports the server (:mod:`fleet.server`) inside ``_serve`` and never
+imports :mod:`fleet.collector` (the ``python -m`` entry point, which imports this one).
+"""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +30,16 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-report-kb", type=int, default=1024, help="largest report body (default %(default)s KB)")
     s.add_argument("--max-hard-example-kb", type=int, default=5120,
                    help="largest hard-example body, base64 image included (default %(default)s KB)")
+    s.add_argument("--registry-dir", type=Path,
+                   help="bundle archives and the trusted bundle key (default: <db stem>_registry beside the db)")
+    s.add_argument("--targets-key", type=Path,
+                   help="Ed25519 private key (PEM, 'defectkit keys init') that signs target metadata for the boxes")
+    s.add_argument("--target-expiry", default="1d", help="target metadata lifetime (default %(default)s)")
+    s.add_argument("--rollout-interval", default="60s",
+                   help="how often running rollouts are evaluated (default %(default)s)")
+    s.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    s.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
+    s.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (PEM)")
     s.set_defaults(func=_serve)
     ls = sub.add_parser("list", help="list what the store holds (reads the db directly)")
     ls.add_argument("--db", required=True, type=Path, help="SQLite store of the collector")
@@ -47,12 +61,17 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fleet.collector import serve
+    from fleet.rollout import parse_duration
+    from fleet.server import serve
     from fleet.settings import CollectorSettings
 
     settings = CollectorSettings(db=args.db, host=args.host, port=args.port, tokens_file=args.tokens,
                                  data_dir=args.data_dir, max_report_bytes=args.max_report_kb * 1024,
-                                 max_hard_example_bytes=args.max_hard_example_kb * 1024)
+                                 max_hard_example_bytes=args.max_hard_example_kb * 1024,
+                                 registry_dir=args.registry_dir, targets_key=args.targets_key,
+                                 target_expiry_s=parse_duration(args.target_expiry),
+                                 rollout_interval_s=parse_duration(args.rollout_interval),
+                                 tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
     serve(settings)
     return 0
 

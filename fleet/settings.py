@@ -114,12 +114,24 @@ class CollectorSettings:
     max_report_bytes: int = 1 << 20
     max_hard_example_bytes: int = 5 << 20
     tokens: Optional[Tokens] = None
+    registry_dir: Optional[Path] = None  # bundle archives (content-addressed) and the trusted bundle key
+    max_bundle_bytes: int = 1 << 30
+    targets_key: Optional[Path] = None  # Ed25519 private key (PEM) that signs target metadata
+    target_expiry_s: float = 86400.0
+    rollout_interval_s: float = 60.0
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
+    tls_client_ca: Optional[Path] = None
 
     def __post_init__(self) -> None:
         self.db = Path(self.db)
         if self.data_dir is None:
             self.data_dir = self.db.parent / f"{self.db.stem}_hard_examples"
         self.data_dir = Path(self.data_dir)
+        self.registry_dir = Path(self.registry_dir) if self.registry_dir else default_registry_dir(self.db)
+        for name in ("targets_key", "tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
         if self.tokens_file is not None:
             self.tokens_file = Path(self.tokens_file)
             if self.tokens is None:
@@ -136,13 +148,48 @@ class CollectorSettings:
         if self.dev_mode and not is_loopback(self.host):
             raise ConfigError(f"refusing to serve on {self.host} without tokens: anyone on the network could post "
                               f"reports. Give --tokens FILE (device_id -> token) or bind to 127.0.0.1")
-        if self.tokens is not None and not self.tokens.devices:
-            raise ConfigError(f"token file {self.tokens_file} lists no devices: no edge box could report")
-        if self.max_report_bytes <= 0 or self.max_hard_example_bytes <= 0:
+        if self.tokens is not None and not self.tokens.devices and not self._has_enrolments():
+            raise ConfigError(f"token file {self.tokens_file} lists no devices and none is enrolled in {self.db}: "
+                              f"no edge box could report (defectkit fleet enroll --line L --device D --db {self.db})")
+        if self.max_report_bytes <= 0 or self.max_hard_example_bytes <= 0 or self.max_bundle_bytes <= 0:
             raise ConfigError("size limits must be positive")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca (client certificates) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "targets_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist")
+        if self.target_expiry_s <= 0 or self.rollout_interval_s <= 0:
+            raise ConfigError("--target-expiry and --rollout-interval must be positive durations")
         return self
+
+    def _has_enrolments(self) -> bool:
+        if not self.db.is_file():
+            return False
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(str(self.db))
+            try:
+                return conn.execute("SELECT COUNT(*) FROM enrolments WHERE revoked_at IS NULL").fetchone()[0] > 0
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
+def default_registry_dir(db: Path) -> Path:
+    """``<db stem>_registry`` beside the store (bundle archives and the trusted bundle key)."""
+    db = Path(db)
+    return db.parent / f"{db.stem}_registry"

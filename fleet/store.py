@@ -50,6 +50,69 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen REAL,
     reports INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS registry_versions (
+    line TEXT NOT NULL,
+    version TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    parent_version TEXT,
+    created TEXT,
+    pushed_at REAL NOT NULL,
+    gates_passed INTEGER NOT NULL,
+    canary_at REAL,
+    activated_at REAL,
+    retired_at REAL,
+    hardware_targets TEXT NOT NULL,
+    lineage TEXT NOT NULL,
+    note TEXT,
+    PRIMARY KEY (line, version)
+);
+CREATE TABLE IF NOT EXISTS registry_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    line TEXT NOT NULL,
+    version TEXT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrolments (
+    device_id TEXT PRIMARY KEY,
+    line TEXT NOT NULL,
+    token_lookup TEXT NOT NULL,
+    token_salt TEXT NOT NULL,
+    token_hash TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    rotated_at REAL,
+    revoked_at REAL,
+    last_target TEXT,
+    last_target_at REAL
+);
+CREATE INDEX IF NOT EXISTS enrolments_lookup ON enrolments(token_lookup);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    line TEXT NOT NULL,
+    version TEXT NOT NULL,
+    from_version TEXT NOT NULL,
+    canary TEXT NOT NULL,
+    window_s REAL NOT NULL,
+    policy TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    ended_at REAL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS rollout_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    action TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    figures TEXT NOT NULL
+);
 """
 
 
@@ -75,7 +138,8 @@ def session(*, path: str | Path) -> Iterator[sqlite3.Connection]:
 
 
 @contextmanager
-def _tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction (BEGIN IMMEDIATE: writers queue, readers go on)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -90,7 +154,7 @@ def insert_report(conn: sqlite3.Connection, *, report: Mapping[str, Any], receiv
     """Store a validated report once. Returns ``inserted``, ``duplicate`` (same id, same device) or
     ``conflict`` (the id is taken by another device)."""
     now = time.time() if received_at is None else received_at
-    with _tx(conn):
+    with tx(conn):
         row = conn.execute("SELECT device_id FROM reports WHERE id = ?", (report["id"],)).fetchone()
         if row is not None:
             return "duplicate" if row["device_id"] == report["device_id"] else "conflict"
@@ -151,7 +215,7 @@ def insert_hard_example(conn: sqlite3.Connection, *, meta: Mapping[str, Any], im
                         image_bytes: int, received_at: Optional[float] = None) -> str:
     """Store hard-example metadata once (the image file is already written). ``inserted`` or ``duplicate``."""
     now = time.time() if received_at is None else received_at
-    with _tx(conn):
+    with tx(conn):
         cur = conn.execute(
             "INSERT OR IGNORE INTO hard_examples VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (meta["id"], meta["device_id"], meta["line"], meta["bundle_version"], meta["time"],
@@ -174,7 +238,7 @@ def list_hard_examples(conn: sqlite3.Connection, *, line: Optional[str] = None, 
 
 def sync_devices(conn: sqlite3.Connection, *, token_hashes: Mapping[str, str]) -> None:
     """Make the devices table match the token file: known devices keep their history, others lose their token."""
-    with _tx(conn):
+    with tx(conn):
         conn.execute("UPDATE devices SET token_sha256 = NULL")
         for dev, h in token_hashes.items():
             conn.execute("INSERT INTO devices(device_id, token_sha256) VALUES (?, ?) "

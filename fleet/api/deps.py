@@ -12,7 +12,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 from fastapi import Depends, HTTPException, Request
 
-from fleet import store
+from fleet import devices, store
 from fleet.settings import CollectorSettings
 
 _AUTH_HINT = "send 'Authorization: Bearer <token>' with the device's token from the collector's token file"
@@ -47,13 +47,32 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def current_device(request: Request, settings: SettingsDep) -> Optional[str]:
-    """The device the token belongs to; None in development mode (no token file)."""
+def _identify(request: Request, settings: CollectorSettings, conn: sqlite3.Connection, token: str):
+    """(device id, None) for a token of the token file or of an enrolled device; (None, why) otherwise."""
+    if settings.tokens is not None:
+        device = settings.tokens.device_for(token)
+        if device is not None:
+            enrolled = devices.find(conn, device_id=device)
+            if enrolled is not None and enrolled.revoked_at is not None:
+                return None, f"device {device!r} was revoked; enrol it again (defectkit fleet enroll)"
+            return device, None
+    dev, why = request.app.state.authenticator.identify(conn, token)
+    if dev is not None:
+        return dev.device_id, None
+    return None, why or "unknown token: no device in the collector's token file or enrolled in its store has it"
+
+
+def current_device(request: Request, settings: SettingsDep, db: DbDep) -> Optional[str]:
+    """The device the token belongs to; None in development mode (no token file) when no device token is sent."""
     if settings.tokens is None:
-        return None
-    device = settings.tokens.device_for(bearer_token(request))
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            return None
+        device, _ = _identify(request, settings, db, bearer_token(request))
+        return device  # development mode: an unknown token is anyone
+    device, why = _identify(request, settings, db, bearer_token(request))
     if device is None:
-        raise _unauthorized("unknown token: no device in the collector's token file has it")
+        raise _unauthorized(why)
     claimed = request.headers.get("x-device-id")
     if claimed is not None and claimed != device:
         raise HTTPException(status_code=403, detail=f"the token of device {device!r} is not valid for device {claimed!r}")
@@ -69,12 +88,28 @@ def require_admin(request: Request, settings: SettingsDep) -> None:
     token = bearer_token(request)
     if settings.tokens.is_admin(token):
         return
-    if settings.tokens.device_for(token) is not None:
+    if settings.tokens.device_for(token) is not None or _is_enrolled_token(request, settings, token):
         raise HTTPException(status_code=403, detail="a device token cannot read the collector: use the admin token")
     raise _unauthorized("unknown token: lists need the admin token from the collector's token file")
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+def _is_enrolled_token(request: Request, settings: CollectorSettings, token: str) -> bool:
+    with store.session(path=settings.db) as conn:
+        dev, why = request.app.state.authenticator.identify(conn, token)
+    return dev is not None or why is not None
+
+
+def check_line(db: sqlite3.Connection, device: Optional[str], line: str, what: str) -> None:
+    """403 when an enrolled device posts for another line than the one it is bound to."""
+    if device is None:
+        return
+    enrolled = devices.find(db, device_id=device)
+    if enrolled is not None and enrolled.line != line:
+        raise HTTPException(status_code=403, detail=f"device {device!r} is enrolled on line {enrolled.line!r}: a "
+                                                    f"{what} for line {line!r} is refused")
 
 
 def check_claim(device: Optional[str], claimed: str, what: str) -> None:

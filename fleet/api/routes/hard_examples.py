@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from edge_runtime.fileio import atomic_write_bytes
 from edge_runtime.hard_examples import SCHEMA, hard_example_errors
 from fleet import store
-from fleet.api.deps import AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, parse_json, read_body
+from fleet.api.deps import AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, check_line, parse_json, read_body
 from fleet.settings import CollectorSettings
 
 router = APIRouter(prefix="/api/v1/hard-examples", tags=["hard-examples"])
@@ -34,7 +34,7 @@ def _store(settings: CollectorSettings, meta: dict, image: bytes) -> str:
 
 
 @router.post("", status_code=201)
-async def post_hard_example(request: Request, settings: SettingsDep, device: CurrentDevice) -> JSONResponse:
+async def post_hard_example(request: Request, settings: SettingsDep, device: CurrentDevice, db: DbDep) -> JSONResponse:
     obj = parse_json(await read_body(request, settings.max_hard_example_bytes, "hard example"), "hard example")
     if not isinstance(obj, dict) or set(obj) != {"meta", "image_b64"}:
         raise HTTPException(status_code=422, detail='hard example must be {"meta": {...}, "image_b64": "<JPEG>"}')
@@ -43,6 +43,7 @@ async def post_hard_example(request: Request, settings: SettingsDep, device: Cur
         raise HTTPException(status_code=422, detail=f"hard-example meta does not follow {SCHEMA}: " + "; ".join(errs))
     meta = obj["meta"]
     check_claim(device, meta["device_id"], "hard example")
+    check_line(db, device, meta["line"], "hard example")
     try:
         image = base64.b64decode(obj["image_b64"], validate=True)
     except (binascii.Error, TypeError, ValueError) as exc:

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edge_runtime.wire_report import SCHEMA, report_errors
 from fleet import store
-from fleet.api.deps import AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, parse_json, read_body
+from fleet.api.deps import AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, check_line, parse_json, read_body
 from fleet.settings import CollectorSettings
 
 router = APIRouter(prefix="/api/v1/reports", tags=["reports"])
@@ -21,13 +21,14 @@ def _store(settings: CollectorSettings, report: dict) -> str:
 
 
 @router.post("", status_code=201)
-async def post_report(request: Request, settings: SettingsDep, device: CurrentDevice) -> JSONResponse:
+async def post_report(request: Request, settings: SettingsDep, device: CurrentDevice, db: DbDep) -> JSONResponse:
     """Store a report once: 201 new, 200 with duplicate=true if its id is already stored."""
     obj = parse_json(await read_body(request, settings.max_report_bytes, "report"), "report")
     errs = report_errors(obj)  # the edge box's own schema code
     if errs:
         raise HTTPException(status_code=422, detail=f"report does not follow {SCHEMA}: " + "; ".join(errs))
     check_claim(device, obj["device_id"], "report")
+    check_line(db, device, obj["line"], "report")
     outcome = await run_in_threadpool(_store, settings, obj)
     if outcome == "conflict":
         raise HTTPException(status_code=409, detail=f"report id {obj['id']} is already used by another device")
