@@ -27,14 +27,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
 
 from edge_runtime.bundle import MANIFEST, Manifest, load_public_key, verify_bundle
 from edge_runtime.drift import DriftReference
-from edge_runtime.errors import BundleError, DefectkitError, UserInputError
+from edge_runtime.errors import BundleError, ConfigError, DefectkitError, UserInputError
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json
 from edge_runtime.predict import Detector
+from edge_runtime.settings import EffectiveSettings, SettingsLayer
 from edge_runtime.selftest import SelfTestReport, Tolerance, bundle_detector, choose_model, self_test
 from edge_runtime.sources import is_temp_name
 
@@ -80,6 +81,7 @@ class LoadedModel:
     backend: str
     reference: DriftReference
     selftest: SelfTestReport
+    settings: EffectiveSettings  # the bundle's line settings with the box's override layers on top
 
     @property
     def version(self) -> str:
@@ -114,7 +116,8 @@ class BundleManager:
     """Installs, loads, self-tests and swaps bundles for one box (see the module docstring)."""
 
     def __init__(self, state_dir: str | Path, public_key: Any, *, backend: Optional[str] = None, threads: int = 2,
-                 tolerance: Optional[Tolerance] = None, max_crashes: int = 3, selftest_all: bool = True) -> None:
+                 tolerance: Optional[Tolerance] = None, max_crashes: int = 3, selftest_all: bool = True,
+                 settings_layers: Sequence[SettingsLayer] = ()) -> None:
         self.dir = Path(state_dir)
         self.bundles, self.inbox = self.dir / "bundles", self.dir / "inbox"
         for d in (self.bundles, self.inbox, self.inbox / "rejected"):
@@ -122,6 +125,7 @@ class BundleManager:
         self.key = load_public_key(public_key)
         self.backend, self.threads, self.tolerance = backend, threads, tolerance or Tolerance()
         self.max_crashes, self.selftest_all = max_crashes, selftest_all
+        self.settings_layers = tuple(settings_layers)  # go on top of every bundle's settings, this one and the next
         self.state_path = self.dir / STATE_FILE
         self.state = UpdateState.load(self.state_path)
         self._lock = threading.Lock()
@@ -172,7 +176,8 @@ class BundleManager:
         root = self.bundles / version
         if not root.is_dir():
             raise BundleError(f"bundle {version} is not installed in {self.bundles}")
-        manifest = verify_bundle(root, self.key)
+        manifest = verify_bundle(root, self.key)  # a missing or malformed settings section is refused here, named
+        settings = self.effective_settings(manifest)
         backend, model = choose_model(manifest, self.backend)
         detector = bundle_detector(manifest, model, backend, self.threads)
         reference = DriftReference.load(manifest.path(manifest.drift_reference.file))
@@ -183,7 +188,24 @@ class BundleManager:
                            backends=None if self.selftest_all else [backend])
         if not report.ok:
             raise BundleError(report.line())
-        return LoadedModel(manifest, detector, backend, reference, report)
+        return LoadedModel(manifest, detector, backend, reference, report, settings)
+
+    def effective_settings(self, manifest: Manifest) -> EffectiveSettings:
+        """The bundle's settings < the override file < the flags; refused (ConfigError: the overrides need a person)
+        when the result does not fit this bundle (an override breaking a relation, class_thresholds naming classes
+        it lacks). During an update that refuses the candidate and the running bundle stays."""
+        base_where = f"bundle {manifest.line} {manifest.version}"
+        try:
+            eff = EffectiveSettings.resolve(manifest.settings, base_where, self.settings_layers)
+        except ConfigError as exc:
+            raise ConfigError(f"bundle {manifest.version}: the box's settings overrides do not fit it: {exc}") from None
+        try:
+            eff.settings.runtime.thresholds_for(manifest.classes)
+        except ConfigError as exc:
+            source = eff.sources["runtime.class_thresholds"]
+            error = BundleError if source == base_where else ConfigError  # the bundle's own fault, or the box's
+            raise error(f"bundle {manifest.version}: runtime.class_thresholds from {source}: {exc}") from None
+        return eff
 
     def prepare(self, source: Path) -> LoadedModel:
         """install + load; on failure the installed copy is removed (unless it is current or previous)."""
@@ -247,6 +269,8 @@ class BundleManager:
             raise UserInputError(f"no bundle installed in {self.dir} and no --bundle given: pass --bundle PATH")
         try:
             return self.load(st.current)
+        except ConfigError:
+            raise  # the box's own options (overrides, backend) do not fit: not the bundle's fault, no revert
         except DefectkitError as exc:
             failed = st.current
             self.event("failed", failed, f"installed bundle does not load or pass its self-test: {exc}")

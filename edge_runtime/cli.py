@@ -2,7 +2,8 @@
 
 The same parser serves ``defectkit predict`` (via :func:`register`) and ``python -m edge_runtime
 predict`` (via :func:`main`, which must not import the ``defectkit`` package: the edge box lacks the
-trainer's dependencies). Settings resolve as: RuntimeSettings defaults < --runtime-config file < flags.
+trainer's dependencies). Settings resolve as: the bundle manifest's (runtime defaults for a bare export) <
+--settings-override file < flags.
 """
 from __future__ import annotations
 
@@ -19,19 +20,26 @@ BACKEND_CHOICES = ("onnxruntime", "paddle", "paddlelite")
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``predict`` options; one definition for both entry points."""
-    parser.add_argument("--model", required=True, type=Path,
-                        help="model file (model.onnx, model.pdmodel, ...) with deploy.json beside it, or its directory")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", type=Path, default=None,
+                      help="model file (model.onnx, model.pdmodel, ...) with deploy.json beside it, or its directory; "
+                      "decides with the runtime defaults (an export carries no line settings)")
+    what.add_argument("--bundle", type=Path, default=None,
+                      help="signed bundle (directory or .tar.gz; needs --public-key): decides with the line's "
+                      "settings from its verified manifest")
+    parser.add_argument("--public-key", type=Path, default=None, help="the bundle signer's public key (.pub.pem)")
     parser.add_argument("--source", required=True, type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--out", type=Path, default=Path("preds.jsonl"), help="JSON-lines output (default: %(default)s)")
     parser.add_argument("--save-annotated", type=Path, default=None, metavar="DIR",
                         help="write annotated PNGs (boxes, labels, verdict) into DIR")
     parser.add_argument("--backend", default=None, metavar="NAME",
                         help=f"force a backend ({', '.join(BACKEND_CHOICES)}); default: by model format and what is installed")
-    parser.add_argument("--threads", type=int, default=2, help="inference threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="inference threads (default: the runtime's)")
+    parser.add_argument("--settings-override", type=Path, default=None, metavar="JSON_FILE",
+                        help='on top of the line settings: any subset of {"runtime": {...}, "drift": {...}, "report": {...}} '
+                        "(predict uses runtime)")
     parser.add_argument("--score-threshold", type=float, default=None,
-                        help="score from which a detection makes the part NG (default 0.5, or the runtime config)")
-    parser.add_argument("--runtime-config", type=Path, default=None, metavar="JSON_FILE",
-                        help='runtime settings: {"score_threshold", "class_thresholds", "min_area", "roi"}')
+                        help="override runtime.score_threshold (over the bundle's or the override file's)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model file")
     parser.set_defaults(func=run_predict)
     return parser
@@ -41,22 +49,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` verb to the kit's CLI."""
     parser = subparsers.add_parser(
         "predict",
-        help="run a deployed model over a folder of images (JSON lines, OK/NG)",
-        description="Run a deployed model (deploy.json beside it) over a folder of images; "
+        help="run a deployed model or a signed bundle over a folder of images (JSON lines, OK/NG)",
+        description="Run a deployed model (deploy.json beside it) or a signed bundle over a folder of images; "
         "write one JSON line per image and print a summary.",
     )
     add_predict_arguments(parser)
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Handler of ``predict``: returns 0; kit errors propagate to the CLI layer."""
-    from edge_runtime.settings import RuntimeSettings
-    from edge_runtime.predict import Detector, predict_folder
+    """Handler of ``predict``: returns 0; kit errors propagate to the CLI layer.
 
-    cfg = RuntimeSettings.load(args.runtime_config) if args.runtime_config else RuntimeSettings()
-    cfg = cfg.with_overrides(score_threshold=args.score_threshold)
-    detector = Detector.from_model(args.model, backend=args.backend, threads=args.threads, verify=not args.no_verify)
-    summary = predict_folder(detector, args.source, args.out, cfg, save_annotated=args.save_annotated)
+    Settings: the bundle manifest's (or the runtime defaults for a bare export) < --settings-override < flags."""
+    import tempfile
+
+    from edge_runtime.errors import UserInputError
+    from edge_runtime.predict import Detector, predict_folder
+    from edge_runtime.settings import BoxSettings, EffectiveSettings, SettingsLayer
+
+    layers = [SettingsLayer.load(args.settings_override)] if args.settings_override else []
+    layers.append(SettingsLayer.flags(runtime={"score_threshold": args.score_threshold}))
+    threads = {} if args.threads is None else {"threads": args.threads}
+    with tempfile.TemporaryDirectory(prefix="defectkit-predict-") as tmp:
+        if args.bundle is not None:
+            from edge_runtime.bundle import load_public_key, verify_bundle
+            from edge_runtime.selftest import bundle_detector, choose_model
+
+            if args.public_key is None:
+                raise UserInputError("--bundle needs --public-key KEY.pub.pem (the signer's key) to verify it")
+            bundle = Path(args.bundle)
+            manifest = verify_bundle(bundle, load_public_key(args.public_key),
+                                     extract_to=None if bundle.is_dir() else Path(tmp) / "bundle")
+            base, where = manifest.settings, f"bundle {manifest.line} {manifest.version}"
+            backend, model = choose_model(manifest, args.backend)
+            detector = bundle_detector(manifest, model, backend, **threads)
+        else:
+            base, where = BoxSettings(), "runtime defaults"
+            detector = Detector.from_model(args.model, backend=args.backend, verify=not args.no_verify, **threads)
+        runtime = EffectiveSettings.resolve(base, where, layers).settings.runtime
+        summary = predict_folder(detector, args.source, args.out, runtime, save_annotated=args.save_annotated)
     print(summary.line())
     return 0
 

@@ -27,10 +27,10 @@ from typing import Any, Optional, Sequence, TextIO
 import cv2
 import numpy as np
 
-from edge_runtime.decision import Verdict
 from edge_runtime.draw import draw_detections
 from edge_runtime.fileio import atomic_write_bytes
-from edge_runtime.postprocess import Detections
+from edge_runtime.inspection import FrameRecord, FrameStats
+from edge_runtime.settings import ReportSettings
 
 log = logging.getLogger("defectkit.local_log")
 
@@ -51,11 +51,11 @@ def _safe_name(source: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:60]
 
 
-class Outputs:
+class LocalLog:
     """Writes the loop's outputs; ``record(...)`` per frame, ``close()`` at the end (flushes and fsyncs)."""
 
     def __init__(self, out_dir: str | Path, classes: Sequence[str], *, save_ng: bool = True, keep_days: int = 30,
-                 summary_interval_s: float = 60.0, jpeg_quality: int = 90, clock=time.time) -> None:
+                 summary_interval_s: float = ReportSettings.interval_s, jpeg_quality: int = 90, clock=time.time) -> None:
         self.out_dir = Path(out_dir)
         self.classes = list(classes)
         self.save_ng, self.keep_days = save_ng, keep_days
@@ -68,35 +68,21 @@ class Outputs:
         self.write_errors = 0
         self._last_error_log = -math.inf
         self._window_start = clock()
-        self._reset_window()
+        self._window = FrameStats()
         for sub in ("predictions", "ng", "summary"):
             (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
         self._prune()
 
     # ------------------------------------------------------------------------------------------ per frame
-    def record(self, rec: dict[str, Any], image: Optional[np.ndarray] = None, dets: Optional[Detections] = None,
-               verdict: Optional[Verdict] = None, roi: Optional[Sequence[float]] = None,
-               bundle_version: str = "", drift_state: str = "none") -> None:
+    def record(self, rec: FrameRecord, image: Optional[np.ndarray] = None, roi: Optional[Sequence[float]] = None) -> None:
         """One frame: its JSON line, its annotated image if NG, its counts in the summary window."""
         now = self._clock()
-        self._roll_summary(now, bundle_version, drift_state)
-        self._count(rec)
-        if verdict is not None and verdict.is_ng and self.save_ng and image is not None and dets is not None:
-            rec["ng_image"] = self._save_ng(rec, image, dets, verdict, roi, now)
-        self._write_line(rec, now)
-
-    def _count(self, rec: dict[str, Any]) -> None:
-        self._frames += 1
-        verdict = rec.get("verdict")
-        if verdict == "NG":
-            self._ng += 1
-        elif verdict == "OK":
-            self._ok += 1
-        else:
-            self._errors += 1
-        total = (rec.get("latency_ms") or {}).get("total")
-        if total is not None:
-            self._lat.append(float(total))
+        self._roll_summary(now, rec.bundle_version, rec.drift_state)
+        self._window.record(rec)
+        line = rec.to_json()
+        if rec.is_ng and self.save_ng and image is not None and rec.detections is not None:
+            line["ng_image"] = self._save_ng(rec, image, roi, now)
+        self._write_line(line, now)
 
     def _write_line(self, rec: dict[str, Any], now: float) -> None:
         try:
@@ -112,14 +98,13 @@ class Outputs:
         except OSError as exc:
             self._failed("a prediction line", exc)
 
-    def _save_ng(self, rec: dict[str, Any], image: np.ndarray, dets: Detections, verdict: Verdict,
-                 roi: Optional[Sequence[float]], now: float) -> Optional[str]:
+    def _save_ng(self, rec: FrameRecord, image: np.ndarray, roi: Optional[Sequence[float]], now: float) -> Optional[str]:
         try:
-            drawn = draw_detections(image, dets, self.classes, verdict, roi)
+            drawn = draw_detections(image, rec.detections, list(rec.classes), rec.decision, roi)
             ok, buf = cv2.imencode(".jpg", drawn, [int(cv2.IMWRITE_JPEG_QUALITY), self.jpeg_quality])
             if not ok:
                 raise OSError("JPEG encoding failed")
-            path = self.out_dir / "ng" / _day(now) / f"{_safe_name(str(rec.get('source', '')))}-{rec.get('index', 0)}.jpg"
+            path = self.out_dir / "ng" / _day(now) / f"{_safe_name(rec.source)}-{rec.index}.jpg"
             atomic_write_bytes(path, buf.tobytes())
             self.ng_images += 1
             return str(path)
@@ -128,10 +113,6 @@ class Outputs:
             return None
 
     # ------------------------------------------------------------------------------------------ summary
-    def _reset_window(self) -> None:
-        self._frames = self._ok = self._ng = self._errors = 0
-        self._lat: list[float] = []
-
     def _roll_summary(self, now: float, bundle_version: str, drift_state: str) -> None:
         if now - self._window_start >= self.summary_interval_s:
             self.flush_summary(bundle_version, drift_state, now)
@@ -139,16 +120,15 @@ class Outputs:
     def flush_summary(self, bundle_version: str = "", drift_state: str = "none", now: Optional[float] = None) -> None:
         """Close the current summary window into one CSV row (also called at shutdown and at a model swap)."""
         now = self._clock() if now is None else now
-        if self._frames == 0:
+        if self._window.frames == 0:
             self._window_start = now
             return
-        lat = sorted(self._lat)
+        c = self._window.counts(reset=True)
         row = {
             "window_start": _iso(self._window_start), "window_end": _iso(now), "bundle_version": bundle_version,
-            "frames": self._frames, "ok": self._ok, "ng": self._ng, "errors": self._errors,
-            "ng_rate": round(self._ng / max(1, self._ok + self._ng), 4),
-            "latency_ms_p50": round(lat[len(lat) // 2], 2) if lat else "",
-            "latency_ms_p95": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 2) if lat else "",
+            "frames": c.frames, "ok": c.ok, "ng": c.ng, "errors": c.errors, "ng_rate": round(c.ng_rate, 4),
+            "latency_ms_p50": "" if c.latency_ms_p50 is None else c.latency_ms_p50,
+            "latency_ms_p95": "" if c.latency_ms_p95 is None else c.latency_ms_p95,
             "drift_state": drift_state,
         }
         path = self.out_dir / "summary" / f"{_day(now)}.csv"
@@ -168,7 +148,6 @@ class Outputs:
         except OSError as exc:
             self._failed("a summary row", exc)
         self._window_start = now
-        self._reset_window()
 
     # ------------------------------------------------------------------------------------------ housekeeping
     def _prune(self) -> None:

@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Deque, Dict, Mapping, Optional
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.inspection import FrameRecord, FrameStats
 
 log = logging.getLogger("defectkit.metrics_server")
 
@@ -44,7 +45,7 @@ class RuntimeMetrics:
         self.started = time.time()
         self.stall_s = stall_s
         self.state = "starting"  # starting | running | stopping | stopped
-        self.frames: Dict[str, int] = {"OK": 0, "NG": 0, "error": 0}
+        self.stats = FrameStats()  # frames, verdicts and latency percentiles since start: the same count as CSV and report
         self.stage_seconds: Dict[str, float] = {s: 0.0 for s in STAGES}
         self.latency_buckets = [0] * (len(BUCKETS_S) + 1)
         self.latency_sum = 0.0
@@ -57,23 +58,23 @@ class RuntimeMetrics:
         self.source: Dict[str, Any] = {}
         self.gauges: Dict[str, float] = {}  # spool_pending, spool_dropped_total, uplink_failures, ...
         self.flags: Dict[str, Any] = {}  # health extras: last update result, spool full, ...
+        self.settings: Dict[str, Any] = {}  # the effective line settings and where each value came from
 
     # -------------------------------------------------------------------------------------------- writers
     def begin_frame(self) -> None:
         self.busy_since = time.monotonic()
 
-    def frame(self, verdict: Optional[str], stages_ms: Mapping[str, float]) -> None:
-        """One frame done: its verdict ("OK", "NG" or None for an error) and per-stage milliseconds."""
-        total_s = sum(stages_ms.values()) / 1e3
+    def frame(self, rec: FrameRecord) -> None:
+        """One frame done (inspected or not): its verdict and per-stage milliseconds."""
+        self.stats.record(rec)
+        total_s = rec.latency_ms / 1e3
         with self._lock:
             self.busy_since = None
             self.last_frame_at = time.time()
-            key = verdict if verdict in ("OK", "NG") else "error"
-            self.frames[key] += 1
-            if key == "error":
+            if not rec.inspected:
                 return
-            self._ng.append(key == "NG")
-            for stage, ms in stages_ms.items():
+            self._ng.append(rec.is_ng)
+            for stage, ms in rec.stages_ms.items():
                 if stage in self.stage_seconds:
                     self.stage_seconds[stage] += ms / 1e3
             self.latency_sum += total_s
@@ -97,6 +98,11 @@ class RuntimeMetrics:
             self.drift_state = state
             self.drift_features = dict(features)
 
+    def set_settings(self, effective: Mapping[str, Any]) -> None:
+        """The settings the loop runs on now (values and their sources), shown in /healthz."""
+        with self._lock:
+            self.settings = dict(effective)
+
     def set_bundle(self, line: str, version: str, backend: str) -> None:
         with self._lock:
             self.bundle = {"line": line, "version": version, "backend": backend}
@@ -109,6 +115,7 @@ class RuntimeMetrics:
     def health(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body): 503 while starting or stopping, or when one frame has been in inspection
         longer than ``stall_s`` (a hung backend); 200 otherwise, with what is degraded listed."""
+        counts = self.stats.counts()
         with self._lock:
             now = time.time()
             stalled = self.busy_since is not None and time.monotonic() - self.busy_since > self.stall_s
@@ -117,12 +124,15 @@ class RuntimeMetrics:
                 "status": status,
                 "uptime_s": round(now - self.started, 1),
                 "bundle": dict(self.bundle),
-                "frames": sum(self.frames.values()),
+                "frames": counts.frames,
+                "counts": {"ok": counts.ok, "ng": counts.ng, "errors": counts.errors,
+                           "latency_ms_p50": counts.latency_ms_p50, "latency_ms_p95": counts.latency_ms_p95},
                 "last_frame_age_s": None if self.last_frame_at is None else round(now - self.last_frame_at, 1),
                 "drift_state": self.drift_state,
                 "source": dict(self.source),
                 **{k: v for k, v in self.flags.items()},
                 **{k: v for k, v in self.gauges.items()},
+                "settings": dict(self.settings),
             }
         return (200 if status == "ok" else 503), body
 
@@ -135,10 +145,15 @@ class RuntimeMetrics:
             out.append(f"# HELP {p}_{name} {help_text}")
             out.append(f"# TYPE {p}_{name} {kind}")
 
+        counts = self.stats.counts()
         with self._lock:
             fam("frames_total", "counter", "Frames inspected, by verdict (error = not decodable or not inspected).")
-            for verdict, n in self.frames.items():
+            for verdict, n in (("OK", counts.ok), ("NG", counts.ng), ("error", counts.errors)):
                 out.append(f'{p}_frames_total{{verdict="{verdict}"}} {n}')
+            for q, value in (("p50", counts.latency_ms_p50), ("p95", counts.latency_ms_p95)):
+                fam(f"frame_latency_ms_{q}", "gauge", f"{q} of the time per inspected frame (ms), last "
+                    f"{self.stats.max_samples} frames; the CSV summary and the report use the same formula.")
+                out.append(f"{p}_frame_latency_ms_{q} {_num(float('nan') if value is None else float(value))}")
             fam("frame_latency_seconds", "histogram", "Time per inspected frame, decode to report.")
             cum = 0
             for bound, n in zip(BUCKETS_S, self.latency_buckets):

@@ -21,11 +21,13 @@ import numpy as np
 
 from edge_runtime.decision import Verdict, decide
 from edge_runtime.drift import DriftMonitor, frame_features
-from edge_runtime.errors import DefectkitError
 from edge_runtime.hard_examples import HardExampleSampler
-from edge_runtime.local_log import Outputs
+from edge_runtime.fileio import atomic_write_json
+from edge_runtime.inspection import FrameRecord
+from edge_runtime.local_log import LocalLog
 from edge_runtime.wire_report import ReportBuilder, utc_iso
 from edge_runtime.runconfig import RunOptions, add_run_arguments, options_from_args
+from edge_runtime.settings import BoxSettings
 from edge_runtime.metrics_server import MetricsServer, RuntimeMetrics
 from edge_runtime.sources import Frame, Source, open_source
 from edge_runtime.spool import Spool, SpoolError
@@ -33,6 +35,8 @@ from edge_runtime.bundle_manager import BundleManager, BundlePuller, LoadedModel
 from edge_runtime.uplink import Uplink, UplinkThread
 
 log = logging.getLogger("defectkit.run")
+
+EFFECTIVE_SETTINGS = "effective_settings.json"  # in the state dir: what the running bundle runs on, and why
 
 
 def drift_features_of(image: np.ndarray, verdict: Verdict, num_classes: int) -> dict[str, float]:
@@ -91,6 +95,7 @@ class Inspector:
         self.metrics = metrics or RuntimeMetrics()
         self.summary = RunSummary()
         self.frame_hooks: list[Callable[[dict[str, Any]], None]] = []  # called per frame with the stage timings
+        self.settings: Optional[BoxSettings] = None  # the current bundle's settings with the overrides on top
         self.periodic_ms = 0.0  # time spent in periodic work (reports spooled, metrics, updates): bench/edge_loop.py
         self.model: Optional[LoadedModel] = None
         self.monitor: Optional[DriftMonitor] = None
@@ -104,25 +109,23 @@ class Inspector:
         self._frames_in_window = 0
         self.manager = BundleManager(options.state_dir, options.public_key, backend=options.backend,
                                      threads=options.threads, max_crashes=options.max_crashes,
-                                     selftest_all=options.selftest_all)
+                                     selftest_all=options.selftest_all, settings_layers=options.settings_layers)
 
     def stop(self) -> None:
         self.stop_event.set()
 
     # ------------------------------------------------------------------------------------------ set-up
     def _setup(self) -> None:
-        o, s = self.opts, self.opts.settings
+        o = self.opts
         if o.metrics_port >= 0:
             self._server = MetricsServer(self.metrics, o.metrics_host, o.metrics_port).start()
-        model = self.manager.start(o.bundle)
-        s.runtime.thresholds_for(model.manifest.classes)  # refuse class_thresholds naming unknown classes now
+        model = self.manager.start(o.bundle)  # verified, self-tested, its settings resolved with the overrides
+        s = model.settings.settings
         self.spool = Spool(o.state_dir / "spool.db", max_bytes=int(s.report.spool_max_mb * 2**20))
         self.builder = ReportBuilder(device_id=o.device_id, line=model.manifest.line,
                                      bundle_version=model.version, spool_dir=o.state_dir)
-        self.sampler = HardExampleSampler(s.report.hard_example_low, s.report.hard_example_high,
-                                          s.report.hard_examples_per_hour)
-        self.outputs = Outputs(o.out_dir, model.manifest.classes, save_ng=o.save_ng, keep_days=o.keep_days,
-                               summary_interval_s=s.report.interval_s)
+        self.outputs = LocalLog(o.out_dir, model.manifest.classes, save_ng=o.save_ng, keep_days=o.keep_days,
+                                summary_interval_s=s.report.interval_s)
         self._activate(model)
         if o.collector:
             # short timeouts: a hung collector delays only the uplink thread, and shutdown by a few seconds
@@ -145,7 +148,12 @@ class Inspector:
     def _activate(self, model: LoadedModel) -> None:
         """Make ``model`` the one that inspects (at start and at a swap): fresh drift window, new version."""
         self.model = model
-        self.monitor = DriftMonitor(model.reference, self.opts.settings.drift)
+        s = self.settings = model.settings.settings
+        self.monitor = DriftMonitor(model.reference, s.drift)
+        self.sampler = HardExampleSampler(s.report.hard_example_low, s.report.hard_example_high,
+                                          s.report.hard_examples_per_hour)
+        self.spool.max_bytes = int(s.report.spool_max_mb * 2**20)
+        self.outputs.summary_interval_s = s.report.interval_s
         self.builder.bundle_version = model.version
         self.outputs.classes = list(model.manifest.classes)
         self._classes = list(model.manifest.classes)
@@ -155,7 +163,17 @@ class Inspector:
         self.summary.bundle_version, self.summary.backend = model.version, model.backend
         self.metrics.set_bundle(model.manifest.line, model.version, model.backend)
         self.metrics.flag(selftest=model.selftest.line())
+        self._publish_settings(model)
         log.info("inspecting with bundle %s %s on %s", model.manifest.line, model.version, model.backend)
+
+    def _publish_settings(self, model: LoadedModel) -> None:
+        """The effective settings and the source of each value: in /healthz and in state/effective_settings.json."""
+        shown = {"bundle_version": model.version, **model.settings.to_dict()}
+        self.metrics.set_settings(shown)
+        try:
+            atomic_write_json(self.opts.state_dir / EFFECTIVE_SETTINGS, shown)
+        except OSError as exc:
+            self._rl.warning("settings", "cannot write %s (%s)", EFFECTIVE_SETTINGS, exc)
 
     def _pull_loop(self, puller: BundlePuller) -> None:
         while not self.stop_event.wait(self.opts.update_poll_s):
@@ -188,65 +206,63 @@ class Inspector:
         self.summary.frames += 1
         self._frames_since_swap += 1
         self._frames_in_window += 1
-        rec: dict[str, Any] = {"time": utc_iso(frame.time), "source": frame.source, "index": frame.index,
-                               "bundle_version": self.model.version}
         if frame.image is None:
-            self._skip(frame, rec, frame.error or "not decodable")
+            self._skip(frame, frame.error or "not decodable")
             return
         image = frame.image
         try:
             dets, timing = self.model.detector.detect(image)
         except Exception as exc:  # one frame the backend cannot run (odd size, backend hiccup): skip it, go on
-            self._skip(frame, rec, f"inference failed: {exc}")
+            self._skip(frame, f"inference failed: {exc}")
             return
-        verdict = decide(dets, self._classes, self.opts.settings.runtime)
-        t_records = time.perf_counter()
-        records = dets.to_records(self._classes)  # the wire form, for the JSON line (and hard examples): output
+        verdict = decide(dets, self._classes, self.settings.runtime)
         t0 = time.perf_counter()
         state = self.monitor.update(drift_features_of(image, verdict, len(self._classes)))
         t1 = time.perf_counter()
-        names = [self._classes[c] for c in verdict.counted.class_ids.tolist()]
-        self.builder.record_frame(ng=verdict.is_ng, classes=names, latency_ms=frame.decode_ms + timing.total)
-        self._offer_hard_example(image, records, frame, verdict)
+        self._offer_hard_example(image, dets, frame, verdict)
+        t2 = time.perf_counter()
+        rec = FrameRecord(
+            index=frame.index, source=frame.source, time=utc_iso(frame.time), bundle_version=self.model.version,
+            classes=tuple(self._classes), detections=dets, decision=verdict,
+            height=int(image.shape[0]), width=int(image.shape[1]), drift_state=state,
+            stages_ms={"decode": frame.decode_ms, **timing.to_dict(), "drift": (t1 - t0) * 1e3, "report": (t2 - t1) * 1e3},
+        )
+        self._deliver(rec, image)
         if state == "alarm" and self._drift_state != "alarm":
             log.warning("drift alarm on bundle %s: %s", self.model.version, self._alarm_features())
             self._send_report()
         self._drift_state = state
-        t2 = time.perf_counter()
-        stages = {"decode": frame.decode_ms, **timing.to_dict(), "drift": (t1 - t0) * 1e3, "report": (t2 - t1) * 1e3}
-        rec.update({
-            "height": int(image.shape[0]), "width": int(image.shape[1]),
-            "detections": [{**r, "counted": bool(c)} for r, c in zip(records, verdict.mask.tolist())],
-            "verdict": verdict.verdict, "reason": verdict.reason, "drift_state": state,
-            "latency_ms": {k: round(v, 3) for k, v in stages.items()},
-        })
-        rec["latency_ms"]["total"] = round(sum(stages.values()), 3)
-        self.outputs.record(rec, image, dets, verdict, self.opts.settings.runtime.roi, self.model.version, state)
-        self.metrics.frame(verdict.verdict, stages)
-        if verdict.is_ng:
-            self.summary.ng += 1
-        else:
-            self.summary.ok += 1
         if self.frame_hooks:  # hooks also see "output": the JSON line, NG image, CSV summary and metrics just done
-            timed = {**stages, "output": (t0 - t_records + time.perf_counter() - t2) * 1e3}
+            timed = {**rec.stages_ms, "output": (time.perf_counter() - t2) * 1e3}
             for hook in self.frame_hooks:
                 hook(timed)
 
-    def _skip(self, frame: Frame, rec: dict[str, Any], why: str) -> None:
+    def _deliver(self, rec: FrameRecord, image: Optional[np.ndarray] = None) -> None:
+        """The one record of a frame to every consumer: the report window, the local log, /metrics, the summary."""
+        self.builder.record(rec)
+        self.outputs.record(rec, image, self.settings.runtime.roi if self.settings else None)
+        self.metrics.frame(rec)
+        if not rec.inspected:
+            self.summary.errors += 1
+        elif rec.is_ng:
+            self.summary.ng += 1
+        else:
+            self.summary.ok += 1
+
+    def _skip(self, frame: Frame, why: str) -> None:
         self._rl.warning("skip", "skipped frame %s: %s", frame.source, why)
-        self.summary.errors += 1
-        self.builder.record_error()
-        rec["error"] = why
-        self.outputs.record(rec, bundle_version=self.model.version if self.model else "", drift_state=self._drift_state)
-        self.metrics.frame(None, {})
+        self._deliver(FrameRecord(index=frame.index, source=frame.source, time=utc_iso(frame.time),
+                                  bundle_version=self.model.version if self.model else "",
+                                  classes=tuple(self._classes), error=why, drift_state=self._drift_state))
 
     def _alarm_features(self) -> str:
         snap = self.monitor.snapshot() if self.monitor else {"features": {}}
         return ", ".join(sorted(k for k, v in snap["features"].items() if v.get("state") == "alarm")) or "?"
 
-    def _offer_hard_example(self, image: np.ndarray, records: list, frame: Frame, verdict: Verdict) -> None:
-        if not records or self.sampler.max_per_hour == 0 or not self.sampler.in_band(records[0]["score"]):
+    def _offer_hard_example(self, image: np.ndarray, dets, frame: Frame, verdict: Verdict) -> None:
+        if len(dets) == 0 or self.sampler.max_per_hour == 0 or not self.sampler.in_band(float(dets.scores.max())):
             return
+        records = dets.to_records(self._classes)
         try:
             self.sampler.offer(self.spool, image=image, detections=records, device_id=self.opts.device_id,
                                line=self.model.manifest.line, bundle_version=self.model.version,
@@ -257,7 +273,7 @@ class Inspector:
     # ------------------------------------------------------------------------------------------ periodic work
     def _periodic(self) -> None:
         now = time.monotonic()
-        if now - self._last_report >= self.opts.settings.report.interval_s:
+        if now - self._last_report >= self.settings.report.interval_s:
             self._send_report()
         if now - self._last_periodic < 0.5:
             return
@@ -337,12 +353,7 @@ class Inspector:
         self._rl.warning("spool", "%s", exc)
 
     def _swap(self, new: LoadedModel) -> None:
-        old = self.model
-        try:
-            self.opts.settings.runtime.thresholds_for(new.manifest.classes)
-        except DefectkitError as exc:
-            self.manager.event("refused", new.version, f"the box's runtime settings do not fit its classes: {exc}")
-            return
+        old = self.model  # new.settings were resolved and checked against its classes when it was loaded
         self._send_report()  # the window so far belongs to the old bundle
         self.outputs.flush_summary(old.version if old else "", self._drift_state)
         self._activate(new)

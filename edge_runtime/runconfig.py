@@ -1,22 +1,29 @@
 """Options of ``python -m edge_runtime run``: the flags, and how they go on top of the line's settings.
 
 The line's ``runtime`` / ``drift`` / ``report`` sections (:mod:`edge_runtime.settings`) come from the verified
-bundle manifest; an override file and flags go on top of them.
+bundle manifest; an override file (``--settings-override``) and flags go on top of them, and the same layers go
+on top of the next bundle's settings after an update.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from edge_runtime.settings import BoxSettings
 from edge_runtime.errors import UserInputError
+from edge_runtime.settings import SettingsLayer
+from edge_runtime.sources import SETTLE_MS
+from edge_runtime.typedconf import field_default
 from edge_runtime.wire_report import NAME_RE
 
 @dataclass
 class RunOptions:
-    """Everything ``run`` needs; the CLI builds it from flags, tests and the bench build it directly."""
+    """Everything ``run`` needs; the CLI builds it from flags, tests and the bench build it directly.
+
+    The one place of the run options' defaults (the CLI's flags default to None and take these). The line's
+    settings are not here: they come from the verified bundle; ``settings_override`` (a JSON file) and
+    ``overrides`` (``{"report": {"interval_s": 5}}``, what the flags set) go on top of them, in that order."""
 
     bundle: Optional[Path]
     public_key: Path
@@ -28,9 +35,10 @@ class RunOptions:
     token: Optional[str] = None
     backend: Optional[str] = None
     threads: int = 2
-    settings: BoxSettings = field(default_factory=BoxSettings)
+    settings_override: Optional[Path] = None
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     watch: bool = False
-    settle_ms: float = 300.0
+    settle_ms: float = SETTLE_MS
     watch_after: str = "keep"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108  # -1 = no metrics server, 0 = any free port
@@ -55,6 +63,14 @@ class RunOptions:
             raise UserInputError(f"threads must be at least 1, got {self.threads}")
         self.out_dir = Path(self.out_dir)
         self.state_dir = Path(self.state_dir) if self.state_dir else self.out_dir / "state"
+        # read and check the override layers now: an unknown key stops the start before any bundle is loaded
+        layers = [SettingsLayer.load(self.settings_override)] if self.settings_override else []
+        if self.overrides:
+            layers.append(SettingsLayer.checked(self.overrides, "command line"))
+        self.settings_layers: tuple[SettingsLayer, ...] = tuple(layers)
+
+
+RUN_DEFAULTS = {f.name: field_default(f) for f in fields(RunOptions) if f.default is not MISSING or f.default_factory is not MISSING}
 
 
 def read_token(path: Path) -> str:
@@ -68,50 +84,60 @@ def read_token(path: Path) -> str:
     return token
 
 
+def _d(name: str) -> str:
+    return f"(default: {RUN_DEFAULTS[name]})"
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``python -m edge_runtime run``."""
+    """The options of ``python -m edge_runtime run``; every default is RunOptions' (flags default to None)."""
     a = parser.add_argument
     a("--bundle", type=Path, default=None,
       help="signed bundle (directory or .tar.gz); after an update the installed one in --state-dir runs instead")
     a("--public-key", type=Path, required=True, help="the signer's Ed25519 public key (.pub.pem)")
     a("--source", required=True, help="folder of images, video file, camera index (0) or stream URL (rtsp://...)")
-    a("--watch", action="store_true", help="keep watching the --source folder for new images")
-    a("--settle-ms", type=float, default=300.0, help="watched folder: a file is read after its size is stable this long")
-    a("--watch-after", choices=("keep", "delete", "move"), default="keep",
-      help="watched folder: what to do with a file once read (move = into <folder>/done)")
+    a("--watch", action="store_true", default=None, help="keep watching the --source folder for new images")
+    a("--settle-ms", type=float, default=None,
+      help=f"watched folder: a file is read after its size is stable this long {_d('settle_ms')}")
+    a("--watch-after", choices=("keep", "delete", "move"), default=None,
+      help=f"watched folder: what to do with a file once read (move = into <folder>/done) {_d('watch_after')}")
     a("--device-id", required=True, help="this box's id (letters, digits, . _ -)")
     a("--collector", default=None, metavar="URL", help="collector base URL; without it reports stay in the spool")
     a("--token-file", type=Path, default=None, help="file holding this device's bearer token")
-    a("--out", type=Path, default=Path("edge_out"), help="outputs: predictions/, ng/, summary/ (default: %(default)s)")
+    a("--out", type=Path, default=None, help=f"outputs: predictions/, ng/, summary/ {_d('out_dir')}")
     a("--state-dir", type=Path, default=None, help="installed bundles, update inbox, spool (default: OUT/state)")
     a("--backend", default=None, help="force a backend (onnxruntime, paddlelite, paddle); default: by bundle and install")
-    a("--threads", type=int, default=2, help="inference threads (default: %(default)s)")
-    a("--settings", type=Path, default=None, metavar="JSON_FILE",
-      help='line settings: {"runtime": {...}, "drift": {...}, "report": {...}} (sections of defaults.yaml)')
-    a("--score-threshold", type=float, default=None, help="override runtime.score_threshold")
+    a("--threads", type=int, default=None, help=f"inference threads {_d('threads')}")
+    a("--settings-override", type=Path, default=None, metavar="JSON_FILE",
+      help='on top of the bundle\'s line settings: any subset of {"runtime": {...}, "drift": {...}, "report": {...}}')
+    a("--score-threshold", type=float, default=None, help="override runtime.score_threshold (over the bundle's)")
     a("--report-interval", type=float, default=None, help="override report.interval_s (seconds)")
     a("--spool-max-mb", type=float, default=None, help="override report.spool_max_mb")
-    a("--metrics-host", default="127.0.0.1", help="address of /healthz and /metrics (default: %(default)s)")
-    a("--metrics-port", type=int, default=9108, help="port of /healthz and /metrics; 0 = any free, -1 = off")
+    a("--metrics-host", default=None, help=f"address of /healthz and /metrics {_d('metrics_host')}")
+    a("--metrics-port", type=int, default=None,
+      help=f"port of /healthz and /metrics; 0 = any free, -1 = off {_d('metrics_port')}")
     a("--max-frames", type=int, default=None, help="stop after this many frames (tests, benchmarks)")
     a("--update-url", default=None, help="poll this URL for a new bundle archive (bearer token, ETag)")
-    a("--update-poll", type=float, default=5.0, help="seconds between looks into the update inbox / URL")
-    a("--no-ng-images", action="store_true", help="do not save annotated NG images")
-    a("--keep-days", type=int, default=30, help="days of predictions, NG images and summaries kept")
+    a("--update-poll", type=float, default=None,
+      help=f"seconds between looks into the update inbox / URL {_d('update_poll_s')}")
+    a("--no-ng-images", action="store_true", default=None, help="do not save annotated NG images")
+    a("--keep-days", type=int, default=None, help=f"days of predictions, NG images and summaries kept {_d('keep_days')}")
     return parser
 
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
-    """Defaults < --settings file < flags, in one visible place."""
-    settings = BoxSettings.load_overrides(args.settings, BoxSettings()) if args.settings else BoxSettings()
-    settings = settings.with_overrides("runtime", score_threshold=args.score_threshold)
-    settings = settings.with_overrides("report", interval_s=args.report_interval, spool_max_mb=args.spool_max_mb)
-    token = read_token(args.token_file) if args.token_file else None
+    """Flags -> RunOptions: a flag not given keeps RunOptions' default; the settings flags become the top layer
+    (bundle manifest < --settings-override file < flags, resolved when a bundle is loaded)."""
+    flags = SettingsLayer.flags(runtime={"score_threshold": args.score_threshold},
+                                report={"interval_s": args.report_interval, "spool_max_mb": args.spool_max_mb})
+    given = {
+        "out_dir": args.out, "state_dir": args.state_dir, "collector": args.collector, "backend": args.backend,
+        "threads": args.threads, "watch": args.watch, "settle_ms": args.settle_ms, "watch_after": args.watch_after,
+        "metrics_host": args.metrics_host, "metrics_port": args.metrics_port, "max_frames": args.max_frames,
+        "update_poll_s": args.update_poll, "update_url": args.update_url, "keep_days": args.keep_days,
+        "save_ng": False if args.no_ng_images else None, "settings_override": args.settings_override,
+    }
     return RunOptions(
         bundle=args.bundle, public_key=args.public_key, source=args.source, device_id=args.device_id,
-        out_dir=args.out, state_dir=args.state_dir, collector=args.collector, token=token, backend=args.backend,
-        threads=args.threads, settings=settings, watch=args.watch,
-        settle_ms=args.settle_ms, watch_after=args.watch_after, metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port, max_frames=args.max_frames, update_poll_s=args.update_poll,
-        update_url=args.update_url, save_ng=not args.no_ng_images, keep_days=args.keep_days,
+        token=read_token(args.token_file) if args.token_file else None, overrides=flags.sections,
+        **{k: v for k, v in given.items() if v is not None},
     )

@@ -3,8 +3,8 @@
 
 The trainer resolves them once per command (defaults < line spec < command line), records them in the run's
 ``settings.yaml`` and writes them into the signed bundle manifest (``settings``); the box reads them from the
-verified manifest with :meth:`BoxSettings.from_manifest_section`, and command-line flags or an override file
-(``--settings-override``) go on top. The drift reference is built with the same ``runtime`` section the box
+verified manifest (``Manifest.settings``), and an override file (``--settings-override``) and command-line flags
+go on top (:class:`EffectiveSettings`, :class:`SettingsLayer`). The drift reference is built with the same ``runtime`` section the box
 decides with, so both agree by construction. Stdlib only (the box has no PyYAML).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.typedconf import section_dict, typed_from_mapping
+from edge_runtime.typedconf import check_value, defaults_of, did_you_mean, section_dict, typed_from_mapping
 
 BOX_SECTIONS = ("runtime", "drift", "report")
 CORRECTIONS = ("bonferroni", "fdr", "none")
@@ -203,18 +203,6 @@ class BoxSettings:
             report=ReportSettings.from_mapping(raw.get("report"), f"{where}", base.report),
         )
 
-    @classmethod
-    def load_overrides(cls, path: str | Path, base: "BoxSettings") -> "BoxSettings":
-        """``base`` overlaid with an override file (JSON: any subset of the sections and keys)."""
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"settings override file '{path}' cannot be read ({exc.strerror}).") from None
-        except ValueError as exc:
-            raise ConfigError(f"settings override file '{path}' is not valid JSON: {exc}") from None
-        return cls.from_sections(raw, f"settings override file '{path}'", base)
-
     def with_overrides(self, section: str, **values: Any) -> "BoxSettings":
         """One section with command-line values on top (None = not given)."""
         given = {k: v for k, v in values.items() if v is not None}
@@ -225,3 +213,77 @@ class BoxSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).to_dict() for name in BOX_SECTIONS}
+
+
+# ---------------------------------------------------------------------------------------------- layers
+@dataclass(frozen=True)
+class SettingsLayer:
+    """One layer of overrides on top of the bundle's settings: ``where`` names it in messages and in the
+    effective settings' sources ("settings override file 'x.json'", "command line")."""
+
+    where: str
+    sections: Mapping[str, Mapping[str, Any]]
+
+    @classmethod
+    def checked(cls, raw: Any, where: str) -> "SettingsLayer":
+        """A layer whose sections, keys and value types are known (refused with the field named, "did you
+        mean"); relations between fields are checked once the layer sits on a bundle's settings."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: expected an object with sections {', '.join(BOX_SECTIONS)}, "
+                              f"got {type(raw).__name__}.")
+        sections: dict[str, dict[str, Any]] = {}
+        for name, values in raw.items():
+            if name not in BOX_SECTION_TYPES:
+                raise ConfigError(f"{where}: unknown section '{name}'.{did_you_mean(str(name), list(BOX_SECTIONS))}")
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{where}: '{name}' must be a mapping of settings, got {type(values).__name__}.")
+            known = defaults_of(BOX_SECTION_TYPES[name])
+            sections[name] = {}
+            for key, value in values.items():
+                if key not in known:
+                    raise ConfigError(f"{where}: unknown key '{name}.{key}'.{did_you_mean(str(key), list(known))}")
+                sections[name][key] = check_value(where, f"{name}.{key}", value, known[key])
+        return cls(where, sections)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SettingsLayer":
+        """An override file (JSON: any subset of the sections and keys)."""
+        path = Path(path)
+        where = f"settings override file '{path}'"
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{where} cannot be read ({exc.strerror}).") from None
+        except ValueError as exc:
+            raise ConfigError(f"{where} is not valid JSON: {exc}") from None
+        return cls.checked(raw, where)
+
+    @classmethod
+    def flags(cls, where: str = "command line", **sections: Mapping[str, Any]) -> "SettingsLayer":
+        """A layer from flag values (None = flag not given), e.g. ``flags(runtime={"score_threshold": 0.3})``."""
+        given = {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
+        return cls.checked({name: values for name, values in given.items() if values}, where)
+
+
+@dataclass(frozen=True)
+class EffectiveSettings:
+    """The settings the box runs on and where each value came from (``"runtime.score_threshold"`` ->
+    ``"bundle pcb-1 1.2.0"`` / ``"settings override file '...'"`` / ``"command line"``)."""
+
+    settings: BoxSettings
+    sources: Mapping[str, str]
+
+    @classmethod
+    def resolve(cls, base: BoxSettings, base_where: str, layers: Sequence[SettingsLayer] = ()) -> "EffectiveSettings":
+        """``base`` (the verified bundle manifest's settings) < each layer in order: the override order in one place."""
+        settings = base
+        sources = {f"{name}.{key}": base_where for name in BOX_SECTIONS for key in defaults_of(BOX_SECTION_TYPES[name])}
+        for layer in layers:
+            settings = BoxSettings.from_sections(layer.sections, f"{layer.where} (over {base_where})", settings)
+            for name, values in layer.sections.items():
+                for key in values:
+                    sources[f"{name}.{key}"] = layer.where
+        return cls(settings, sources)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"values": self.settings.to_dict(), "sources": dict(self.sources)}

@@ -33,6 +33,9 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".web
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".filepart", ".swp", ".writing", ".lock")
 
 
+SETTLE_MS = 300.0  # a watched file is read once unchanged this long (RunOptions.settle_ms, --settle-ms)
+
+
 @dataclass
 class Frame:
     """One captured image. ``image`` is None when it could not be decoded (``error`` says why)."""
@@ -130,7 +133,7 @@ class WatchedFolderSource(Source):
 
     kind = "watch"
 
-    def __init__(self, folder: str | Path, settle_ms: float = 300.0, poll_s: float = 0.05, after: str = "keep",
+    def __init__(self, folder: str | Path, settle_ms: float = SETTLE_MS, poll_s: float = 0.05, after: str = "keep",
                  done_dir: Optional[Path] = None, tick_s: float = 1.0) -> None:
         super().__init__(str(folder))
         self.folder = Path(folder)
@@ -373,7 +376,7 @@ def _redact(url: str) -> str:
     return url
 
 
-def open_source(spec: str, *, watch: bool = False, exclude: Optional[Path] = None, settle_ms: float = 300.0,
+def open_source(spec: str, *, watch: bool = False, exclude: Optional[Path] = None, settle_ms: float = SETTLE_MS,
                 after: str = "keep", capture_factory: Callable[..., Any] = cv2.VideoCapture) -> Source:
     """A source from the ``--source`` text: a folder (``watch`` = keep watching it), a video file, a camera
     index (``0``) or a stream URL (``rtsp://``, ``http://``)."""

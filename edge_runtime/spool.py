@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .errors import DefectkitError
+from .settings import ReportSettings
 
 KINDS = ("report", "hard_example")
 
@@ -97,7 +98,7 @@ class Spool:
     (``pending``/``ack``) each hold it for one short transaction, never across network I/O.
     """
 
-    def __init__(self, path: Union[str, Path], max_bytes: int = 200 * 2**20, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(self, path: Union[str, Path], max_bytes: int = int(ReportSettings.spool_max_mb * 2**20), *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         if max_bytes <= 0:
             raise SpoolError(f"spool {self.path}: max_bytes must be positive, got {max_bytes}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from .errors import UserInputError
+from .inspection import FrameRecord, FrameStats
 
 SCHEMA = "defectkit.report/1"
 DRIFT_STATES = ("none", "warn", "alarm")
@@ -311,21 +312,13 @@ def validate_report(obj: Any, where: str = "report") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- builder
-def _percentile(sorted_vals: List[float], q: float) -> Optional[float]:
-    if not sorted_vals:
-        return None
-    pos = (len(sorted_vals) - 1) * q
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return round(sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo), 3)
-
-
 class ReportBuilder:
     """Counts frames over one window and turns them into a :class:`Report`; thread-safe.
 
-    The inspection loop calls :meth:`record_frame` per image and :meth:`build` at the report interval
-    or at once on an alarm; ``build`` starts the next window. Latency percentiles use the last
-    ``max_latency_samples`` frames of the window so memory stays flat over months.
+    The inspection loop hands each :class:`~edge_runtime.inspection.FrameRecord` to :meth:`record` and calls
+    :meth:`build` at the report interval or at once on an alarm; ``build`` starts the next window. Counts and
+    latency percentiles come from a :class:`~edge_runtime.inspection.FrameStats` (the same definition as the
+    local CSV summary and /metrics), over the last ``max_latency_samples`` frames so memory stays flat.
     """
 
     def __init__(self, *, device_id: str, line: str, bundle_version: str, spool_dir: str | Path | None = None,
@@ -337,36 +330,21 @@ class ReportBuilder:
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self._clock = clock
         self._started = time.monotonic()
-        self._max_lat = max_latency_samples
         self._lock = threading.Lock()
-        self._reset(clock())
+        self._stats = FrameStats(max_latency_samples)
+        self._window_start = clock()
 
-    def _reset(self, now: float) -> None:
-        self._window_start = now
-        self._counts = Counts()
-        self._lat: List[float] = []
+    def record(self, rec: FrameRecord) -> None:
+        """One frame of the loop, inspected or not."""
+        self._stats.record(rec)
 
     def record_frame(self, *, ng: bool, classes: List[str] | tuple = (), latency_ms: float | None = None) -> None:
-        """One inspected image: its verdict, the class names of the detections that count, its latency."""
-        with self._lock:
-            c = self._counts
-            c.frames += 1
-            if ng:
-                c.ng += 1
-            else:
-                c.ok += 1
-            for name in classes:
-                c.per_class[name] = c.per_class.get(name, 0) + 1
-            if latency_ms is not None:
-                self._lat.append(float(latency_ms))
-                if len(self._lat) > self._max_lat:
-                    del self._lat[: len(self._lat) - self._max_lat]
+        """One inspected image given by its parts: verdict, class names of the counted detections, latency."""
+        self._stats.add("NG" if ng else "OK", latency_ms, classes)
 
     def record_error(self) -> None:
         """A frame that could not be inspected (corrupt, truncated, backend failure)."""
-        with self._lock:
-            self._counts.frames += 1
-            self._counts.errors += 1
+        self._stats.add(None)
 
     def build(self, *, drift: Drift | Mapping[str, Mapping[str, Any]] | None = None, spool: Any = None,
               spool_dropped: int = 0, spool_pending: int = 0, health_extra: Mapping[str, Any] | None = None,
@@ -389,11 +367,13 @@ class ReportBuilder:
             self.bundle_version = bundle_version
         with self._lock:
             now = self._clock()
-            counts, lat, start = self._counts, sorted(self._lat), self._window_start
-            self._reset(now)
+            window, start = self._stats.counts(reset=True), self._window_start
+            self._window_start = now
+        counts = Counts(frames=window.frames, ok=window.ok, ng=window.ng, errors=window.errors,
+                        per_class=dict(window.per_class))
         health = Health(
             uptime_s=round(time.monotonic() - self._started, 3),
-            latency_ms_p50=_percentile(lat, 0.5), latency_ms_p95=_percentile(lat, 0.95),
+            latency_ms_p50=window.latency_ms_p50, latency_ms_p95=window.latency_ms_p95,
             spool_dropped=int(spool_dropped), spool_pending=int(spool_pending),
             disk_free_mb=self._disk_free_mb(), extra=dict(health_extra or {}),
         )

@@ -3,7 +3,8 @@
 :func:`make_bundle` builds a bundle the way the kit does (``compress.bundle.build_bundle``): a small real ONNX
 detector (scores follow the image's red channel, so a test picks OK or NG by colour), a drift reference
 built with :func:`edge_runtime.run.drift_features_of` on in-distribution frames, and golden images whose
-expected detections come from the model itself. :func:`export_tiny_detector` makes a tiny *paddle* detector
+expected detections come from the same detector built in paddle and run on paddle.inference (not from the ONNX
+model on ONNX Runtime, which would make every self-test pass by construction). :func:`export_tiny_detector` makes a tiny *paddle* detector
 in the no-NMS export form, which becomes both an ONNX model (paddle2onnx) and a Paddle Lite ``.nb``.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from compress.bundle import ModelFile, build_bundle
 from compress.keys import init_keys, load_private_key
 from edge_runtime.decision import decide
-from edge_runtime.settings import RuntimeSettings
+from edge_runtime.settings import BoxSettings, RuntimeSettings
 from edge_runtime.drift import build_reference
 from edge_runtime.drift.synthetic import BoardStream
 from edge_runtime.modelspec import InputSpec, PostprocessSpec
@@ -92,29 +93,130 @@ def drift_reference(base: Path, detector: Detector, frames: Sequence[np.ndarray]
     return ref.save(base / "drift_reference.json")
 
 
+# The red-channel test detector again, as a paddle model: the golden expectations of make_bundle come from it on
+# paddle.inference (what compress does for a real line: golden from the paddle model, the box checks ONNX Runtime
+# or Lite against them), so the self-test compares two different runtimes and can fail.
+_PADDLE_TWIN = """
+import hashlib, json, os, sys
+sys.path.insert(0, {root!r})
+import zlib  # noqa: F401  -- before paddle
+import numpy as np
+from detect.heavy import paddle_stack
+paddle = paddle_stack().paddle
+out = {out!r}
+if not os.path.exists(os.path.join(out, "model.pdmodel")):
+    class RedTwin(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("anchors", paddle.to_tensor(np.array({boxes!r}, np.float32)[None]))
+            self.register_buffer("base", paddle.to_tensor(np.array({scores!r}, np.float32)[None]))
+
+        def forward(self, image, scale_factor):
+            m = image[:, 0, :, :].mean()  # scores = base * mean of the (RGB) input's red channel
+            sf = paddle.concat([scale_factor[:, 1:2], scale_factor[:, 0:1]], axis=1)
+            return self.anchors / paddle.tile(sf, [1, 2]).unsqueeze(1), self.base * m
+
+    model = RedTwin()
+    model.eval()
+    spec = [paddle.static.InputSpec([1, 3, 64, 64], "float32", "image"),
+            paddle.static.InputSpec([1, 2], "float32", "scale_factor")]
+    paddle.jit.save(model, os.path.join(out, "model"), input_spec=spec)
+    from tests.test_edge_onnx_models import write_deploy
+    write_deploy(__import__("pathlib").Path(out), "model.pdmodel", {classes!r}, nms="host", fmt="paddle")
+import cv2
+from edge_runtime.predict import Detector
+from edge_runtime.selftest import expected_record
+det = Detector.from_model(os.path.join(out, "model.pdmodel"), backend="paddle", threads=1)
+assert det.backend.name == "paddle", det.backend.name
+for path in {images!r}:
+    rec = expected_record(det(cv2.imread(path)), {classes!r})
+    key = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    tmp = os.path.join(out, "expected", key + ".json.tmp" + str(os.getpid()))
+    with open(tmp, "w") as fh:
+        json.dump(rec, fh)
+    os.replace(tmp, os.path.join(out, "expected", key + ".json"))
+"""
+
+
+def paddle_golden(images: Sequence[Path]) -> list[dict]:
+    """Expected detections of the red-channel detector on ``images``, from its paddle twin on paddle.inference.
+
+    Cached per machine (keyed by the twin's code and each image's bytes): one paddle subprocess makes the missing ones."""
+    import hashlib
+    import tempfile
+
+    code_key = hashlib.sha256((_PADDLE_TWIN + repr((BOXES.tolist(), BASE_SCORES.tolist(), CLASSES))).encode()).hexdigest()
+    twin = Path(tempfile.gettempdir()) / f"defectkit-paddle-twin-{code_key[:12]}"
+    (twin / "expected").mkdir(parents=True, exist_ok=True)
+    keys = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in images]
+    missing = [str(p) for p, k in zip(images, keys) if not (twin / "expected" / f"{k}.json").is_file()]
+    if missing:
+        code = _PADDLE_TWIN.format(root=str(ROOT), out=str(twin), boxes=BOXES.tolist(), scores=BASE_SCORES.tolist(),
+                                   classes=CLASSES, images=missing)
+        script = Path(tempfile.mkdtemp(prefix="defectkit-twin-")) / "paddle_twin.py"
+        run_paddle_script(code, script)
+    return [json.loads((twin / "expected" / f"{k}.json").read_text()) for k in keys]
+
+
 def make_bundle(base: Path, keys: Keys, version: str = "1.0.0", parent: Optional[str] = None,
                 models: Optional[list[ModelFile]] = None, golden_reds: Sequence[int] = (40, 230),
                 expected_override: Optional[dict] = None, reference_frames: int = 120,
-                onnx_model: Optional[Path] = None) -> Path:
+                onnx_model: Optional[Path] = None, golden_model: Optional[Path] = None,
+                settings: Optional[BoxSettings] = None) -> Path:
     """A signed bundle directory ``base/store/test-line/<version>`` (and its .tar.gz beside it).
 
-    ``onnx_model`` (with deploy.json beside it) gives the golden expectations; default: :func:`onnx_source`."""
+    Golden expectations come from another runtime than the box's: the paddle twin of the red-channel detector on
+    paddle.inference (:func:`paddle_golden`), or ``golden_model`` (a paddle model with deploy.json beside it, run
+    on paddle.inference) when ``onnx_model`` is another detector. ``settings``: the line's runtime / drift /
+    report sections in the manifest (default: the defaults)."""
+    if onnx_model is not None and golden_model is None and golden_reds and expected_override is None:
+        raise ValueError("make_bundle(onnx_model=...) needs golden_model=: the paddle model the golden set comes from")
     onnx_path = onnx_model or onnx_source(base)
     detector = Detector.from_model(onnx_path, backend="onnxruntime", threads=1)
     ref_path = base / "drift_reference.json"
     if not ref_path.exists():
         drift_reference(base, detector, board_frames(reference_frames, seed=1))
-    golden = []
     gdir = base / "golden_src"
-    for i, red in enumerate(golden_reds):
-        path = write_images(gdir / f"g{version}_{i}", [red], seed=100 + i)[0]
-        expected = expected_override or expected_record(detector(cv2.imread(str(path))), CLASSES)
-        golden.append((path, expected))
+    paths = [write_images(gdir / f"g{version}_{i}", [red], seed=100 + i)[0] for i, red in enumerate(golden_reds)]
+    if expected_override is not None:
+        expected = [expected_override] * len(paths)
+    elif golden_model is not None:
+        ref = Detector.from_model(golden_model, backend="paddle", threads=1)
+        expected = [expected_record(ref(cv2.imread(str(p))), CLASSES) for p in paths]
+    else:
+        expected = paddle_golden(paths)
+    golden = list(zip(paths, expected))
     models = models or [ModelFile(onnx_path, "onnx", "any", "fp32", "host", None)]
     return build_bundle(
         base / "store", "test-line", version, parent, models, detector.spec.input, detector.spec.postprocess,
         CLASSES, {"map50": 0.9}, {"method": "none"}, golden, ref_path, load_private_key(keys.private),
+        settings=settings or BoxSettings(),
     )
+
+
+def resign_bundle(bundle_dir: Path, keys: Keys, version: str, edit) -> Path:
+    """A copy of ``bundle_dir`` as ``version`` whose manifest dict went through ``edit(dict)`` and was signed again
+    with the line's key: a correctly signed bundle with whatever manifest a test needs (e.g. no settings)."""
+    import shutil
+    import tarfile
+
+    from edge_runtime.bundle import MANIFEST, SIGNATURE, signature_document
+
+    dest = bundle_dir.parent / version
+    shutil.copytree(bundle_dir, dest)
+    for p in [dest, *dest.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    manifest["version"] = version
+    edit(manifest)
+    body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    key = load_private_key(keys.private)
+    (dest / MANIFEST).write_bytes(body)
+    (dest / SIGNATURE).write_bytes(signature_document(body, key.sign(body), key.public_key()))
+    with tarfile.open(archive_of(dest), "w:gz") as tar:
+        for path in sorted(dest.rglob("*")):
+            tar.add(str(path), arcname=path.relative_to(dest).as_posix(), recursive=False)
+    return dest
 
 
 def archive_of(bundle_dir: Path) -> Path:

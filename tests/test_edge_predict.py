@@ -146,16 +146,16 @@ def test_from_model_refuses_tampered_missing_or_mismatched_models(nms_export, tm
 def test_cli_main_prints_summary_and_reports_errors_in_one_line(nms_export, tmp_path, capsys):
     src = _folder(tmp_path)
     cfg = tmp_path / "runtime.json"
-    cfg.write_text(json.dumps({"score_threshold": 0.95, "class_thresholds": {"dent": 0.5}}))
+    cfg.write_text(json.dumps({"runtime": {"score_threshold": 0.95, "class_thresholds": {"dent": 0.5}}}))
     out = tmp_path / "preds.jsonl"
     code = cli.main(["predict", "--model", str(nms_export / "model.onnx"), "--source", str(src), "--out", str(out),
-                     "--threads", "1", "--runtime-config", str(cfg)])
+                     "--threads", "1", "--settings-override", str(cfg)])
     printed = capsys.readouterr().out
     assert code == 0
     assert "4 images: 1 NG, 2 OK, 1 unreadable; median latency" in printed and "on onnxruntime" in printed
     # the flag overrides the file's score threshold (red 0.9 becomes NG too)
     code = cli.main(["predict", "--model", str(nms_export / "model.onnx"), "--source", str(src), "--out", str(out),
-                     "--threads", "1", "--runtime-config", str(cfg), "--score-threshold", "0.5"])
+                     "--threads", "1", "--settings-override", str(cfg), "--score-threshold", "0.5"])
     assert code == 0 and "2 NG, 1 OK" in capsys.readouterr().out
     code = cli.main(["predict", "--model", str(nms_export / "model.onnx"), "--source", str(src),
                      "--backend", "onnxrt"])
@@ -169,7 +169,7 @@ def test_register_adds_the_same_predict_verb_to_another_cli():
     parser = argparse.ArgumentParser(prog="defectkit")
     cli.register(parser.add_subparsers(dest="verb"))
     args = parser.parse_args(["predict", "--model", "m.onnx", "--source", "imgs", "--save-annotated", "ann"])
-    assert args.func is cli.run_predict and args.threads == 2 and args.out == Path("preds.jsonl")
+    assert args.func is cli.run_predict and args.threads is None and args.out == Path("preds.jsonl")
     assert args.save_annotated == Path("ann") and args.backend is None and args.score_threshold is None
 
 

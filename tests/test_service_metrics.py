@@ -7,10 +7,14 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
+from edge_runtime.decision import Verdict
 from edge_runtime.errors import ConfigError
+from edge_runtime.inspection import FrameRecord
 from edge_runtime.metrics_server import MetricsServer, RuntimeMetrics
+from edge_runtime.postprocess import Detections
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,12 +42,20 @@ def _parse(text: str) -> dict[str, float]:
     return samples
 
 
+def _rec(verdict, stages_ms):
+    """A frame record as the loop makes it: OK / NG with no detections, or None = not inspected."""
+    empty = Detections.build(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    decision = None if verdict is None else Verdict(verdict, empty, "", np.zeros(0, bool))
+    return FrameRecord(index=0, source="x", time="2026-11-22T10:00:00.000Z", bundle_version="1.0.0",
+                       detections=empty, decision=decision, stages_ms=stages_ms)
+
+
 def test_metrics_text_counts_frames_latency_ng_rate_and_drift():
     m = RuntimeMetrics(ng_window=4)
     m.set_bundle("pcb-1", "1.0.0", "onnxruntime")
     for verdict, ms in (("OK", 8.0), ("NG", 30.0), ("NG", 700.0), ("OK", 3.0), ("NG", 12.0)):
-        m.frame(verdict, {"decode": ms / 2, "infer": ms / 2})
-    m.frame(None, {})
+        m.frame(_rec(verdict, {"decode": ms / 2, "infer": ms / 2}))
+    m.frame(_rec(None, {}))
     m.set_drift("warn", {"brightness": "warn", "sharpness": "none", 'we"ird\nname': "alarm"})
     m.set(spool_pending=3)
     s = _parse(m.prometheus())
@@ -59,6 +71,7 @@ def test_metrics_text_counts_frames_latency_ng_rate_and_drift():
     assert s["defectkit_drift_state"] == 1 and s['defectkit_drift_feature_state{feature="brightness"}'] == 1
     assert s['defectkit_drift_feature_state{feature="we\\"ird\\nname"}'] == 2  # label values escaped
     assert s["defectkit_spool_pending"] == 3
+    assert s["defectkit_frame_latency_ms_p50"] == 12.0 and s["defectkit_frame_latency_ms_p95"] == pytest.approx(566.0)
     assert s['defectkit_bundle_info{backend="onnxruntime",line="pcb-1",version="1.0.0"}'] == 1
     assert s["defectkit_up"] == 0  # still "starting"
 
@@ -73,7 +86,7 @@ def test_health_codes_follow_the_loop_state_and_a_hung_frame():
     m.begin_frame()
     time.sleep(0.1)
     assert m.health() == (503, {**m.health()[1], "status": "stalled"})  # one frame stuck in the backend
-    m.frame("OK", {"infer": 1.0})
+    m.frame(_rec("OK", {"infer": 1.0}))
     assert m.health()[0] == 200 and m.health()[1]["last_frame_age_s"] is not None
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from edge_runtime.drift.stats import chi2_homogeneity, ks_2samp_sorted, psi, smoothed_shares
 from edge_runtime.errors import DataError
+from edge_runtime.settings import DriftSettings  # detector defaults are the drift section's, not copies
 
 
 class Score(NamedTuple):
@@ -60,7 +61,8 @@ class PSIDetector(_Fitted):
     finite on both sides. Drift when PSI >= ``threshold``.
     """
 
-    def __init__(self, n_bins: int = 10, threshold: float = 0.25, alpha: float = 0.5, min_samples: int = 10):
+    def __init__(self, n_bins: int = DriftSettings.psi_max_bins, threshold: float = DriftSettings.psi_alarm,
+                 alpha: float = 0.5, min_samples: int = 10):
         if n_bins < 2:
             raise DataError(f"PSIDetector: n_bins must be at least 2, got {n_bins}.")
         self.n_bins = n_bins
@@ -109,7 +111,7 @@ class PSIDetector(_Fitted):
 class KSDetector(_Fitted):
     """Two-sample Kolmogorov-Smirnov test against the reference sample; drift when p < ``p_val``."""
 
-    def __init__(self, p_val: float = 0.05, finite_n_correction: bool = True):
+    def __init__(self, p_val: float = DriftSettings.ks_p_warn, finite_n_correction: bool = True):
         self.p_val = p_val
         self.finite_n_correction = finite_n_correction
         self.reference = np.empty(0)
@@ -145,7 +147,8 @@ class CategoricalDetector(_Fitted):
     Drift when PSI >= ``threshold`` or p < ``p_val``.
     """
 
-    def __init__(self, threshold: float = 0.25, p_val: float = 0.001, alpha: float = 0.5, labels: tuple[str, ...] = ()):
+    def __init__(self, threshold: float = DriftSettings.psi_alarm, p_val: float = DriftSettings.ks_p_alarm, alpha: float = 0.5,
+                 labels: tuple[str, ...] = ()):
         self.threshold = threshold
         self.p_val = p_val
         self.alpha = alpha

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.drift.features import frame_features, output_features
+from edge_runtime.settings import RuntimeSettings
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class SynthStyle:
     defect_score: tuple[float, float] = (9.0, 2.0)  # Beta(a, b) of a true defect's score
     class_probs: tuple[float, ...] = (0.5, 0.3, 0.2)
     false_pos_rate: float = 1.5  # mean low-score detections per frame
-    score_threshold: float = 0.5  # a detection at or above this makes the frame NG
+    score_threshold: float = RuntimeSettings.score_threshold  # a detection at or above this makes the frame NG
 
 
 IN_DISTRIBUTION = SynthStyle()
@@ -138,5 +139,5 @@ def feature_dicts(n: int, seed: int = 0, num_classes: int = 2) -> Iterator[dict[
         f = {"brightness": rng.normal(100, 5), "contrast": rng.normal(20, 2), "sharpness": rng.gamma(9, 90),
              "saturation": rng.normal(150, 3), "mean_b": rng.normal(40, 2), "mean_g": rng.normal(100, 3),
              "mean_r": rng.normal(42, 2)}
-        f.update(output_features(scores, rng.integers(0, num_classes, k), num_classes, bool(np.any(scores >= 0.5))))
+        f.update(output_features(scores, rng.integers(0, num_classes, k), num_classes, bool(np.any(scores >= RuntimeSettings.score_threshold))))
         yield f
