@@ -297,8 +297,9 @@ class Inspector:
                         **({"drops": self.source.drops, "reconnects": self.source.reconnects}
                            if hasattr(self.source, "drops") else {})}
         if self.monitor is not None:
-            feats = self.monitor.snapshot()["features"]
-            m.set_drift(self.monitor.state, {name: f["state"] for name, f in feats.items()})
+            snap = self.monitor.snapshot()
+            m.set_drift(self.monitor.state, {name: f["state"] for name, f in snap["features"].items()})
+            m.set(drift_window_frames=snap["window_frames"])  # tops out at the drift window the monitor runs on
         if self.spool is not None:
             try:
                 st = self.spool.stats()
