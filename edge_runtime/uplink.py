@@ -105,7 +105,8 @@ class Uplink:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self._ssl = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None
         self._clock = clock
-        self._rng = rng or random.Random()
+        # jitter: seeded per device, so a run can be replayed and boxes restarted together still spread out
+        self._rng = rng or random.Random(f"uplink:{device_id}")
         self.state = UplinkState()
         self._flush_lock = threading.Lock()
 

@@ -28,7 +28,9 @@ class Faulty:
     """A real HTTP server whose answer is chosen by ``mode``; counts the requests it got."""
 
     def __init__(self) -> None:
-        self.mode, self.requests, self.delay = "500", 0, 0.0
+        self.mode, self.requests, self.delay, self.answered = "500", 0, 0.0, 0
+        self.hold = False  # True: take each request, then wait for ``release`` before answering
+        self.holding, self.release = threading.Event(), threading.Event()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +41,9 @@ class Faulty:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 owner.requests += 1
                 time.sleep(owner.delay)
+                if owner.hold:
+                    owner.holding.set()
+                    owner.release.wait(60)
                 key = self.headers.get("Idempotency-Key")
                 status, payload, headers = {
                     "500": (500, b'{"detail": "boom"}', {}),
@@ -56,6 +61,7 @@ class Faulty:
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
+                    owner.answered += 1
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the uplink gave up waiting (read timeout): expected in the hanging test
 
@@ -130,19 +136,22 @@ def test_classify(status, body, outcome):
 def test_500_garbage_and_wrong_ack_keep_items_then_deliver(tmp_path, faulty):
     spool = Spool(tmp_path / "s.db")
     ids = put_reports(spool, 3)
-    up = Uplink(faulty.url, "press-01", TOKEN, spool, backoff_base=0.05, backoff_cap=0.2)
+    now = [100.0]  # the uplink's clock: a backoff lasts until the test moves it, however loaded the machine
+    up = Uplink(faulty.url, "press-01", TOKEN, spool, backoff_base=0.05, backoff_cap=0.2, clock=lambda: now[0],
+                rng=random.Random(7))
     for mode in ("500", "garbage", "wrong_id"):
         faulty.mode = mode
-        time.sleep(max(0.0, up.state.next_attempt_at - time.monotonic()))
+        now[0] = max(now[0], up.state.next_attempt_at)
         before = faulty.requests
         res = up.flush()
         assert res.failed and res.sent == 0 and faulty.requests == before + 1  # stops at the first failure
         assert [it.key for it in spool.pending()] == ids
+        assert up.state.next_attempt_at > now[0]
         assert up.flush().skipped and faulty.requests == before + 1  # backing off: no request at all
     assert spool.pending()[0].attempts == 3 and spool.pending()[1].attempts == 0
     assert "HTTP 500: boom" in up.state.history[0][1] and "without a JSON acknowledgement" in up.state.last_error
     faulty.mode = "ok"
-    time.sleep(0.25)
+    now[0] = up.state.next_attempt_at
     res = up.flush()
     assert (res.sent, res.failed) == (3, False) and spool.stats().pending == 0 and up.state.failures == 0
 
@@ -228,30 +237,42 @@ def test_poison_goes_to_dead_letter_duplicates_are_acked(tmp_path, collector, fa
 
 
 def test_put_never_blocked_by_a_hanging_collector(tmp_path, faulty):
-    faulty.mode, faulty.delay = "ok", 1.5  # answers only after 1.5 s: longer than the read timeout
+    # the collector takes the request and does not answer until the test releases it: every put made meanwhile
+    # must complete (were put() waiting on the uplink, it would hang here until the test's timeout)
+    faulty.mode, faulty.hold = "ok", True
     spool = Spool(tmp_path / "s.db")
-    up = Uplink(faulty.url, "press-01", TOKEN, spool, read_timeout=0.5, backoff_base=0.05, backoff_cap=0.1)
-    thread = UplinkThread(up, interval_s=0.05).start()
-    times = []
+    up = Uplink(faulty.url, "press-01", TOKEN, spool, read_timeout=60.0)
+    thread = UplinkThread(up, interval_s=30.0).start()
     b = ReportBuilder(device_id="press-01", line="line-a", bundle_version="1")
-    t_end = time.monotonic() + 1.5
-    while time.monotonic() < t_end:
-        r = b.build().to_dict()
-        t0 = time.perf_counter()
-        spool.put("report", r)
-        times.append(time.perf_counter() - t0)
+    try:
+        spool.put("report", b.build().to_dict())
+        thread.wake()
+        assert faulty.holding.wait(30), "the uplink never reached the collector"
+        for _ in range(20):
+            spool.put("report", b.build().to_dict())
+        assert faulty.answered == 0 and up._flush_lock.locked()  # the uplink is still inside its first request
+        assert spool.stats().pending == 21
+    finally:
+        faulty.release.set()
+    deadline = time.monotonic() + 30  # a bound for a broken uplink, not a speed limit
+    while spool.stats().pending and time.monotonic() < deadline:
+        thread.wake()
         time.sleep(0.02)
-    t0 = time.monotonic()
-    assert thread.stop(timeout=3.0)
-    stopped_in = time.monotonic() - t0
-    assert faulty.requests >= 1 and "timed out" in (up.state.last_error or "")
-    assert spool.stats().pending == len(times)  # a timed-out send is not an acknowledgement
-    # Were put() waiting on the uplink, nearly every put would last ~the 0.5 s read timeout (the uplink is
-    # stuck all the time). A few slow puts are the disk: synchronous=FULL fsyncs each commit, and on this
-    # shared machine an fsync now and then stalls for 0.1-0.4 s. So: the typical put is fast, slow ones are rare.
-    slow = [t for t in times if t > 0.25]
-    assert sorted(times)[len(times) // 2] < 0.05 and len(slow) <= max(2, len(times) // 10), (len(times), slow)
-    assert stopped_in < 1.0
+    assert spool.stats().pending == 0 and up.state.sent_total == 21
+    assert thread.stop(timeout=5.0)
+
+
+def test_a_timed_out_send_is_not_an_acknowledgement(tmp_path, faulty):
+    faulty.mode, faulty.hold = "ok", True  # never answers within the read timeout
+    spool = Spool(tmp_path / "s.db")
+    ids = put_reports(spool, 2)
+    up = Uplink(faulty.url, "press-01", TOKEN, spool, read_timeout=0.3)
+    try:
+        res = up.flush()
+    finally:
+        faulty.release.set()
+    assert res.failed and res.sent == 0 and "timed out" in (up.state.last_error or "")
+    assert [it.key for it in spool.pending()] == ids and faulty.requests == 1
 
 
 def test_uplink_thread_delivers_and_wakes(tmp_path, collector):
