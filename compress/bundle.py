@@ -5,6 +5,10 @@ Layout of ``<out_root>/<line>/<version>/``::
     manifest.json  manifest.sig  drift_reference.json
     models/<model files>         golden/<NN>-<image>, golden/<NN>-<image>.expected.json
 
+The manifest carries the line's ``runtime``, ``drift`` and ``report`` settings (:class:`BoxSettings`): what the box
+decides, monitors and reports with. A drift reference that records the runtime settings it was built with
+(``meta.runtime``, written by :func:`compress.bundle_from_run.drift_reference`) must match them.
+
 The builder stages everything in a hidden directory beside the target, signs the manifest, verifies the result
 with :func:`edge_runtime.bundle.verify_bundle` (the same code the edge box runs), makes files read-only and only
 then renames it into place; the archive is written to a temporary name and hard-linked to its final name, so a
@@ -36,6 +40,7 @@ from edge_runtime.bundle import (
 )
 from edge_runtime.errors import BundleError, UserInputError
 from edge_runtime.modelspec import InputSpec, ModelSpec, PostprocessSpec
+from edge_runtime.settings import BoxSettings
 
 Expected = Union[str, Path, Mapping[str, Any], Sequence[Any]]
 
@@ -146,8 +151,15 @@ def build_bundle(
     drift_reference_path: str | Path,
     private_key,
     created: datetime | None = None,
+    *,
+    settings: BoxSettings,
 ) -> Path:
-    """Write ``out_root/<line>/<version>/`` and ``<version>.tar.gz``, signed with ``private_key``; return the dir."""
+    """Write ``out_root/<line>/<version>/`` and ``<version>.tar.gz``, signed with ``private_key``; return the dir.
+
+    ``settings``: the line's runtime / drift / report sections the box will run on (from the run's spec:
+    ``BoxSettings.from_sections(spec.settings.box_sections(), ...)``)."""
+    if not isinstance(settings, BoxSettings):
+        raise UserInputError(f"bundle settings must be a BoxSettings (runtime, drift, report), got {type(settings).__name__}")
     for what, value in (("line", line), ("version", version)):
         if not isinstance(value, str) or not NAME_RE.match(value):
             raise UserInputError(f"bundle {what} {value!r} must match {NAME_RE.pattern} (letters, digits, . _ -)")
@@ -185,13 +197,14 @@ def build_bundle(
             img = _copy(image, stage, f"golden/{i:02d}-{image.name}")
             exp = _write(stage, f"golden/{i:02d}-{image.name}.expected.json", _expected_bytes(expected))
             goldens.append(GoldenImage(file=img.file, sha256=img.sha256, expected=exp))
+        check_reference_settings(Path(drift_reference_path), settings)
         drift = _copy(Path(drift_reference_path), stage, "drift_reference.json")
         manifest = Manifest(
             line=line, version=version, parent_version=parent_version,
             created=created.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             kit_version=_kit_version(), classes=tuple(classes), input=input_spec, postprocess=postprocess,
             models=tuple(models), metrics={k: float(v) for k, v in metrics.items()}, recipe=dict(recipe),
-            golden=tuple(goldens), drift_reference=drift,
+            golden=tuple(goldens), drift_reference=drift, settings=settings,
         )
         body = manifest.to_bytes()
         Manifest.from_dict(json.loads(body))  # never sign what the edge box would refuse to read
@@ -219,6 +232,25 @@ def build_bundle(
             tar_tmp.unlink()
 
 
+def check_reference_settings(path: Path, settings: BoxSettings) -> None:
+    """A drift reference that names the runtime settings it was built with must have been built with the ones
+    the bundle ships (otherwise the box would compare its decisions with another threshold's statistics)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable or not an object: the file is copied as given and the box's loader judges it
+    built_with = meta.get("runtime") if isinstance(meta, dict) else None
+    if built_with is not None and built_with != settings.runtime.to_dict():
+        raise UserInputError(f"drift reference {path} was built with runtime settings {built_with}, but the bundle "
+                             f"ships {settings.runtime.to_dict()}: rebuild the reference with the bundle's settings.")
+
+
+def box_settings_from_json(path: str | Path) -> BoxSettings:
+    """Settings for ``bundle build --settings-json``: a JSON object with any of runtime, drift, report over the
+    table's defaults (keys and types checked, unknown ones refused)."""
+    return BoxSettings.from_sections(read_json(path, "settings"), f"settings file {path}")
+
+
 def read_json(path: str | Path, what: str) -> Any:
     """A JSON input of the CLI (metrics, recipe), with a message naming the file on failure."""
     try:
@@ -229,4 +261,5 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UserInputError(f"{what} file {path} is not valid JSON: {exc}") from None
 
 
-__all__ = ["ModelFile", "build_bundle", "models_from_deploy", "read_json"]
+__all__ = ["ModelFile", "build_bundle", "models_from_deploy", "read_json", "box_settings_from_json",
+           "check_reference_settings"]

@@ -8,7 +8,10 @@ What goes in (ARCHITECTURE.md, Bundle):
   self-test compares every backend with them, within the same tolerance the gate used);
 - ``drift_reference.json`` built on the line's training images with the edge runtime's own statistics code
   (``edge_runtime.run.drift_features_of``: the same function the box calls on every frame);
-- gate metrics and the compression recipe; the manifest signed with the line's Ed25519 key.
+- gate metrics and the compression recipe; the manifest signed with the line's Ed25519 key;
+- the manifest's ``settings``: the run's runtime, drift and report sections (its settings.yaml, read with
+  ``load_run_spec``). The drift reference and the golden images' choice are made with exactly that runtime
+  section, so the box decides and monitors with the thresholds the reference was built with.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ from typing import Any, Sequence
 from compress.bundle import ModelFile, build_bundle, models_from_deploy
 from compress.gate import runtime_config
 from compress.measure import read_image
-from compress.pipeline import GOLDEN_FILE, load_run, primary_model
-from compress.variants import COMPRESS_DIR, PARENT, Variant, load_variant
+from compress.pipeline import GOLDEN_FILE, load_run, primary_model, read_golden
+from compress.variants import COMPRESS_DIR, PARENT, Variant, load_variant, settings_record
 from detect.linespec import LineSpec
+from detect.run_settings import settings_path
 from edge_runtime.errors import ConfigError, UserInputError
+from edge_runtime.settings import BoxSettings, RuntimeSettings
 
 try:
     from tqdm import tqdm
@@ -77,8 +82,15 @@ def _images(spec: LineSpec, ann: Path, limit: int) -> list[Path]:
     return images[::step][:limit] if limit else images
 
 
-def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 400, progress: bool = True) -> Path:
-    """``drift_reference.json`` from the training images, through the model that is shipped."""
+def box_settings(spec: LineSpec, where: str) -> BoxSettings:
+    """The box's sections of the run's settings, as the manifest carries them (every key, checked)."""
+    return BoxSettings.from_sections(spec.settings.box_sections(), where, require_all=True)
+
+
+def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 400, progress: bool = True,
+                    runtime: RuntimeSettings | None = None) -> Path:
+    """``drift_reference.json`` from the training images, through the model that is shipped, decided with
+    ``runtime`` (default: the spec's runtime section; recorded in the reference's ``meta.runtime``)."""
     from edge_runtime.decision import decide
     from edge_runtime.drift import build_reference
     from edge_runtime.drift.reference import MIN_REFERENCE_FRAMES
@@ -86,7 +98,7 @@ def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 40
     from edge_runtime.run import drift_features_of
 
     det = Detector.from_model(model)
-    cfg = runtime_config(spec)
+    cfg = runtime if runtime is not None else runtime_config(spec)
     images = _images(spec, spec.paths.train, max_images)
     if len(images) < MIN_REFERENCE_FRAMES:  # a small line: its validation images are in-distribution too
         images += _images(spec, spec.paths.val, max_images - len(images))
@@ -96,12 +108,13 @@ def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 40
         img = read_image(path, "training image")
         feats.append(drift_features_of(img, decide(det(img), det.classes, cfg), len(det.classes)))
     ref = build_reference(feats, class_names=det.classes, meta={"line": spec.line, "model": model.name,
-                                                              "images": len(feats)})
+                                                              "images": len(feats), "runtime": cfg.to_dict()})
     return ref.save(out)
 
 
-def golden_expected(run_dir: Path, v: Variant, model: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(image, expected record) for the run's golden images, from the shipped model."""
+def golden_expected(run_dir: Path, spec: LineSpec, model: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(image, expected record) for the run's golden images (chosen with the run's runtime settings), from the
+    shipped model."""
     from edge_runtime.predict import Detector
     from edge_runtime.selftest import expected_record
 
@@ -111,7 +124,7 @@ def golden_expected(run_dir: Path, v: Variant, model: Path) -> list[tuple[Path, 
                              "(it chooses the golden images from the parent).")
     det = Detector.from_model(model)
     out = []
-    for p in json.loads(path.read_text())["images"]:
+    for p in read_golden(path, spec):
         img = read_image(p, f"golden image (listed in {path})")
         out.append((Path(p), expected_record(det(img), det.classes)))
     return out
@@ -142,6 +155,7 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
         raise UserInputError("name at least one --variant (see `<run>/compress/table.md`).")
     key = load_private_key(key_path)
     spec, run = load_run(run_dir)
+    settings = box_settings(spec, str(settings_path(run.root)))
     retrained = retrain_record(run.root, allow_refused)
     chosen = [load_variant(run.root, n) for n in dict.fromkeys(variants)]
     for v in chosen:
@@ -155,10 +169,11 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
     model_file, _ = primary_model(first)
     lead = first.export_dir / model_file
     deploy, _ = models_from_deploy(first.deploy_json)
-    golden = golden_expected(run.root, first, lead)
+    golden = golden_expected(run.root, spec, lead)
     staging = run.root / COMPRESS_DIR / ".bundle-work"
     staging.mkdir(parents=True, exist_ok=True)
-    drift = drift_reference(spec, lead, staging / "drift_reference.json", progress=progress)
+    drift = drift_reference(spec, lead, staging / "drift_reference.json", progress=progress,
+                            runtime=settings.runtime)
     metrics: dict[str, float] = {}
     for v in chosen:
         tag = "" if v is first else f"{v.name}."
@@ -171,6 +186,7 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
             metrics[f"{tag}gate_passed"] = 1.0 if v.gate["passed"] else 0.0
     recipe = {v.name: {"method": v.method, "parent": v.parent, **v.recipe} for v in chosen}
     recipe["run"] = str(run.root)
+    recipe["settings"] = settings_record(run.root, spec)  # the run's settings.yaml (sha256) and its overrides
     if retrained:
         f = retrained.get("forgetting", {})
         metrics["old_classes_map_drop_pts"] = float(f.get("drop_points", 0.0))
@@ -179,7 +195,7 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
     if any(m.format == "paddlelite" and m.target == "arm" for m in models):
         recipe["arm_note"] = "ARM .nb converted by paddle_lite_opt but not run: no ARM CPU on the build machine"
     return build_bundle(store, spec.line, version, parent_version, models, deploy.input, deploy.postprocess,
-                        spec.classes, metrics, recipe, golden, drift, key)
+                        spec.classes, metrics, recipe, golden, drift, key, settings=settings)
 
 
-__all__ = ["bundle_from_run", "next_version", "drift_reference", "variant_models", "shippable"]
+__all__ = ["bundle_from_run", "box_settings", "next_version", "drift_reference", "variant_models", "shippable"]

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
                       help="prune: structured filter pruning + fine-tune; ptq: PaddleSlim INT8 (Paddle/Lite) and "
                            "ONNX Runtime INT8; qat: quantization-aware training")
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a compress.* setting, e.g. --set prune_flops=0.3 --set ptq_algo=mse")
+                      help="override a compress.* setting of the run, e.g. --set prune_flops=0.3 --set ptq_algo=mse "
+                           "(everything else comes from the run's settings.yaml)")
     comp.add_argument("--no-lite", action="store_true", help="skip the Paddle Lite .nb conversion (edge box)")
     comp.add_argument("--no-latency", action="store_true", help="skip the latency columns of the table")
     comp.set_defaults(func=_compress)
@@ -49,6 +50,11 @@ def register(subparsers) -> None:
                    help="a golden image and the parent's detections on it; repeatable")
     b.add_argument("--metrics", type=Path, help="JSON object of gate metrics (name -> number)")
     b.add_argument("--recipe", type=Path, help="JSON object describing the compression recipe")
+    given = b.add_mutually_exclusive_group()
+    given.add_argument("--run", type=Path, dest="settings_run", metavar="RUN",
+                       help="take the runtime, drift and report settings from this training run's settings.yaml")
+    given.add_argument("--settings-json", type=Path, metavar="FILE",
+                       help="JSON object with any of the runtime, drift, report sections (over the table defaults)")
     b.set_defaults(func=_bundle_build)
 
     r = bsub.add_parser("run", help="(default form: `defectkit bundle RUN --variant NAME`) bundle gated variants of a run")
@@ -68,11 +74,13 @@ def register(subparsers) -> None:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from compress.pipeline import compress_run
+    from compress.pipeline import compress_layer, compress_run, load_run
     from detect.cli import parse_sets
 
-    result = compress_run(args.run, args.method, parse_sets(args.set), lite=not args.no_lite,
-                          latency=not args.no_latency)
+    spec, _ = load_run(args.run)
+    layer = compress_layer(parse_sets(args.set, bare_section=lambda key: "compress"))
+    spec = spec.with_cli(layer)  # the run's settings < this command line, once per command
+    result = compress_run(args.run, args.method, spec, lite=not args.no_lite, latency=not args.no_latency)
     for msg in result.messages:
         print(msg)
     print(result.table.markdown.read_text())
@@ -110,6 +118,28 @@ def _golden_pairs(items: list[str]) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _bundle_settings(args: argparse.Namespace, line: str, classes: list[str]):
+    """The box settings of ``bundle build``: a run's, a JSON file's, or the table defaults (said so)."""
+    from edge_runtime.settings import BoxSettings
+
+    if args.settings_run is not None:
+        from compress.bundle_from_run import box_settings
+        from detect.run_settings import load_run_spec, settings_path
+
+        spec = load_run_spec(args.settings_run)
+        if (spec.line, list(spec.classes)) != (line, classes):
+            raise UserInputError(f"--run {args.settings_run} is line {spec.line} with classes {spec.classes}; the "
+                                 f"models are line {line} with {classes}: give the run they were trained in")
+        return box_settings(spec, str(settings_path(args.settings_run)))
+    if args.settings_json is not None:
+        from compress.bundle import box_settings_from_json
+
+        return box_settings_from_json(args.settings_json)
+    print("note: no --run or --settings-json: the bundle carries the default runtime, drift and report settings "
+          "(detect/defaults.yaml); the box will decide and monitor with those")
+    return BoxSettings()
+
+
 def _bundle_build(args: argparse.Namespace) -> int:
     from compress.bundle import build_bundle, models_from_deploy, read_json
     from compress.keys import load_private_key
@@ -128,6 +158,7 @@ def _bundle_build(args: argparse.Namespace) -> int:
                 f"--deploy {d} disagrees with {args.deploy[0]} on line, classes, input or postprocess: "
                 "one bundle ships models of one line with one pre/post-processing"
             )
+    settings = _bundle_settings(args, first.line, list(first.classes))
     metrics = read_json(args.metrics, "metrics") if args.metrics else {}
     recipe = read_json(args.recipe, "recipe") if args.recipe else {}
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
@@ -136,7 +167,7 @@ def _bundle_build(args: argparse.Namespace) -> int:
         raise UserInputError(f"recipe file {args.recipe} must hold a JSON object")
     out = build_bundle(
         args.out, first.line, args.bundle_version, args.parent_version, models, first.input, first.postprocess,
-        first.classes, metrics, recipe, _golden_pairs(args.golden), args.drift_reference, key,
+        first.classes, metrics, recipe, _golden_pairs(args.golden), args.drift_reference, key, settings=settings,
     )
     print(f"bundle {first.line} {args.bundle_version}: {out} and {out.parent / (out.name + '.tar.gz')}")
     return 0

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from compress.measure import read_image
-from detect.linespec import LineSpec, resolve_settings
+from detect.linespec import LineSpec
 from edge_runtime.decision import decide
 from edge_runtime.settings import RuntimeSettings
 from edge_runtime.selftest import Tolerance, compare
@@ -62,17 +62,17 @@ class GateResult:
 
 
 def gate_settings(spec: LineSpec) -> tuple[float, Tolerance, RuntimeSettings]:
-    """The line's gate limits: max mAP drop, golden tolerance (the self-test's), decision config."""
-    c = resolve_settings(spec, "compress")
-    tol = Tolerance(score=float(c["golden_score_tol"]), box_px=float(c["golden_box_px"]),
-                    box_rel=float(c["golden_box_rel"]), min_score=float(c["golden_min_score"]))
-    return float(c["max_map_drop"]), tol, runtime_config(spec)
+    """The line's gate limits: max mAP drop, golden tolerance (the self-test's), decision settings."""
+    c = spec.settings.compress
+    tol = Tolerance(score=c.golden_score_tol, box_px=c.golden_box_px, box_rel=c.golden_box_rel,
+                    min_score=c.golden_min_score)
+    return c.max_map_drop, tol, runtime_config(spec)
 
 
 def runtime_config(spec: LineSpec) -> RuntimeSettings:
-    r = resolve_settings(spec, "runtime")
-    return RuntimeSettings.from_dict({k: r[k] for k in ("score_threshold", "class_thresholds", "min_area", "roi")},
-                                   f"{spec.source or spec.line}: runtime")
+    """The OK/NG decision settings of the line: the one source for the gate's verdicts, the golden images, the
+    drift reference and the bundle manifest's ``settings.runtime`` (what the box decides with)."""
+    return spec.settings.runtime
 
 
 def choose_golden(parent_model: Path, spec: LineSpec, count: int, margin: float = 0.2,

@@ -21,9 +21,11 @@ from typing import Any, Callable, Mapping
 from compress.gate import choose_golden, gate_settings, golden_check, judge
 from compress.measure import evaluate_model, median_latency_ms
 from compress.table import TablePaths, write_table
-from compress.variants import COMPRESS_DIR, PARENT, Variant, list_variants, model_size_mb, variant_dir
-from detect.linespec import LineSpec, resolve_settings
+from compress.variants import (COMPRESS_DIR, PARENT, Variant, list_variants, model_size_mb, settings_record,
+                               variant_dir)
+from detect.linespec import LineSpec
 from detect.ppyoloe import RunPaths
+from detect.run_settings import load_run_spec, settings_path
 from edge_runtime.errors import ConfigError, DataError, UserInputError
 from edge_runtime.fileio import atomic_write_json
 from edge_runtime.modelspec import ModelSpec
@@ -45,13 +47,12 @@ class CompressResult:
 
 
 def load_run(run_dir: str | Path) -> tuple[LineSpec, RunPaths]:
-    """The run and the line spec it trained with; refuse a run whose classes differ from that spec."""
+    """The run and the spec it trained with (its ``settings.yaml``: settings exactly as used, command-line
+    overrides included); refuse a run whose model's classes differ from that record."""
     run = RunPaths(Path(run_dir))
     if not run.root.is_dir():
         raise UserInputError(f"run {run.root} does not exist. Train first: `defectkit train LINE.yaml`.")
-    if not run.line_spec.is_file():
-        raise UserInputError(f"{run.root} is not a training run (no {run.line_spec.name}); pass runs/<line>/<run>.")
-    spec = LineSpec.load(run.line_spec)
+    spec = load_run_spec(run.root)
     if not run.best_weights.is_file():
         raise UserInputError(f"run {run.root} has no best weights ({run.best_weights}); let it finish or resume it.")
     check_classes(spec, run)
@@ -70,9 +71,21 @@ def check_classes(spec: LineSpec, run: RunPaths) -> None:
         sources.append((deploy, ModelSpec.load(deploy).classes))
     for path, classes in sources:
         if list(classes) != list(spec.classes):
-            raise ConfigError(f"{path}: the run's model has {len(classes)} classes {classes} but the line spec "
-                              f"{run.line_spec} has {len(spec.classes)} {spec.classes}. Retrain for this spec "
-                              "or compress the run made with it.")
+            raise ConfigError(f"{path}: the run's model has {len(classes)} classes {classes} but the run's "
+                              f"{settings_path(run.root)} records {len(spec.classes)} {spec.classes}. Retrain "
+                              "for this line or compress the run made with it.")
+
+
+def compress_layer(layer: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The command-line layer of ``defectkit compress`` (``--set KEY=VALUE`` names ``compress.KEY``). Other
+    sections are the run's (train, runtime ...): refused, because the bundle reads them back from the run's
+    settings.yaml and must see what the gate judged with."""
+    for section, values in layer.items():
+        if section != "compress" and values:
+            keys = ", ".join(f"{section}.{k}" for k in values)
+            raise UserInputError(f"--set {keys}: compress only overrides compress.* settings; '{section}' settings "
+                                 "are the run's (give them to `defectkit train` and train again).")
+    return {"compress": dict(layer["compress"])} if layer.get("compress") else {}
 
 
 def calibration_images(spec: LineSpec, count: int) -> list[Path]:
@@ -138,18 +151,30 @@ def ensure_parent(spec: LineSpec, run: RunPaths, threads: list[int], progress: b
     """The run's FP32 export as a measured variant (exported and measured once, then read from disk)."""
     path = variant_dir(run.root, PARENT) / "variant.json"
     if path.is_file():
-        return Variant.load(path)
+        parent = Variant.load(path)
+        check_same_settings(parent, run)
+        return parent
     if not (run.export_dir / "deploy.json").is_file():
         from detect.export import export
 
         log.info("exporting the FP32 parent into %s", run.export_dir)
         export(spec, run.best_weights, run.export_dir)
     parent = Variant(name=PARENT, method="fp32", parent=None, export_dir=run.export_dir.resolve(),
-                     recipe={"weights": str(run.best_weights)})
+                     recipe={"weights": str(run.best_weights)}, settings=settings_record(run.root, spec))
     parent.gflops, parent.params_m = model_cost(spec, run.best_weights)
     measure(parent, spec, calibration_images(spec, 8), threads, progress)
     parent.save(run.root)
     return parent
+
+
+def check_same_settings(v: Variant, run: RunPaths) -> None:
+    """A cached variant measured under another settings.yaml of the run is stale: say so instead of mixing."""
+    recorded = (v.settings or {}).get("run_settings", {}).get("sha256")
+    now = settings_record(run.root, None)["run_settings"]["sha256"]
+    if recorded is not None and recorded != now:
+        raise ConfigError(f"{variant_dir(run.root, v.name)}: measured under another {settings_path(run.root).name} "
+                          f"of the run (sha256 {recorded[:12]} vs {now[:12]}); delete {run.root / COMPRESS_DIR} "
+                          "and compress again.")
 
 
 def model_cost(spec: LineSpec, weights: Path) -> tuple[float | None, float | None]:
@@ -162,63 +187,94 @@ def model_cost(spec: LineSpec, weights: Path) -> tuple[float | None, float | Non
 
 
 def golden_images(spec: LineSpec, run: RunPaths, parent: Variant, count: int) -> list[Path]:
-    """The golden images of this run, chosen once from the parent and kept in ``compress/golden.json``."""
+    """The golden images of this run, chosen once from the parent with the run's runtime settings and kept in
+    ``compress/golden.json`` (with those settings: the bundle checks it ships the same)."""
     path = run.root / COMPRESS_DIR / GOLDEN_FILE
     if path.is_file():
-        return [Path(p) for p in json.loads(path.read_text())["images"]]
+        return read_golden(path, spec)
     chosen = choose_golden(parent.export_dir / (parent.eval_model or "model_nonms.onnx"), spec, count)
-    atomic_write_json(path, {"from": parent.name, "images": [str(p) for p in chosen]})
+    atomic_write_json(path, {"from": parent.name, "images": [str(p) for p in chosen],
+                             "runtime": spec.settings.runtime.to_dict()})
     return chosen
+
+
+def read_golden(path: Path, spec: LineSpec) -> list[Path]:
+    """The golden image list; refused when it was chosen with other runtime settings than the run's."""
+    record = json.loads(path.read_text())
+    chosen_with = record.get("runtime")
+    if chosen_with is not None and chosen_with != spec.settings.runtime.to_dict():
+        raise ConfigError(f"{path} was chosen with runtime settings {chosen_with}, the run now records "
+                          f"{spec.settings.runtime.to_dict()}; delete it and compress again.")
+    return [Path(p) for p in record["images"]]
 
 
 # ----------------------------------------------------------------------------------------------- methods
 
 
-def _ptq(spec: LineSpec, run: RunPaths, s: Mapping[str, Any], parent: Variant, progress: bool) -> list[Variant]:
+def _ptq(spec: LineSpec, run: RunPaths, parent: Variant, progress: bool) -> list[Variant]:
     from compress.ort_quant import quantize_onnx
     from compress.ptq import ptq_paddle
 
-    calib = calibration_images(spec, int(s["calib_images"]))
+    c = spec.settings.compress
+    calib = calibration_images(spec, c.calib_images)
     out = [quantize_onnx(spec, parent.export_dir, variant_dir(run.root, "ort-int8"), calib,
-                         max_excluded=int(s["ort_max_fp32_convs"]), progress=progress)]
+                         max_excluded=c.ort_max_fp32_convs, progress=progress)]
     out.append(ptq_paddle(spec, parent.export_dir, variant_dir(run.root, "ptq-int8"), calib,
-                          algo=str(s["ptq_algo"]), max_skipped=int(s["ptq_max_fp32_convs"]), progress=progress))
+                          algo=c.ptq_algo, max_skipped=c.ptq_max_fp32_convs, progress=progress))
+    for v in out:
+        v.settings = settings_record(run.root, spec)
     return out
 
 
-def _prune(spec: LineSpec, run: RunPaths, s: Mapping[str, Any], parent: Variant, progress: bool) -> list[Variant]:
+def _prune(spec: LineSpec, run: RunPaths, parent: Variant, progress: bool) -> list[Variant]:
     from compress.prune import prune
 
-    target = float(s["prune_flops"])
-    name = f"prune-{round(target * 100)}"
-    return [prune(spec, run.best_weights, variant_dir(run.root, name), flops_target=target,
-                  criterion=str(s["prune_criterion"]), finetune_epochs=int(s["prune_epochs"]), progress=progress)]
+    c = spec.settings.compress
+    name = f"prune-{round(c.prune_flops * 100)}"
+    return [prune(spec, run.best_weights, variant_dir(run.root, name), flops_target=c.prune_flops,
+                  criterion=c.prune_criterion, finetune_epochs=c.prune_epochs, progress=progress,
+                  run_root=run.root)]
 
 
-def _qat(spec: LineSpec, run: RunPaths, s: Mapping[str, Any], parent: Variant, progress: bool) -> list[Variant]:
+def _qat(spec: LineSpec, run: RunPaths, parent: Variant, progress: bool) -> list[Variant]:
     from compress.qat import qat
 
-    return [qat(spec, run.best_weights, variant_dir(run.root, "qat-int8"), epochs=int(s["qat_epochs"]),
-                progress=progress)]
+    return [qat(spec, run.best_weights, variant_dir(run.root, "qat-int8"), epochs=spec.settings.compress.qat_epochs,
+                progress=progress, run_root=run.root)]
 
 
 METHOD_RUNNERS: dict[str, Callable[..., list[Variant]]] = {"ptq": _ptq, "prune": _prune, "qat": _qat}
 
 
-def compress_run(run_dir: str | Path, method: str, overrides: Mapping[str, Any] | None = None,
-                 lite: bool = True, latency: bool = True, progress: bool = True) -> CompressResult:
-    """Make, measure and gate the ``method`` variants of a run; rewrite its comparison table."""
+def check_run_spec(spec: LineSpec, recorded: LineSpec, run: RunPaths) -> None:
+    """``spec`` must be the run's own with at most its compress section changed (the bundle reads everything
+    else back from the run's settings.yaml and must see what the gate judged with)."""
+    same_line = (spec.line, list(spec.classes), spec.image_size, spec.model_size) == (
+        recorded.line, list(recorded.classes), recorded.image_size, recorded.model_size)
+    others = [d for d in recorded.settings.differences(spec.settings) if not d.startswith("compress.")]
+    if not same_line or others:
+        raise ConfigError(f"compress {run.root}: the spec given is not the run's {settings_path(run.root)} "
+                          f"(only compress.* may change){': ' + '; '.join(others[:5]) if others else ''}.")
+
+
+def compress_run(run_dir: str | Path, method: str, spec: LineSpec | None = None, lite: bool = True,
+                 latency: bool = True, progress: bool = True) -> CompressResult:
+    """Make, measure and gate the ``method`` variants of a run; rewrite its comparison table.
+
+    ``spec`` is the run's spec with the command line on top (``load_run(run)[0].with_cli(compress_layer(...))``,
+    what ``defectkit compress`` does once); default: the run's settings.yaml as it is."""
     if method not in METHOD_RUNNERS:
         raise UserInputError(f"unknown compression method {method!r}; choose from {', '.join(METHOD_RUNNERS)}.")
-    spec, run = load_run(run_dir)
-    spec = spec.with_overrides("compress", overrides or {})
-    settings = resolve_settings(spec, "compress")
-    threads = [int(t) for t in settings["latency_threads"]] if latency else []
+    recorded, run = load_run(run_dir)
+    spec = spec or recorded
+    check_run_spec(spec, recorded, run)
+    c = spec.settings.compress
+    threads = list(c.latency_threads) if latency else []
     max_drop, _, _ = gate_settings(spec)
     parent = ensure_parent(spec, run, threads, progress)
-    golden = golden_images(spec, run, parent, int(settings["golden_images"]))
+    golden = golden_images(spec, run, parent, c.golden_images)
     messages = []
-    made = METHOD_RUNNERS[method](spec, run, settings, parent, progress)
+    made = METHOD_RUNNERS[method](spec, run, parent, progress)
     for v in made:
         measure(v, spec, golden or calibration_images(spec, 4), threads, progress)
         check = golden_check(parent.export_dir / parent.eval_model, v.export_dir / v.eval_model, golden, spec)
@@ -252,5 +308,5 @@ def add_lite(v: Variant, images: list[Path]) -> list[str]:
             f"{agreement.summary()}"]
 
 
-__all__ = ["CompressResult", "compress_run", "load_run", "calibration_images", "ensure_parent", "measure",
+__all__ = ["CompressResult", "compress_run", "load_run", "compress_layer", "calibration_images", "ensure_parent", "measure",
            "primary_model", "METHOD_RUNNERS"]

@@ -13,11 +13,12 @@ The FP32 parent has a ``compress/fp32/variant.json`` whose ``export_dir`` points
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from edge_runtime.errors import UserInputError
 from edge_runtime.fileio import atomic_write_json
@@ -44,6 +45,7 @@ class Variant:
     size_mb: float | None = None  # size of the evaluated model file(s)
     latency_ms: dict[str, float] = field(default_factory=dict)  # "<backend>@<threads>" -> median ms
     gate: dict[str, Any] | None = None  # compress.gate.GateResult.to_dict()
+    settings: dict[str, Any] | None = None  # :func:`settings_record`: the run's settings.yaml (path, sha256) + used
 
     @property
     def map50_95(self) -> float | None:
@@ -84,6 +86,25 @@ class Variant:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+def settings_record(run_dir: str | Path | None, spec, train: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a variant was made with: the run's ``settings.yaml`` (path and sha256: every section as trained,
+    the command-line overrides of ``defectkit train`` included), the overrides recorded on the spec (the run's
+    and this command's), the compress section used and, for a fine-tune (prune, QAT), its own train section.
+    ``run_dir`` None (a stage called on a spec outside a run): no pointer."""
+    out: dict[str, Any] = {}
+    if run_dir is not None:
+        from detect.run_settings import settings_path
+
+        path = settings_path(Path(run_dir))
+        out["run_settings"] = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if spec is not None:
+        out["overrides"] = {k: dict(v) for k, v in spec.cli.items()}
+        out["compress"] = spec.settings.to_dict()["compress"]
+    if train is not None:
+        out["train"] = dict(train)
+    return out
+
+
 def variant_dir(run_dir: str | Path, name: str) -> Path:
     return Path(run_dir) / COMPRESS_DIR / name
 
@@ -114,5 +135,5 @@ def model_size_mb(export_dir: Path, model_file: str) -> float:
     return round(total / 1e6, 3)
 
 
-__all__ = ["Variant", "COMPRESS_DIR", "VARIANT_FILE", "PARENT", "METHODS", "variant_dir", "list_variants",
+__all__ = ["Variant", "COMPRESS_DIR", "VARIANT_FILE", "PARENT", "METHODS", "settings_record", "variant_dir", "list_variants",
            "load_variant", "model_size_mb"]

@@ -18,6 +18,12 @@ from compress.keys import PRIVATE_NAME, PUBLIC_NAME, init_keys, load_private_key
 from edge_runtime.bundle import MANIFEST, SIGNATURE, Manifest, safe_extract, sha256_file, verify_bundle
 from edge_runtime.errors import BundleError, UserInputError
 from edge_runtime.modelspec import InputSpec, PostprocessSpec
+from edge_runtime.settings import BoxSettings
+
+# a line's own settings (not the defaults): what the box must get back from the verified manifest
+LINE_SETTINGS = BoxSettings.from_sections({"runtime": {"class_thresholds": {"open": 0.35}, "roi": [10, 10, 300, 300]},
+                                           "drift": {"window": 120, "min_frames": 60},
+                                           "report": {"interval_s": 5.0}}, "test line spec")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,7 @@ def store(tmp_path_factory):
         classes=["short", "open", "spur"], metrics={"map50_95": 0.231, "map50": 0.41},
         recipe={"method": "ptq", "algo": "KL", "calibration_images": 32},
         golden=[(src / "board_0001.png", {"boxes": [[0, 0.9, 1, 2, 3, 4]]})], drift_reference_path=src / "drift.json",
-        private_key=load_private_key(keys.private),
+        private_key=load_private_key(keys.private), settings=LINE_SETTINGS,
     )
     out = build_bundle(base / "store", "pcb-1", "1.0.0", None, **args)
     return {"base": base, "keys": keys, "out": out, "args": args}
@@ -83,6 +89,9 @@ def test_round_trip_directory_and_archive(store, tmp_path):
     assert m.input == InputSpec(size=(320, 320)) and m.postprocess.score_threshold == 0.3
     assert m.metrics == {"map50_95": 0.231, "map50": 0.41} and m.recipe["algo"] == "KL"
     assert m.created.endswith("Z")
+    assert m.settings == LINE_SETTINGS and m.settings.runtime.class_thresholds == {"open": 0.35}
+    assert m.settings.runtime.roi == (10, 10, 300, 300) and m.settings.drift.window == 120
+    assert m.settings.report.interval_s == 5.0 and m.settings.drift.psi_alarm == BoxSettings().drift.psi_alarm
     lite = m.model("paddlelite", "x86")
     assert (lite.runtime_version, lite.nms, lite.sha256) == ("2.13rc0", "host", sha256_file(out / lite.file))
     assert m.model("paddle").params.file == "models/model.pdiparams"
@@ -215,3 +224,46 @@ def test_unsafe_or_damaged_archives_are_refused(store, tmp_path):
     (tmp_path / "d.tar.gz").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="d.tar.gz"):
         verify_bundle(tmp_path / "d.tar.gz", pub, extract_to=tmp_path / "xd")
+
+
+def _resigned(store, tmp_path, name: str, edit) -> Path:
+    """A copy of the bundle whose manifest went through ``edit`` and was signed again with the line's key."""
+    from edge_runtime.bundle import signature_document
+
+    case = _writable_copy(store["out"], tmp_path / name)
+    man = json.loads((case / MANIFEST).read_text())
+    edit(man)
+    body = (json.dumps(man, indent=2, sort_keys=True) + "\n").encode()
+    key = load_private_key(store["keys"].private)
+    (case / MANIFEST).write_bytes(body)
+    (case / SIGNATURE).write_bytes(signature_document(body, key.sign(body), key.public_key()))
+    return case
+
+
+def test_a_signed_manifest_without_valid_settings_is_refused_naming_the_field(store, tmp_path):
+    pub = store["keys"].public
+    cases = {
+        "missing": (lambda m: m.pop("settings"), "missing field 'settings'"),
+        "no-drift": (lambda m: m["settings"].pop("drift"), "section 'drift' is missing"),
+        "short": (lambda m: m["settings"]["runtime"].pop("min_area"), "'runtime' lacks min_area"),
+        "typo": (lambda m: m["settings"]["drift"].update(windw=5), "unknown key 'drift.windw'. Did you mean 'window'"),
+        "type": (lambda m: m["settings"]["runtime"].update(score_threshold="high"), "'runtime.score_threshold' must be"),
+        "range": (lambda m: m["settings"]["runtime"]["class_thresholds"].update(open=1.5), "class_thresholds.open"),
+    }
+    for name, (edit, match) in cases.items():
+        with pytest.raises(BundleError, match=match):
+            verify_bundle(_resigned(store, tmp_path, name, edit), pub)
+
+
+def test_settings_must_be_typed_and_match_the_drift_reference(store, tmp_path):
+    args = dict(store["args"])
+    with pytest.raises(UserInputError, match="bundle settings must be a BoxSettings"):
+        build_bundle(tmp_path / "s", "pcb-1", "1.0.0", None, **{**args, "settings": LINE_SETTINGS.to_dict()})
+    ref = tmp_path / "drift_other.json"  # a reference decided with the default thresholds, not the line's
+    ref.write_text(json.dumps({"meta": {"runtime": BoxSettings().runtime.to_dict()}}))
+    with pytest.raises(UserInputError, match="drift reference .* was built with runtime settings .* rebuild"):
+        build_bundle(tmp_path / "s", "pcb-1", "1.0.0", None, **{**args, "drift_reference_path": ref})
+    assert not (tmp_path / "s" / "pcb-1" / "1.0.0").exists()
+    ref.write_text(json.dumps({"meta": {"runtime": LINE_SETTINGS.runtime.to_dict()}}))
+    out = build_bundle(tmp_path / "s", "pcb-1", "1.0.0", None, **{**args, "drift_reference_path": ref})
+    assert verify_bundle(out, store["keys"].public).settings == LINE_SETTINGS

@@ -65,7 +65,12 @@ def test_keys_build_verify_and_tamper(run, tmp_path):
     assert code == 0, err
     bundle = tmp_path / "store" / "pcb-1" / "2.0.0"
     assert f"bundle pcb-1 2.0.0: {bundle}" in out
+    # no --run / --settings-json: the table's defaults, and the command says so
+    assert "note: no --run or --settings-json: the bundle carries the default runtime, drift and report" in out
     manifest = json.loads((bundle / "manifest.json").read_text())
+    from edge_runtime.settings import BoxSettings
+
+    assert manifest["settings"] == BoxSettings().to_dict()
     assert manifest["parent_version"] == "1.0.0" and manifest["classes"] == ["short", "open"]
     assert manifest["metrics"] == {"map50_95": 0.23}
     assert {m["file"]: m.get("runtime_version") for m in manifest["models"]} == {
@@ -113,3 +118,30 @@ def test_build_input_errors_are_one_line(run, tmp_path):
     assert not (tmp_path / "s" / "pcb-1" / "1").exists()
     code, out, err = run("bundle", "verify", tmp_path / "s", "--public-key", tmp_path / "k" / "bundle_signing_key.pub.pem")
     assert code == 4 and "has no manifest.json: not a defectkit bundle" in err
+
+
+def test_build_takes_the_line_settings_from_a_json_file(run, tmp_path):
+    from edge_runtime.bundle import verify_bundle
+
+    export = _export(tmp_path)
+    run("keys", "init", "--dir", tmp_path / "k")
+    (tmp_path / "drift.json").write_text("{}")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"runtime": {"class_thresholds": {"open": 0.35}}, "drift": {"window": 120}}))
+    base = ["bundle", "build", "--out", tmp_path / "s", "--deploy", export, "--key", tmp_path / "k" / "bundle_signing_key.pem",
+            "--drift-reference", tmp_path / "drift.json"]
+    code, out, err = run(*base, "--version", "1.0.0", "--settings-json", settings)
+    assert code == 0, err
+    assert "note:" not in out
+    man = verify_bundle(tmp_path / "s" / "pcb-1" / "1.0.0", tmp_path / "k" / "bundle_signing_key.pub.pem")
+    assert man.settings.runtime.class_thresholds == {"open": 0.35} and man.settings.drift.window == 120
+    assert man.settings.runtime.score_threshold == 0.5 and man.settings.report.interval_s == 60.0  # table defaults
+    settings.write_text(json.dumps({"drift": {"windw": 120}}))
+    code, out, err = run(*base, "--version", "1.0.1", "--settings-json", settings)
+    assert code == 2 and "unknown key 'drift.windw'. Did you mean 'window'?" in err and err.count("\n") == 1
+    settings.write_text(json.dumps({"runtime": {"class_thresholds": {"open": 2}}}))
+    code, out, err = run(*base, "--version", "1.0.1", "--settings-json", settings)
+    assert code == 2 and "class_thresholds.open must be a score between 0 and 1" in err
+    with pytest.raises(SystemExit):  # argparse: one source of settings or none
+        run(*base, "--version", "1.0.1", "--settings-json", settings, "--run", tmp_path)
+    assert not (tmp_path / "s" / "pcb-1" / "1.0.1").exists()

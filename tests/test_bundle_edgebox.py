@@ -10,6 +10,7 @@ import pytest
 from compress.bundle import ModelFile, build_bundle
 from compress.keys import init_keys, load_private_key
 from edge_runtime.modelspec import InputSpec, PostprocessSpec
+from edge_runtime.settings import BoxSettings
 from tests.edgebox import box_json, ensure_edgebox
 
 pytestmark = [pytest.mark.edgebox, pytest.mark.timeout(300)]
@@ -26,6 +27,8 @@ def test_edgebox_verifies_host_bundle_and_refuses_a_flipped_byte(tmp_path):
         [ModelFile(tmp_path / "m.onnx", "onnx", "any", "int8", "in_model", "1.19.2")],
         InputSpec(size=(64, 96)), PostprocessSpec(), ["scratch"], {"map50": 0.5}, {"method": "ptq"},
         [(tmp_path / "img.png", {"boxes": []})], tmp_path / "drift.json", load_private_key(keys.private),
+        settings=BoxSettings().with_overrides("runtime", class_thresholds={"scratch": 0.35}).with_overrides(
+            "drift", window=120),
     )
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
@@ -45,9 +48,13 @@ def test_edgebox_verifies_host_bundle_and_refuses_a_flipped_byte(tmp_path):
         except BundleError as exc:
             refused = str(exc)
         print(json.dumps({{"py": sys.version.split()[0], "dir": [d.line, d.version, d.parent_version, list(d.input.size)],
-                          "same": d == t, "refused": refused}}))
+                          "same": d == t, "refused": refused, "settings": d.settings.to_dict()}}))
     """, [tmp_path])
     assert res["py"].startswith("3.9.")
     assert res["dir"] == ["line-a", "3", "2", [64, 96]] and res["same"] is True
+    # the box (Python 3.9, no PyYAML) reads the line's settings from the verified manifest
+    assert res["settings"]["runtime"]["class_thresholds"] == {"scratch": 0.35}
+    assert res["settings"]["drift"]["window"] == 120 and res["settings"] == json.loads(
+        (out / "manifest.json").read_text())["settings"]
     assert "file golden/00-img.png does not match its sha256" in res["refused"]
     assert json.loads((out / "manifest.json").read_text())["schema"] == "defectkit.bundle/1"

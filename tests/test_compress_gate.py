@@ -74,9 +74,9 @@ def _noisy_copy(src_dir, dst_dir, scale: float):
 
 @pytest.fixture(scope="module")
 def base(base_run, base_export):
-    from detect.linespec import LineSpec
+    from detect.run_settings import load_run_spec
 
-    spec = LineSpec.load(base_run.line_spec)
+    spec = load_run_spec(base_run.root)
     val = json.loads(spec.paths.val.read_text())["images"]
     return spec, base_export.directory, [spec.paths.images / im["file_name"] for im in val]
 
@@ -97,6 +97,22 @@ def test_choose_golden_takes_unambiguous_ng_and_ok_parts(base):
     picked = choose_golden(export / "model_nonms.onnx", spec, count=4)
     assert 2 <= len(picked) <= 4
     assert choose_golden(export / "model_nonms.onnx", spec, count=4, margin=0.6) == []  # every score is within 0.6 of 0.5
+
+
+def test_gate_limits_and_decisions_are_the_run_settings(base):
+    """One source: the gate's limits are the typed compress section, its OK/NG decisions the runtime section
+    (the same object the bundle ships and the drift reference is built with)."""
+    from compress.gate import gate_settings, runtime_config
+
+    spec, _, _ = base
+    changed = spec.with_cli({"compress": {"max_map_drop": 2.5, "golden_score_tol": 0.1, "golden_min_score": 0.4},
+                             "runtime": {"class_thresholds": {spec.classes[0]: 0.35}}})
+    max_drop, tol, runtime = gate_settings(changed)
+    assert max_drop == 2.5 and tol.score == 0.1 and tol.min_score == 0.4
+    assert tol.box_px == spec.settings.compress.golden_box_px
+    assert runtime is changed.settings.runtime is runtime_config(changed)
+    assert runtime.thresholds_for(spec.classes)[0] == pytest.approx(0.35)
+    assert gate_settings(spec)[0] == spec.settings.compress.max_map_drop == 1.0
 
 
 def test_same_coco_evaluation_through_two_backends(base):
