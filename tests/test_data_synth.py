@@ -125,7 +125,7 @@ def test_example_line_specs_load() -> None:
     demo = LineSpec.load(lines / "pcb-demo.yaml")
     assert demo.classes == PKU and demo.model_size == "tiny" and demo.image_size == 320
     surface = LineSpec.load(lines / "example-surface.yaml")
-    assert surface.runtime["class_thresholds"] == {"stain": 0.6} and surface.data["val_fraction"] == 0.25
+    assert surface.settings.runtime.class_thresholds == {"stain": 0.6} and surface.settings.data.val_fraction == 0.25
 
 
 def test_rerun_replaces_own_boards_but_never_foreign_files(tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ from typing import Any, Sequence
 
 import cv2
 
+from detect.settings import DataSettings
 from edge_runtime.errors import DataError
 
 from .coco import class_names, load_coco
 from .target import resolve_target
 
-BOX_TOLERANCE = 1.0  # px a box may stick out of the image before it is a fault
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,10 @@ def image_size(im: dict, status: ImageStatus) -> tuple[float, float]:
     return float(im.get("width") or 0), float(im.get("height") or 0)
 
 
-def check_coco(coco: dict, file: str, images_dir: Path, classes: Sequence[str] | None) -> CheckReport:
-    """Check one COCO dict (already loaded) whose images live in ``images_dir``."""
+def check_coco(coco: dict, file: str, images_dir: Path, classes: Sequence[str] | None,
+               box_tolerance_px: float = DataSettings.box_tolerance_px) -> CheckReport:
+    """Check one COCO dict (already loaded) whose images live in ``images_dir``; a box may stick out of its
+    image by ``box_tolerance_px`` (``data.box_tolerance_px``) before it is a fault."""
     rep = CheckReport([file], images=len(coco["images"]), annotations=len(coco["annotations"]),
                       classes=list(classes or class_names(coco)))
     add = lambda kind, record, msg: rep.faults.append(Fault(kind, file, record, msg))  # noqa: E731
@@ -199,29 +201,31 @@ def check_coco(coco: dict, file: str, images_dir: Path, classes: Sequence[str] |
             add("box_non_positive", rec, f"bbox {list(box)} has width or height <= 0")
             continue
         W, H = image_size(im, statuses.get(im.get("id"), ImageStatus("missing")))
-        t = BOX_TOLERANCE
+        t = box_tolerance_px
         if W and H and (x < -t or y < -t or x + w > W + t or y + h > H + t):
             add("box_out_of_bounds", rec, f"bbox {list(box)} reaches outside the {W:g}x{H:g} image")
     return rep
 
 
-def check_dataset(ann_path: str | Path, images_dir: str | Path, classes: Sequence[str] | None = None) -> CheckReport:
+def check_dataset(ann_path: str | Path, images_dir: str | Path, classes: Sequence[str] | None = None,
+                  box_tolerance_px: float = DataSettings.box_tolerance_px) -> CheckReport:
     """Check one COCO file; ``classes`` (line-spec order) also checks the category names."""
     ann_path = Path(ann_path)
     try:
         coco = load_coco(ann_path)
     except DataError as exc:
         return CheckReport([str(ann_path)], [Fault("bad_json", str(ann_path), "file", str(exc))])
-    return check_coco(coco, str(ann_path), Path(images_dir), classes)
+    return check_coco(coco, str(ann_path), Path(images_dir), classes, box_tolerance_px)
 
 
 def check_target(target: str | Path) -> CheckReport:
     """Check every annotation file of a line spec / data set folder / COCO file; one merged report."""
     t = resolve_target(target)
     classes = t.classes if t.spec is not None else None
+    data = t.spec.settings.data if t.spec is not None else DataSettings()
     merged = CheckReport([])
     for ann in t.ann_files:
-        rep = check_dataset(ann, t.images_dir, classes)
+        rep = check_dataset(ann, t.images_dir, classes, data.box_tolerance_px)
         merged.files += rep.files
         merged.faults += rep.faults
         merged.notes += rep.notes
@@ -229,15 +233,3 @@ def check_target(target: str | Path) -> CheckReport:
         merged.annotations = max(merged.annotations, rep.annotations)
     merged.classes = list(t.classes)
     return merged
-
-
-def fix_dataset_target(target: str | Path, out_dir: str | Path):
-    """``--fix``: repair a copy of the data set a target points at (see :mod:`detect.data.fix`)."""
-    from .fix import fix_dataset, merged_coco
-
-    t = resolve_target(target)
-    spec = t.spec
-    val = spec.data["val_fraction"] if spec else 0.2
-    seed = spec.data["split_seed"] if spec else 0
-    coco = None if t.main_ann.name == "all.json" or len(t.ann_files) == 1 else merged_coco(t.ann_files)
-    return fix_dataset(t.main_ann, t.images_dir, t.classes, out_dir, spec=spec, val_fraction=val, seed=seed, coco=coco)

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     p.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg", help="image format")
     p.add_argument("--defect-free", type=float, default=0.12, help="share of boards without defects (0.12)")
-    p.add_argument("--val", type=float, default=0.2, help="validation share of the split (0.2)")
+    p.add_argument("--val", type=float, help="validation share of the split (default: data.val_fraction)")
     p.set_defaults(func=_synth)
 
     data = subparsers.add_parser("data", help="import, check, split and describe a line's data set")
@@ -36,8 +36,8 @@ def register(subparsers) -> None:
     imp.add_argument("--out", required=True, type=Path, help="output folder")
     imp.add_argument("--images", type=Path, help="image folder (COCO: default beside the JSON)")
     imp.add_argument("--drop-unknown", action="store_true", help="drop boxes of classes not in the list")
-    imp.add_argument("--val", type=float, default=0.2, help="validation share of the split (0.2)")
-    imp.add_argument("--seed", type=int, default=0, help="split seed (0)")
+    imp.add_argument("--val", type=float, help="validation share of the split (default: data.val_fraction)")
+    imp.add_argument("--seed", type=int, help="split seed (default: data.split_seed)")
     imp.set_defaults(func=_import)
 
     chk = sub.add_parser("check", help="report every fault of a data set (exit code 2 if any)")
@@ -81,7 +81,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import check_target, fix_dataset_target
+    from .check import check_target
+    from .fix import fix_dataset_target
 
     report = check_target(args.target)
     print(report.format())
@@ -105,20 +106,20 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _split(args: argparse.Namespace) -> int:
     from detect.linespec import LineSpec
+    from detect.settings import DataSettings
 
     from .split import split_dataset
 
     target = args.target
-    val, seed = args.val, args.seed
+    data = DataSettings()  # a bare folder: the table's defaults
     if target.suffix in (".yaml", ".yml"):
         spec = LineSpec.load(target)
-        root = spec.paths.root
-        val = spec.data["val_fraction"] if val is None else val
-        seed = spec.data["split_seed"] if seed is None else seed
+        root, data = spec.paths.root, spec.settings.data
     elif target.is_dir():
         root = target
     else:
         raise UserInputError(f"data split: '{target}' is neither a line spec (.yaml) nor a data set folder.")
-    train, val_path = split_dataset(root, 0.2 if val is None else val, 0 if seed is None else seed)
+    train, val_path = split_dataset(root, data.val_fraction if args.val is None else args.val,
+                                    data.split_seed if args.seed is None else args.seed)
     print(f"wrote {train} and {val_path}")
     return 0

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from edge_runtime.errors import UserInputError
 from edge_runtime.fileio import atomic_write_json
 from detect.linespec import LineSpec
+from detect.settings import DataSettings
 
 from .check import CheckReport, check_dataset, inspect_image, parse_bbox
 from .coco import Layout, box_annotation, load_coco, make_coco, write_coco
@@ -130,8 +131,8 @@ def fix_dataset(
     classes: Sequence[str],
     out_dir: str | Path,
     spec: LineSpec | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    val_fraction: float = DataSettings.val_fraction,
+    seed: int = DataSettings.split_seed,
     coco: dict[str, Any] | None = None,
 ) -> FixResult:
     """Write a repaired copy into ``out_dir`` (layout + line spec + fix_report.json) and check it."""
@@ -173,3 +174,15 @@ def merged_coco(files: Sequence[Path]) -> dict[str, Any]:
         out["images"] = out["images"] + other["images"]
         out["annotations"] = out["annotations"] + other["annotations"]
     return out
+
+
+def fix_dataset_target(target: str | Path, out_dir: str | Path) -> FixResult:
+    """``data check --fix``: repair a copy of the data set a target points at (line spec, folder or COCO file);
+    the split of the copy follows the spec's ``data`` section (the table's defaults without a spec)."""
+    from .target import resolve_target
+
+    t = resolve_target(target)
+    data = t.spec.settings.data if t.spec is not None else DataSettings()
+    coco = None if t.main_ann.name == "all.json" or len(t.ann_files) == 1 else merged_coco(t.ann_files)
+    return fix_dataset(t.main_ann, t.images_dir, t.classes, out_dir, spec=t.spec, val_fraction=data.val_fraction,
+                       seed=data.split_seed, coco=coco)

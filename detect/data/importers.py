@@ -13,6 +13,7 @@ from typing import Sequence
 
 from edge_runtime.errors import ConfigError, DataError, UserInputError
 from detect.linespec import LineSpec
+from detect.settings import DataSettings
 
 from .coco import Layout, box_annotation, make_coco, write_coco
 from .linefile import write_line_spec
@@ -78,11 +79,17 @@ def import_dataset(
     line: str | None = None,
     images_dir: str | Path | None = None,
     drop_unknown: bool = False,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    val_fraction: float | None = None,
+    seed: int | None = None,
     base_spec: LineSpec | None = None,
 ) -> LineSpec:
-    """Convert ``src`` into ``out_dir`` (images/, annotations/{all,train,val}.json, <line>.yaml)."""
+    """Convert ``src`` into ``out_dir`` (images/, annotations/{all,train,val}.json, <line>.yaml).
+
+    The split takes ``val_fraction`` and ``seed`` when given, else the base spec's ``data`` section (the table's
+    defaults without one)."""
+    data = base_spec.settings.data if base_spec is not None else DataSettings()
+    val_fraction = data.val_fraction if val_fraction is None else val_fraction
+    seed = data.split_seed if seed is None else seed
     out_dir = Path(out_dir)
     classes = list(classes)
     records = read_records(src_format, Path(src), classes, Path(images_dir) if images_dir else None)

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from dataclasses import replace
+
 from detect.linespec import LineSpec
 
 
@@ -34,5 +36,5 @@ def write_line_spec(
     raw["image_size"] = image_size or raw.get("image_size", 320)
     raw["model_size"] = model_size or raw.get("model_size", "s")
     spec = LineSpec.from_dict(raw, out_dir, where=f"line spec for '{out_dir}'")
-    spec.save(out_dir / f"{line}.yaml")
-    return spec
+    path = spec.save(out_dir / f"{line}.yaml")
+    return replace(spec, source=path.resolve())

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from detect.settings import DataSettings
 from edge_runtime.errors import ConfigError, DataError
 
 from .coco import Layout, load_coco, subset, write_coco
@@ -68,7 +69,8 @@ def stratified_split(coco: dict[str, Any], val_fraction: float, seed: int = 0) -
     return subset(coco, train_ids), subset(coco, val_set)
 
 
-def split_dataset(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
+def split_dataset(root: str | Path, val_fraction: float = DataSettings.val_fraction,
+                  seed: int = DataSettings.split_seed) -> tuple[Path, Path]:
     """Split ``<root>/annotations/all.json`` into train.json and val.json (each written atomically)."""
     layout = Layout(Path(root))
     coco = load_coco(layout.all)

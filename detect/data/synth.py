@@ -9,6 +9,7 @@ the kit's normalised layout plus a line spec.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -16,7 +17,9 @@ import numpy as np
 
 from edge_runtime.errors import ConfigError, DataError, UserInputError
 from edge_runtime.fileio import atomic_write_bytes
-from detect.linespec import LineSpec, load_defaults
+
+from detect.linespec import LineSpec
+from detect.settings import DataSettings
 
 from .board import draw_board, render
 from .coco import Layout, box_annotation, make_coco, write_coco
@@ -119,7 +122,7 @@ def generate_line(
     size: tuple[int, int] = (320, 320),
     seed: int = 0,
     defect_free_fraction: float = 0.12,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = None,
     image_format: str = "jpg",
     progress: bool = True,
     style: str = "green",
@@ -128,6 +131,7 @@ def generate_line(
     """Write a synthetic PCB line into ``out_dir`` (normalised layout + ``<line>.yaml``) and return its spec.
 
     ``classes``: a subset of the drawable defects, in contract order (a line that has not met the others yet)."""
+    val_fraction = DataSettings.val_fraction if val_fraction is None else val_fraction  # None: the table's
     _check_args(count, size, defect_free_fraction, val_fraction, image_format)
     unknown = [c for c in classes if c not in DEFECT_CLASSES]
     if unknown or not classes:
@@ -146,12 +150,12 @@ def generate_line(
     write_coco(layout.val, val)
     image_size = max(64, int(round(max(size) / 32.0)) * 32)
     data = {}
-    if val_fraction != load_defaults()["data"]["val_fraction"]:
+    if val_fraction != DataSettings.val_fraction:
         data["val_fraction"] = val_fraction
     if seed:
         data["split_seed"] = seed
     raw = {"line": line, "classes": list(classes), "image_size": image_size, "model_size": "tiny",
            "paths": {"root": "."}, "data": data}
     spec = LineSpec.from_dict(raw, out_dir.resolve(), where=f"synth line '{line}'")
-    spec.save(out_dir / f"{line}.yaml")
-    return spec
+    path = spec.save(out_dir / f"{line}.yaml")
+    return replace(spec, source=path.resolve())
