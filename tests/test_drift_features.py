@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import cv2
 import numpy as np
@@ -82,16 +81,5 @@ def test_bad_detections_are_refused_with_the_fix():
         output_features([np.nan], [0], 3, False)
     with pytest.raises(DataError, match="2 class names given for 3"):
         feature_layout(3, ["a", "b"])
-
-
-def test_features_cost_well_under_a_millisecond_on_a_320_frame():
-    frame = BoardStream(seed=7).next().image
-    for _ in range(20):
-        frame_features(frame, [0.9, 0.1], [0, 1], 3, True)
-    times = []
-    for _ in range(200):
-        t = time.perf_counter()
-        frame_features(frame, [0.9, 0.1], [0, 1], 3, True)
-        times.append(time.perf_counter() - t)
-    # typically ~0.2 ms; the bound is loose because two cores are shared with training runs
-    assert np.median(times) < 1.5e-3
+# The cost of frame_features per frame is measured in bench/drift_cost.py (a speed limit in a test fails on a loaded
+# shared machine and proves nothing about correctness).

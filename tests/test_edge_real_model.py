@@ -11,12 +11,17 @@ from detect.compare import compare_models
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_host_nms_matches_in_model_nms_on_real_detector(tiny_spec, tiny_export):
-    images = sorted(tiny_spec.paths.images.iterdir())[:6]
-    agreement = compare_models(tiny_export.files["onnx"], tiny_export.files["onnx_nonms"], images, min_score=0.02,
+def test_host_nms_matches_in_model_nms_on_real_detector(base_run, base_export):
+    # the base detector really detects (the 2-epoch tiny run scores everything at the 0.01 floor, where a 0.02
+    # cut compares two empty sets); the same weights with NMS in the graph and NMS on the host must agree
+    from detect.run_settings import load_run_spec
+
+    images = sorted(load_run_spec(base_run.root).paths.images.iterdir())[:6]
+    agreement = compare_models(base_export.files["onnx"], base_export.files["onnx_nonms"], images, min_score=0.3,
                                backend_a="onnxruntime", backend_b="onnxruntime", threads=1)
     print("in-model NMS vs host NMS:", agreement.summary())
     assert agreement.images == 6
+    assert agreement.matched >= 6  # real detections compared: at least one per image on average
     assert not agreement.count_mismatches
     assert agreement.max_box_rel < 1e-3 and agreement.max_score_abs < 1e-4
 

@@ -64,7 +64,9 @@ def _collect(source, stop, out, limit):
 def test_watched_folder_never_reads_a_half_written_file(tmp_path):
     """A slow writer (a camera over a network share) writes a PNG in chunks with pauses shorter than the
     settle time: the source must wait for the complete file, and decode it whole."""
-    src = WatchedFolderSource(tmp_path, settle_ms=250, poll_s=0.02)
+    # pauses of 0.1 s against a settle time of 1.5 s: a loaded machine may stretch a pause many times over
+    # before the source could take the half-written file for complete
+    src = WatchedFolderSource(tmp_path, settle_ms=1500, poll_s=0.02)
     stop, got = threading.Event(), []
     reader = threading.Thread(target=_collect, args=(src, stop, got, 2))
     reader.start()

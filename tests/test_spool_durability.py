@@ -140,16 +140,16 @@ def test_put_is_not_blocked_by_a_concurrent_reader(tmp_path):
 
     t = threading.Thread(target=reader)
     t.start()
-    worst = 0.0
-    try:
+    try:  # a put that waited on the reader would deadlock here (the test's timeout), not just be slow
         for i in range(100):
-            t0 = time.perf_counter()
             s.put("report", {"id": f"{i:032x}"})
-            worst = max(worst, time.perf_counter() - t0)
+        assert t.is_alive()  # every put completed while the reader kept reading and acknowledging
     finally:
         stop.set()
         t.join()
-    assert worst < 0.5, f"a put took {worst:.3f} s"
+    for it in s.pending(1000):
+        s.ack(it.id)
+    assert s.stats().pending == 0  # put and ack interleaved without losing or duplicating an item
 
 
 def test_unopenable_spool_names_the_file(tmp_path):
