@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from contextlib import asynccontextmanager
 
@@ -18,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from edge_runtime.errors import BundleError, DefectkitError
 from fleet import devices, rollout, store
 from fleet.channel import load_targets_key
+from fleet.api.deps import TokenBuckets
 from fleet.api.routes import channel, hard_examples, health, registry, reports
 from fleet.settings import CollectorSettings
 
@@ -44,6 +44,9 @@ async def _rollout_loop(app: FastAPI, settings: CollectorSettings) -> None:
 
 def create_app(settings: CollectorSettings) -> FastAPI:
     settings.check()
+    from fleet import db
+
+    db.migrate(settings.db)  # a store of an older schema is migrated; one of a newer schema is refused
     with store.session(path=settings.db) as conn:
         store.sync_devices(conn, token_hashes=settings.tokens.devices if settings.tokens else {})
 
@@ -60,17 +63,22 @@ def create_app(settings: CollectorSettings) -> FastAPI:
     app.state.settings = settings
     app.state.authenticator = devices.Authenticator()
     app.state.rollout_evaluations = 0
+    app.state.limiter = TokenBuckets(settings.rate_per_s, settings.burst)
     app.state.targets_key = None
     if settings.targets_key is not None:
         app.state.targets_key = load_targets_key(settings.targets_key)
     for module in (reports, hard_examples, health, registry, channel):
         app.include_router(module.router)
 
-    @app.exception_handler(sqlite3.OperationalError)
-    async def store_busy(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
-        # locked or full store: the device keeps the item and retries later
-        log.error("store %s: %s", settings.db, exc)
-        return JSONResponse({"detail": f"collector store unavailable ({exc}); retry later"}, status_code=503,
+    from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)
+    async def store_busy(request: Request, exc: Exception) -> JSONResponse:
+        # a locked or full SQLite file, a PostgreSQL server down or refusing: the device keeps the item, retries
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        log.error("store %s: %s", db.describe(settings.db), reason)
+        return JSONResponse({"detail": f"collector store unavailable ({reason}); retry later"}, status_code=503,
                             headers={"Retry-After": "5"})
 
     @app.exception_handler(DefectkitError)

@@ -6,7 +6,6 @@ have it and must be allowed to go back. The document expires ``expiry_s`` after 
 """
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Optional
@@ -14,6 +13,7 @@ from typing import Optional
 from edge_runtime.errors import UserInputError
 from edge_runtime.targets import TargetMetadata, sign_target, utc_text
 from fleet import devices, registry, rollout
+from fleet.db import Conn
 
 
 class NoArtifact(UserInputError):
@@ -26,7 +26,7 @@ class Target:
     path: str  # the archive on the server
 
 
-def target_for(conn: sqlite3.Connection, *, device_id: str, now: datetime, expiry_s: float) -> Optional[Target]:
+def target_for(conn: Conn, *, device_id: str, now: datetime, expiry_s: float) -> Optional[Target]:
     """The target of ``device_id`` (None: its line has no active version)."""
     dev = devices.get(conn, device_id=device_id, active=True)
     version = registry.active_version(conn, line=dev.line)
@@ -70,7 +70,7 @@ def load_targets_key(path):
     return key
 
 
-def signed_target(conn: sqlite3.Connection, *, device_id: str, private_key, now: Optional[datetime] = None,
+def signed_target(conn: Conn, *, device_id: str, private_key, now: Optional[datetime] = None,
                   expiry_s: float = 86400.0) -> Optional[dict]:
     now = now or datetime.now(timezone.utc)
     t = target_for(conn, device_id=device_id, now=now, expiry_s=expiry_s)

@@ -22,11 +22,17 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="collector_cmd", metavar="COMMAND")
     sub.required = True
     s = sub.add_parser("serve", help="serve the collector HTTP API (prints its URL)")
-    s.add_argument("--db", required=True, type=Path, help="SQLite store (created if missing)")
+    s.add_argument("--db", required=True, type=_db_location,
+                   help="store: a SQLite file (created if missing, WAL) or postgresql://USER@HOST:PORT/NAME")
     s.add_argument("--host", default="127.0.0.1", help="listen address; non-loopback needs --tokens (default %(default)s)")
     s.add_argument("--port", default=8765, type=int, help="listen port; 0 = any free port (default %(default)s)")
     s.add_argument("--tokens", type=Path, help="token file (JSON/YAML): {admin: TOKEN, devices: {DEVICE_ID: TOKEN}}")
     s.add_argument("--data-dir", type=Path, help="hard-example images (default: <db stem>_hard_examples beside the db)")
+    s.add_argument("--rate", type=float, default=5.0,
+                   help="per-device posts per second sustained (token bucket; 429 + Retry-After past it; default %(default)s)")
+    s.add_argument("--burst", type=int, default=120, help="per-device burst of posts (default %(default)s)")
+    s.add_argument("--quota-mb-per-day", type=float, default=1024.0,
+                   help="per-device hard-example bytes stored per 24 h (429 past it; default %(default)s MB)")
     s.add_argument("--max-report-kb", type=int, default=1024, help="largest report body (default %(default)s KB)")
     s.add_argument("--max-hard-example-kb", type=int, default=5120,
                    help="largest hard-example body, base64 image included (default %(default)s KB)")
@@ -41,8 +47,11 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     s.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (PEM)")
     s.set_defaults(func=_serve)
+    m = sub.add_parser("migrate", help="create the store or bring it to the current schema (Alembic), then exit")
+    m.add_argument("--db", required=True, type=_db_location, help="SQLite file or postgresql:// URL")
+    m.set_defaults(func=_migrate)
     ls = sub.add_parser("list", help="list what the store holds (reads the db directly)")
-    ls.add_argument("--db", required=True, type=Path, help="SQLite store of the collector")
+    ls.add_argument("--db", required=True, type=_db_location, help="the collector's store (SQLite file or postgresql:// URL)")
     ls.add_argument("--what", choices=("reports", "hard-examples", "devices"), default="reports")
     ls.add_argument("--line", help="only this line")
     ls.add_argument("--device", help="only this device")
@@ -51,7 +60,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     ls.set_defaults(func=_list)
     ex = sub.add_parser("export-hard-examples",
                         help="hard examples of a line as a data folder with model pre-labels, for labelling and retrain")
-    ex.add_argument("--db", required=True, type=Path, help="SQLite store of the collector")
+    ex.add_argument("--db", required=True, type=_db_location, help="the collector's store (SQLite file or postgresql:// URL)")
     ex.add_argument("--line", required=True, help="the line whose hard examples to export")
     ex.add_argument("--out", required=True, type=Path, help="new data folder (images/ + annotations/all.json)")
     ex.add_argument("--classes", help="the line's classes in contract order, comma-separated (categories 1..K)")
@@ -71,16 +80,33 @@ def _serve(args: argparse.Namespace) -> int:
                                  registry_dir=args.registry_dir, targets_key=args.targets_key,
                                  target_expiry_s=parse_duration(args.target_expiry),
                                  rollout_interval_s=parse_duration(args.rollout_interval),
-                                 tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+                                 tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                                 rate_per_s=args.rate, burst=args.burst,
+                                 quota_bytes_per_day=int(args.quota_mb_per_day * 2**20))
     serve(settings)
     return 0
 
 
+def _db_location(text: str):
+    from fleet.db import location
+
+    return location(text)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from fleet import db
+
+    before = db.current_revision(args.db)
+    after = db.migrate(args.db)
+    print(f"store {db.describe(args.db)}: schema {before or 'empty'} -> {after}")
+    return 0
+
+
 def _export_hard_examples(args: argparse.Namespace) -> int:
-    from fleet import store
+    from fleet import db, store
     from fleet.labelling import export_hard_examples
 
-    if not args.db.is_file():
+    if not db.exists(args.db):
         raise UserInputError(f"collector store {args.db} does not exist; give the --db that 'collector serve' uses")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
     with store.session(path=args.db) as conn:
@@ -92,9 +118,9 @@ def _export_hard_examples(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from fleet import store
+    from fleet import db, store
 
-    if not args.db.is_file():
+    if not db.exists(args.db):
         raise UserInputError(f"collector store {args.db} does not exist; give the --db that 'collector serve' uses")
     with store.session(path=args.db) as conn:
         if args.what == "reports":

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from edge_runtime.errors import UserInputError
 from edge_runtime.wire_report import NAME_RE
 from edge_runtime.targets import HARDWARE_TARGETS
 from fleet import store
+from fleet.db import Conn, Record
 
 _SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
 DEFAULT_TARGET = "onnx"
@@ -70,18 +70,18 @@ def parse_tags(items: Sequence[str]) -> Dict[str, str]:
     return tags
 
 
-def _row_device(r: sqlite3.Row) -> Device:
+def _row_device(r: Record) -> Device:
     return Device(device_id=r["device_id"], line=r["line"], tags=json.loads(r["tags"]), enrolled_at=r["enrolled_at"],
                   revoked_at=r["revoked_at"], rotated_at=r["rotated_at"], last_target=r["last_target"])
 
 
-def _new_secret(conn: sqlite3.Connection) -> tuple:
+def _new_secret(conn: Conn) -> tuple:
     token = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
     return token, _lookup(token), salt.hex(), _hash(token, salt)
 
 
-def enroll(conn: sqlite3.Connection, *, line: str, device_id: str, tags: Mapping[str, str] = None,
+def enroll(conn: Conn, *, line: str, device_id: str, tags: Mapping[str, str] = None,
            now: Optional[float] = None) -> str:
     """Bind ``device_id`` to ``line`` and return its token (shown once; only the salted hash is kept)."""
     from fleet import registry
@@ -102,13 +102,14 @@ def enroll(conn: sqlite3.Connection, *, line: str, device_id: str, tags: Mapping
         if row is not None and row["revoked_at"] is None:
             raise UserInputError(f"device {device_id} is already enrolled on line '{row['line']}': use "
                                  f"'defectkit fleet rotate --device {device_id}' for a new token, or revoke it first")
-        conn.execute("INSERT OR REPLACE INTO enrolments(device_id, line, token_lookup, token_salt, token_hash, tags, "
+        conn.execute("DELETE FROM enrolments WHERE device_id = ?", (device_id,))  # a revoked enrolment is replaced
+        conn.execute("INSERT INTO enrolments(device_id, line, token_lookup, token_salt, token_hash, tags, "
                      "enrolled_at) VALUES (?,?,?,?,?,?,?)", (device_id, line, lookup, salt, digest,
                                                              json.dumps(tags, sort_keys=True), now))
     return token
 
 
-def rotate(conn: sqlite3.Connection, *, device_id: str, now: Optional[float] = None) -> str:
+def rotate(conn: Conn, *, device_id: str, now: Optional[float] = None) -> str:
     """A new token for an enrolled device; the old one stops working at once."""
     get(conn, device_id=device_id, active=True)
     token, lookup, salt, digest = _new_secret(conn)
@@ -118,7 +119,7 @@ def rotate(conn: sqlite3.Connection, *, device_id: str, now: Optional[float] = N
     return token
 
 
-def revoke(conn: sqlite3.Connection, *, device_id: str, now: Optional[float] = None) -> Device:
+def revoke(conn: Conn, *, device_id: str, now: Optional[float] = None) -> Device:
     get(conn, device_id=device_id, active=True)
     with store.tx(conn):
         conn.execute("UPDATE enrolments SET revoked_at = ? WHERE device_id = ?",
@@ -126,7 +127,7 @@ def revoke(conn: sqlite3.Connection, *, device_id: str, now: Optional[float] = N
     return get(conn, device_id=device_id)
 
 
-def get(conn: sqlite3.Connection, *, device_id: str, active: bool = False) -> Device:
+def get(conn: Conn, *, device_id: str, active: bool = False) -> Device:
     row = conn.execute("SELECT * FROM enrolments WHERE device_id = ?", (device_id,)).fetchone()
     if row is None:
         raise UserInputError(f"unknown device {device_id!r}: not enrolled (defectkit fleet enroll --line L --device "
@@ -137,12 +138,12 @@ def get(conn: sqlite3.Connection, *, device_id: str, active: bool = False) -> De
     return dev
 
 
-def find(conn: sqlite3.Connection, *, device_id: str) -> Optional[Device]:
+def find(conn: Conn, *, device_id: str) -> Optional[Device]:
     row = conn.execute("SELECT * FROM enrolments WHERE device_id = ?", (device_id,)).fetchone()
     return None if row is None else _row_device(row)
 
 
-def list_enrolled(conn: sqlite3.Connection, *, line: Optional[str] = None, active: bool = False) -> List[Device]:
+def list_enrolled(conn: Conn, *, line: Optional[str] = None, active: bool = False) -> List[Device]:
     sql, args = "SELECT * FROM enrolments", []
     clauses = []
     if line:
@@ -155,7 +156,7 @@ def list_enrolled(conn: sqlite3.Connection, *, line: Optional[str] = None, activ
     return [_row_device(r) for r in conn.execute(sql + " ORDER BY device_id", args).fetchall()]
 
 
-def note_target(conn: sqlite3.Connection, *, device_id: str, version: str, now: float) -> None:
+def note_target(conn: Conn, *, device_id: str, version: str, now: float) -> None:
     with store.tx(conn):
         conn.execute("UPDATE enrolments SET last_target = ?, last_target_at = ? WHERE device_id = ?",
                      (version, now, device_id))
@@ -169,7 +170,7 @@ class Authenticator:
         self._lock = threading.Lock()
         self._max = max_cache
 
-    def identify(self, conn: sqlite3.Connection, token: str) -> tuple:
+    def identify(self, conn: Conn, token: str) -> tuple:
         """(Device, None) when the token is valid; (None, reason) for a revoked token; (None, None) if unknown."""
         rows = conn.execute("SELECT * FROM enrolments WHERE token_lookup = ?", (_lookup(token),)).fetchall()
         for row in rows:

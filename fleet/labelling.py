@@ -9,7 +9,6 @@ output teaches the model its own mistakes. A labelling tool's re-export (or sett
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Optional, Sequence
 from edge_runtime.errors import UserInputError
 from edge_runtime.fileio import atomic_write_json
 from edge_runtime.hard_examples import PRELABEL_SOURCE
+from fleet.db import Conn
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Export:
     classes: list
 
 
-def export_hard_examples(conn: sqlite3.Connection, *, line: str, out: Path, classes: Sequence[str] = (),
+def export_hard_examples(conn: Conn, *, line: str, out: Path, classes: Sequence[str] = (),
                          min_score: float = 0.3, limit: int = 10_000, device: Optional[str] = None) -> Export:
     """Write ``out/images/<id>.jpg`` and ``out/annotations/all.json`` (pre-labels: detections >= ``min_score``).
 

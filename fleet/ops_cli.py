@@ -24,7 +24,9 @@ def register(subparsers) -> None:
 
 
 def _db(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", required=True, type=Path, help="the collector's SQLite store")
+    from fleet.db import location
+
+    p.add_argument("--db", required=True, type=location, help="the collector's store: SQLite file or postgresql:// URL")
 
 
 def _registry_parser(p: argparse.ArgumentParser) -> None:
@@ -115,7 +117,9 @@ def _rollout_parser(p: argparse.ArgumentParser) -> None:
 def _session(args: argparse.Namespace, must_exist: bool = True):
     from fleet import store
 
-    if must_exist and not args.db.is_file():
+    from fleet.db import exists
+
+    if must_exist and not exists(args.db):
         raise UserInputError(f"store {args.db} does not exist; give the --db that 'collector serve' uses")
     return store.session(path=args.db)
 

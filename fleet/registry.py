@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Dict, List, Optional
 from edge_runtime.bundle import Manifest, key_id, load_public_key, verify_bundle
 from edge_runtime.errors import BundleError, UserInputError
 from fleet import store
+from fleet.db import Conn, Record
 
 STATES = ("candidate", "canary", "active", "retired")
 TRUSTED_KEY = "trusted_bundle_key.pub.pem"
@@ -145,7 +145,7 @@ def lineage(manifest: Manifest) -> Dict[str, Any]:
     }
 
 
-def push(conn: sqlite3.Connection, *, archive: Path, registry_dir: Path, public_key: Optional[Path] = None,
+def push(conn: Conn, *, archive: Path, registry_dir: Path, public_key: Optional[Path] = None,
          line: Optional[str] = None, now: Optional[float] = None) -> PushResult:
     """Verify, check the gates, store content-addressed, register as ``candidate`` (``line``: the line the
     caller expects, refused when the manifest names another)."""
@@ -195,13 +195,13 @@ def _tmp_dir(registry_dir: Path) -> Path:
     return d
 
 
-def event(conn: sqlite3.Connection, *, line: str, version: Optional[str], kind: str, detail: str, now: float) -> None:
+def event(conn: Conn, *, line: str, version: Optional[str], kind: str, detail: str, now: float) -> None:
     """Log a registry event (inside the caller's transaction)."""
     conn.execute("INSERT INTO registry_events(line, version, at, kind, detail) VALUES (?,?,?,?,?)",
                  (line, version, now, kind, detail))
 
 
-def _public(r: sqlite3.Row) -> Dict[str, Any]:
+def _public(r: Record) -> Dict[str, Any]:
     d = dict(r)
     d["hardware_targets"] = json.loads(d["hardware_targets"])
     d["lineage"] = json.loads(d["lineage"])
@@ -209,16 +209,16 @@ def _public(r: sqlite3.Row) -> Dict[str, Any]:
     return d
 
 
-def lines(conn: sqlite3.Connection) -> List[str]:
+def lines(conn: Conn) -> List[str]:
     return [r[0] for r in conn.execute("SELECT DISTINCT line FROM registry_versions ORDER BY line").fetchall()]
 
 
-def list_versions(conn: sqlite3.Connection, *, line: str) -> List[Dict[str, Any]]:
+def list_versions(conn: Conn, *, line: str) -> List[Dict[str, Any]]:
     rows = conn.execute("SELECT * FROM registry_versions WHERE line = ? ORDER BY seq", (line,)).fetchall()
     return [_public(r) for r in rows]
 
 
-def get_version(conn: sqlite3.Connection, *, line: str, version: str) -> Dict[str, Any]:
+def get_version(conn: Conn, *, line: str, version: str) -> Dict[str, Any]:
     row = conn.execute("SELECT * FROM registry_versions WHERE line = ? AND version = ?", (line, version)).fetchone()
     if row is None:
         have = ", ".join(v["version"] for v in list_versions(conn, line=line)) or "none"
@@ -226,20 +226,20 @@ def get_version(conn: sqlite3.Connection, *, line: str, version: str) -> Dict[st
     return _public(row)
 
 
-def active_version(conn: sqlite3.Connection, *, line: str) -> Optional[Dict[str, Any]]:
+def active_version(conn: Conn, *, line: str) -> Optional[Dict[str, Any]]:
     row = conn.execute("SELECT * FROM registry_versions WHERE line = ? AND state = 'active'", (line,)).fetchone()
     return None if row is None else _public(row)
 
 
-def by_sha(conn: sqlite3.Connection, *, sha256: str) -> List[Dict[str, Any]]:
+def by_sha(conn: Conn, *, sha256: str) -> List[Dict[str, Any]]:
     return [_public(r) for r in conn.execute("SELECT * FROM registry_versions WHERE sha256 = ?", (sha256,)).fetchall()]
 
 
-def events(conn: sqlite3.Connection, *, line: str) -> List[Dict[str, Any]]:
+def events(conn: Conn, *, line: str) -> List[Dict[str, Any]]:
     return [dict(r) for r in conn.execute("SELECT * FROM registry_events WHERE line = ? ORDER BY id", (line,))]
 
 
-def set_state(conn: sqlite3.Connection, *, line: str, version: str, state: str, now: float, note: str = "") -> None:
+def set_state(conn: Conn, *, line: str, version: str, state: str, now: float, note: str = "") -> None:
     """Change one version's state (inside the caller's transaction), stamping when it became canary/active."""
     if state not in STATES:
         raise ValueError(state)
@@ -251,7 +251,7 @@ def set_state(conn: sqlite3.Connection, *, line: str, version: str, state: str, 
     event(conn, line=line, version=version, kind=state, detail=note or state, now=now)
 
 
-def activate(conn: sqlite3.Connection, *, line: str, version: str, now: float, note: str) -> Optional[str]:
+def activate(conn: Conn, *, line: str, version: str, now: float, note: str) -> Optional[str]:
     """Make ``version`` the active one (the previous active is retired); returns the previous active version."""
     prev = active_version(conn, line=line)
     if prev is not None and prev["version"] != version:
@@ -260,7 +260,7 @@ def activate(conn: sqlite3.Connection, *, line: str, version: str, now: float, n
     return prev["version"] if prev else None
 
 
-def promote(conn: sqlite3.Connection, *, line: str, version: str, now: Optional[float] = None) -> Optional[str]:
+def promote(conn: Conn, *, line: str, version: str, now: Optional[float] = None) -> Optional[str]:
     """Make ``version`` active for the whole line now. A running rollout of another version must be stopped first."""
     from fleet import rollout
 
@@ -280,7 +280,7 @@ def promote(conn: sqlite3.Connection, *, line: str, version: str, now: Optional[
     return prev
 
 
-def rollback(conn: sqlite3.Connection, *, line: str, to: Optional[str] = None, now: Optional[float] = None) -> str:
+def rollback(conn: Conn, *, line: str, to: Optional[str] = None, now: Optional[float] = None) -> str:
     """Back to ``to`` (default: the most recently active earlier version); it must have passed its gates and
     been active before. A running rollout of the line is stopped. Returns the version now active."""
     from fleet import rollout
@@ -319,7 +319,7 @@ def rollback(conn: sqlite3.Connection, *, line: str, to: Optional[str] = None, n
     return target["version"]
 
 
-def served_above(conn: sqlite3.Connection, *, line: str, version: str) -> bool:
+def served_above(conn: Conn, *, line: str, version: str) -> bool:
     """True when the line has served (canary or active) a version greater than ``version``: a box may run it,
     so sending ``version`` is a rollback the box must be told about."""
     rows = conn.execute("SELECT version FROM registry_versions WHERE line = ? AND (canary_at IS NOT NULL OR "

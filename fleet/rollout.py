@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from edge_runtime.errors import UserInputError
 from edge_runtime.wire_report import parse_utc
 from fleet import store
+from fleet.db import Conn, Record
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -156,35 +156,35 @@ def decide(*, version: str, canary: Sequence[str], started_at: float, window_s: 
 # ------------------------------------------------------------------------------------------------ the store side
 
 
-def _row(r: sqlite3.Row) -> Dict[str, Any]:
+def _row(r: Record) -> Dict[str, Any]:
     d = dict(r)
     d["canary"] = json.loads(d["canary"])
     d["policy"] = json.loads(d["policy"])
     return d
 
 
-def running(conn: sqlite3.Connection, *, line: str) -> Optional[Dict[str, Any]]:
+def running(conn: Conn, *, line: str) -> Optional[Dict[str, Any]]:
     r = conn.execute("SELECT * FROM rollouts WHERE line = ? AND state = 'running' ORDER BY id DESC", (line,)).fetchone()
     return None if r is None else _row(r)
 
 
-def latest(conn: sqlite3.Connection, *, line: str) -> Optional[Dict[str, Any]]:
+def latest(conn: Conn, *, line: str) -> Optional[Dict[str, Any]]:
     r = conn.execute("SELECT * FROM rollouts WHERE line = ? ORDER BY id DESC", (line,)).fetchone()
     return None if r is None else _row(r)
 
 
-def decisions(conn: sqlite3.Connection, *, rollout_id: int) -> List[Dict[str, Any]]:
+def decisions(conn: Conn, *, rollout_id: int) -> List[Dict[str, Any]]:
     rows = conn.execute("SELECT * FROM rollout_decisions WHERE rollout_id = ? ORDER BY id", (rollout_id,)).fetchall()
     return [{**dict(r), "figures": json.loads(r["figures"])} for r in rows]
 
 
-def log_decision(conn: sqlite3.Connection, *, rollout_id: int, action: str, reason: str, figures: Mapping[str, Any],
+def log_decision(conn: Conn, *, rollout_id: int, action: str, reason: str, figures: Mapping[str, Any],
                  now: float) -> None:
     conn.execute("INSERT INTO rollout_decisions(rollout_id, at, action, reason, figures) VALUES (?,?,?,?,?)",
                  (rollout_id, now, action, reason, json.dumps(figures, sort_keys=True)))
 
 
-def finish(conn: sqlite3.Connection, *, rollout_id: int, state: str, reason: str, now: float,
+def finish(conn: Conn, *, rollout_id: int, state: str, reason: str, now: float,
            figures: Mapping[str, Any]) -> None:
     """End a rollout (inside the caller's transaction) and log why."""
     conn.execute("UPDATE rollouts SET state = ?, ended_at = ?, reason = ? WHERE id = ?", (state, now, reason, rollout_id))
@@ -217,7 +217,7 @@ def parse_canary(text: str) -> float:
     return float(m.group(1))
 
 
-def start(conn: sqlite3.Connection, *, line: str, version: str, window_s: float, percent: Optional[float] = None,
+def start(conn: Conn, *, line: str, version: str, window_s: float, percent: Optional[float] = None,
           devices: Sequence[str] = (), policy: Policy = Policy(), now: Optional[float] = None) -> Dict[str, Any]:
     from fleet import devices as fleet_devices
     from fleet import registry
@@ -248,17 +248,17 @@ def start(conn: sqlite3.Connection, *, line: str, version: str, window_s: float,
                              f"it has: {', '.join(v['hardware_targets']) or 'none'}")
     with store.tx(conn):
         cur = conn.execute("INSERT INTO rollouts(line, version, from_version, canary, window_s, policy, started_at, "
-                           "state) VALUES (?,?,?,?,?,?,?, 'running')",
+                           "state) VALUES (?,?,?,?,?,?,?, 'running') RETURNING id",
                            (line, version, active["version"], json.dumps(canary), float(window_s),
                             json.dumps(policy.__dict__), now))
         registry.set_state(conn, line=line, version=version, state="canary", now=now,
                            note=f"canary on {', '.join(canary)}")
-        log_decision(conn, rollout_id=cur.lastrowid, action="start", now=now, figures={"canary": canary},
+        log_decision(conn, rollout_id=cur.fetchone()[0], action="start", now=now, figures={"canary": canary},
                      reason=f"canary {', '.join(canary)} of {len(enrolled)} device(s); stable on {active['version']}")
     return running(conn, line=line)
 
 
-def stop(conn: sqlite3.Connection, *, line: str, now: Optional[float] = None) -> Dict[str, Any]:
+def stop(conn: Conn, *, line: str, now: Optional[float] = None) -> Dict[str, Any]:
     from fleet import registry
 
     now = time.time() if now is None else now
@@ -271,13 +271,13 @@ def stop(conn: sqlite3.Connection, *, line: str, now: Optional[float] = None) ->
     return latest(conn, line=line)
 
 
-def _reports_since(conn: sqlite3.Connection, *, line: str, since: float, until: float) -> List[Seen]:
+def _reports_since(conn: Conn, *, line: str, since: float, until: float) -> List[Seen]:
     rows = conn.execute("SELECT body, received_at FROM reports WHERE line = ? AND received_at >= ? AND received_at < ?",
                         (line, since, until)).fetchall()
     return [Seen.of(json.loads(r["body"]), r["received_at"]) for r in rows]
 
 
-def evaluate(conn: sqlite3.Connection, *, line: str, now: Optional[float] = None) -> Optional[Decision]:
+def evaluate(conn: Conn, *, line: str, now: Optional[float] = None) -> Optional[Decision]:
     """Decide the running rollout of ``line`` and apply the decision; None when nothing runs."""
     from fleet import registry
 
@@ -314,7 +314,7 @@ def evaluate(conn: sqlite3.Connection, *, line: str, now: Optional[float] = None
     return d
 
 
-def evaluate_all(conn: sqlite3.Connection, *, now: Optional[float] = None) -> Dict[str, Decision]:
+def evaluate_all(conn: Conn, *, now: Optional[float] = None) -> Dict[str, Decision]:
     lines = [r[0] for r in conn.execute("SELECT DISTINCT line FROM rollouts WHERE state = 'running'").fetchall()]
     out = {}
     for line in lines:

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.wire_report import NAME_RE
@@ -106,7 +106,7 @@ def is_loopback(host: str) -> bool:
 class CollectorSettings:
     """Everything the collector needs; :meth:`check` refuses what would be unsafe or cannot work."""
 
-    db: Path
+    db: Union[Path, str]  # a SQLite file, or a postgresql:// URL (fleet.db)
     host: str = "127.0.0.1"
     port: int = 8765
     tokens_file: Optional[Path] = None
@@ -122,10 +122,19 @@ class CollectorSettings:
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
     tls_client_ca: Optional[Path] = None
+    rate_per_s: float = 5.0  # per-device token bucket over POSTs (reports and hard examples)
+    burst: int = 120
+    quota_bytes_per_day: int = 1 << 30  # per-device hard-example image bytes stored per 24 h
+    max_json_depth: int = 8
 
     def __post_init__(self) -> None:
-        self.db = Path(self.db)
+        from fleet.db import is_url
+
+        self.db = self.db if is_url(self.db) else Path(self.db)
         if self.data_dir is None:
+            if is_url(self.db):
+                raise ConfigError("with a database URL, give --data-dir (hard-example images, shared by every "
+                                  "collector process on that database) and --registry-dir")
             self.data_dir = self.db.parent / f"{self.db.stem}_hard_examples"
         self.data_dir = Path(self.data_dir)
         self.registry_dir = Path(self.registry_dir) if self.registry_dir else default_registry_dir(self.db)
@@ -151,6 +160,8 @@ class CollectorSettings:
         if self.tokens is not None and not self.tokens.devices and not self._has_enrolments():
             raise ConfigError(f"token file {self.tokens_file} lists no devices and none is enrolled in {self.db}: "
                               f"no edge box could report (defectkit fleet enroll --line L --device D --db {self.db})")
+        if self.rate_per_s <= 0 or self.burst < 1 or self.quota_bytes_per_day <= 0:
+            raise ConfigError("--rate, --burst and --quota-mb-per-day must be positive")
         if self.max_report_bytes <= 0 or self.max_hard_example_bytes <= 0 or self.max_bundle_bytes <= 0:
             raise ConfigError("size limits must be positive")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -166,17 +177,18 @@ class CollectorSettings:
         return self
 
     def _has_enrolments(self) -> bool:
-        if not self.db.is_file():
-            return False
-        import sqlite3
+        from fleet import db
 
+        if not db.exists(self.db):
+            return False
         try:
-            conn = sqlite3.connect(str(self.db))
-            try:
-                return conn.execute("SELECT COUNT(*) FROM enrolments WHERE revoked_at IS NULL").fetchone()[0] > 0
-            finally:
-                conn.close()
-        except sqlite3.Error:
+            with db.engine(self.db).connect() as c:
+                from sqlalchemy import inspect, text
+
+                if "enrolments" not in inspect(c).get_table_names():
+                    return False
+                return c.execute(text("SELECT COUNT(*) FROM enrolments WHERE revoked_at IS NULL")).scalar() > 0
+        except Exception:  # an unreachable server or a broken file: create_app reports it with its cause
             return False
 
     @property
@@ -189,7 +201,12 @@ class CollectorSettings:
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
 
-def default_registry_dir(db: Path) -> Path:
+def default_registry_dir(db: Union[Path, str]) -> Path:
     """``<db stem>_registry`` beside the store (bundle archives and the trusted bundle key)."""
+    from fleet.db import is_url
+
+    if is_url(db):
+        raise ConfigError("with a database URL, give --registry-dir (bundle archives and the trusted key, shared "
+                          "by every collector process on that database)")
     db = Path(db)
     return db.parent / f"{db.stem}_registry"

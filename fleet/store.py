@@ -1,135 +1,29 @@
-"""The collector's SQLite store: reports, hard examples and devices. Keyword-only functions.
+"""The collector's store: reports, hard examples and devices. Keyword-only functions over :mod:`fleet.db`.
 
-Idempotency lives in the schema: a report's id is the PRIMARY KEY, so a retried report is stored
-once however many times it arrives. Hard-example images are files under the data folder (written
-atomically); the table holds their metadata and path.
+``path`` is the ``--db`` value: a SQLite file (WAL, the default) or a ``postgresql://`` URL; the schema is one
+SQLAlchemy Core metadata migrated by Alembic (``fleet/migrations``). Idempotency lives in the schema: a report's
+id is the PRIMARY KEY and the insert is ``ON CONFLICT DO NOTHING``, so a retried report is stored once however
+many times, and through however many collector processes, it arrives. Hard-example images are files under the
+data folder (written atomically); the table holds their metadata and path.
 """
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS reports (
-    id TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    line TEXT NOT NULL,
-    bundle_version TEXT NOT NULL,
-    window_start TEXT NOT NULL,
-    window_end TEXT NOT NULL,
-    frames INTEGER NOT NULL,
-    ng INTEGER NOT NULL,
-    drift_state TEXT NOT NULL,
-    alarm INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS reports_line_device ON reports(line, device_id, received_at);
-CREATE TABLE IF NOT EXISTS hard_examples (
-    id TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    line TEXT NOT NULL,
-    bundle_version TEXT NOT NULL,
-    time TEXT NOT NULL,
-    max_score REAL NOT NULL,
-    image_path TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL,
-    image_bytes INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    meta TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    token_sha256 TEXT,
-    line TEXT,
-    first_seen REAL,
-    last_seen REAL,
-    reports INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS registry_versions (
-    line TEXT NOT NULL,
-    version TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    length INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL,
-    parent_version TEXT,
-    created TEXT,
-    pushed_at REAL NOT NULL,
-    gates_passed INTEGER NOT NULL,
-    canary_at REAL,
-    activated_at REAL,
-    retired_at REAL,
-    hardware_targets TEXT NOT NULL,
-    lineage TEXT NOT NULL,
-    note TEXT,
-    PRIMARY KEY (line, version)
-);
-CREATE TABLE IF NOT EXISTS registry_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    line TEXT NOT NULL,
-    version TEXT,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS enrolments (
-    device_id TEXT PRIMARY KEY,
-    line TEXT NOT NULL,
-    token_lookup TEXT NOT NULL,
-    token_salt TEXT NOT NULL,
-    token_hash TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    enrolled_at REAL NOT NULL,
-    rotated_at REAL,
-    revoked_at REAL,
-    last_target TEXT,
-    last_target_at REAL
-);
-CREATE INDEX IF NOT EXISTS enrolments_lookup ON enrolments(token_lookup);
-CREATE TABLE IF NOT EXISTS rollouts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    line TEXT NOT NULL,
-    version TEXT NOT NULL,
-    from_version TEXT NOT NULL,
-    canary TEXT NOT NULL,
-    window_s REAL NOT NULL,
-    policy TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    state TEXT NOT NULL,
-    ended_at REAL,
-    reason TEXT
-);
-CREATE TABLE IF NOT EXISTS rollout_decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout_id INTEGER NOT NULL,
-    at REAL NOT NULL,
-    action TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    figures TEXT NOT NULL
-);
-"""
+from fleet import db as _db
+from fleet.db import Conn, tx  # noqa: F401  (tx re-exported: registry, devices and rollout use store.tx)
 
-
-def connect(*, path: str | Path) -> sqlite3.Connection:
-    """Open (and create) the store; WAL so the list endpoints read while devices write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.executescript(_SCHEMA)
-    return conn
+def connect(*, path: Union[str, Path]) -> Conn:
+    """Open (create and migrate) the store."""
+    return _db.connect(path)
 
 
 @contextmanager
-def session(*, path: str | Path) -> Iterator[sqlite3.Connection]:
+def session(*, path: Union[str, Path]) -> Iterator[Conn]:
     conn = connect(path=path)
     try:
         yield conn
@@ -137,44 +31,52 @@ def session(*, path: str | Path) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-@contextmanager
-def tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One write transaction (BEGIN IMMEDIATE: writers queue, readers go on)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+def _insert_ignore(conn: Conn, name: str, values: Dict[str, Any]):
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING 1`` in the store's dialect."""
+    if conn.postgres:
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    t = _db.table(name)
+    return insert(t).values(**values).on_conflict_do_nothing().returning(t.c[list(t.primary_key.columns)[0].name])
 
 
-def insert_report(conn: sqlite3.Connection, *, report: Mapping[str, Any], received_at: Optional[float] = None) -> str:
+def insert_report(conn: Conn, *, report: Mapping[str, Any], received_at: Optional[float] = None) -> str:
     """Store a validated report once. Returns ``inserted``, ``duplicate`` (same id, same device) or
     ``conflict`` (the id is taken by another device)."""
     now = time.time() if received_at is None else received_at
-    with tx(conn):
+    values = dict(id=report["id"], device_id=report["device_id"], line=report["line"],
+                  bundle_version=report["bundle_version"], window_start=report["window"]["start"],
+                  window_end=report["window"]["end"], frames=report["counts"]["frames"], ng=report["counts"]["ng"],
+                  drift_state=report["drift"]["state"], alarm=int(report["alarm"]), received_at=now,
+                  body=json.dumps(report, separators=(",", ":")))
+    with tx(conn, serialize=False):
+        inserted = conn.execute(_insert_ignore(conn, "reports", values)).fetchone() is not None
+        if inserted:
+            _touch(conn, device_id=report["device_id"], line=report["line"], at=now, reports=1)
+            return "inserted"
         row = conn.execute("SELECT device_id FROM reports WHERE id = ?", (report["id"],)).fetchone()
-        if row is not None:
-            return "duplicate" if row["device_id"] == report["device_id"] else "conflict"
-        conn.execute(
-            "INSERT INTO reports VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (report["id"], report["device_id"], report["line"], report["bundle_version"], report["window"]["start"],
-             report["window"]["end"], report["counts"]["frames"], report["counts"]["ng"], report["drift"]["state"],
-             int(report["alarm"]), now, json.dumps(report, separators=(",", ":"))),
-        )
-        _touch(conn, device_id=report["device_id"], line=report["line"], at=now, reports=1)
-    return "inserted"
+    return "duplicate" if row is not None and row["device_id"] == report["device_id"] else "conflict"
 
 
-def _touch(conn: sqlite3.Connection, *, device_id: str, line: str, at: float, reports: int) -> None:
-    conn.execute(
-        "INSERT INTO devices(device_id, line, first_seen, last_seen, reports) VALUES (?,?,?,?,?) "
-        "ON CONFLICT(device_id) DO UPDATE SET line = excluded.line, last_seen = excluded.last_seen, "
-        "reports = reports + excluded.reports, first_seen = COALESCE(first_seen, excluded.first_seen)",
-        (device_id, line, at, at, reports),
-    )
+def _touch(conn: Conn, *, device_id: str, line: str, at: float, reports: int) -> None:
+    if conn.postgres:
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    t = _db.table("devices")
+    stmt = insert(t).values(device_id=device_id, line=line, first_seen=at, last_seen=at, reports=reports)
+    stmt = stmt.on_conflict_do_update(index_elements=[t.c.device_id], set_={
+        "line": stmt.excluded.line, "last_seen": stmt.excluded.last_seen,
+        "reports": t.c.reports + stmt.excluded.reports,
+        "first_seen": _coalesce(t.c.first_seen, stmt.excluded.first_seen)})
+    conn.execute(stmt)
+
+
+def _coalesce(a, b):
+    from sqlalchemy import func
+
+    return func.coalesce(a, b)
 
 
 def _where(line: Optional[str], device: Optional[str]) -> tuple:
@@ -188,7 +90,7 @@ def _where(line: Optional[str], device: Optional[str]) -> tuple:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
-def list_reports(conn: sqlite3.Connection, *, line: Optional[str] = None, device: Optional[str] = None,
+def list_reports(conn: Conn, *, line: Optional[str] = None, device: Optional[str] = None,
                  limit: int = 100) -> List[Dict[str, Any]]:
     """Newest first: the full report bodies plus when they were received."""
     where, args = _where(line, device)
@@ -197,36 +99,50 @@ def list_reports(conn: sqlite3.Connection, *, line: Optional[str] = None, device
     return [{**json.loads(r["body"]), "received_at": r["received_at"]} for r in rows]
 
 
-def count_reports(conn: sqlite3.Connection, *, line: Optional[str] = None, device: Optional[str] = None) -> int:
+def count_reports(conn: Conn, *, line: Optional[str] = None, device: Optional[str] = None) -> int:
     where, args = _where(line, device)
     return int(conn.execute(f"SELECT COUNT(*) FROM reports{where}", args).fetchone()[0])
 
 
-def report_ids(conn: sqlite3.Connection, *, line: Optional[str] = None, device: Optional[str] = None) -> List[str]:
+def report_ids(conn: Conn, *, line: Optional[str] = None, device: Optional[str] = None) -> List[str]:
     where, args = _where(line, device)
     return [r[0] for r in conn.execute(f"SELECT id FROM reports{where}", args).fetchall()]
 
 
-def hard_example_exists(conn: sqlite3.Connection, *, hard_example_id: str) -> bool:
-    return conn.execute("SELECT 1 FROM hard_examples WHERE id = ?", (hard_example_id,)).fetchone() is not None
+def hard_example_exists(conn: Conn, *, hard_example_id: str) -> bool:
+    return hard_example_owner(conn, hard_example_id=hard_example_id) is not None
 
 
-def insert_hard_example(conn: sqlite3.Connection, *, meta: Mapping[str, Any], image_path: str, image_sha256: str,
+def hard_example_owner(conn: Conn, *, hard_example_id: str) -> Optional[str]:
+    """The device that sent this hard-example id, None when it is new."""
+    row = conn.execute("SELECT device_id FROM hard_examples WHERE id = ?", (hard_example_id,)).fetchone()
+    return None if row is None else row["device_id"]
+
+
+def insert_hard_example(conn: Conn, *, meta: Mapping[str, Any], image_path: str, image_sha256: str,
                         image_bytes: int, received_at: Optional[float] = None) -> str:
-    """Store hard-example metadata once (the image file is already written). ``inserted`` or ``duplicate``."""
+    """Store hard-example metadata once (the image file is already written): ``inserted``, ``duplicate`` (same id,
+    same device) or ``conflict`` (the id is taken by another device)."""
     now = time.time() if received_at is None else received_at
-    with tx(conn):
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO hard_examples VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (meta["id"], meta["device_id"], meta["line"], meta["bundle_version"], meta["time"],
-             float(meta["max_score"]), image_path, image_sha256, int(image_bytes), now, json.dumps(meta)),
-        )
-        if cur.rowcount:
+    values = dict(id=meta["id"], device_id=meta["device_id"], line=meta["line"], bundle_version=meta["bundle_version"],
+                  time=meta["time"], max_score=float(meta["max_score"]), image_path=image_path,
+                  image_sha256=image_sha256, image_bytes=int(image_bytes), received_at=now,
+                  meta=json.dumps(meta, separators=(",", ":")))
+    with tx(conn, serialize=False):
+        if conn.execute(_insert_ignore(conn, "hard_examples", values)).fetchone() is not None:
             _touch(conn, device_id=meta["device_id"], line=meta["line"], at=now, reports=0)
-    return "inserted" if cur.rowcount else "duplicate"
+            return "inserted"
+    return "duplicate" if hard_example_owner(conn, hard_example_id=meta["id"]) == meta["device_id"] else "conflict"
 
 
-def list_hard_examples(conn: sqlite3.Connection, *, line: Optional[str] = None, device: Optional[str] = None,
+def hard_example_bytes(conn: Conn, *, device: str, since: float) -> tuple:
+    """(bytes, oldest received_at) of the images a device sent since ``since``: its storage quota's use."""
+    row = conn.execute("SELECT COALESCE(SUM(image_bytes), 0), MIN(received_at) FROM hard_examples "
+                       "WHERE device_id = ? AND received_at >= ?", (device, since)).fetchone()
+    return int(row[0]), row[1]
+
+
+def list_hard_examples(conn: Conn, *, line: Optional[str] = None, device: Optional[str] = None,
                        limit: int = 100) -> List[Dict[str, Any]]:
     where, args = _where(line, device)
     rows = conn.execute(
@@ -236,7 +152,7 @@ def list_hard_examples(conn: sqlite3.Connection, *, line: Optional[str] = None, 
              "image_bytes": r["image_bytes"], "received_at": r["received_at"]} for r in rows]
 
 
-def sync_devices(conn: sqlite3.Connection, *, token_hashes: Mapping[str, str]) -> None:
+def sync_devices(conn: Conn, *, token_hashes: Mapping[str, str]) -> None:
     """Make the devices table match the token file: known devices keep their history, others lose their token."""
     with tx(conn):
         conn.execute("UPDATE devices SET token_sha256 = NULL")
@@ -245,7 +161,7 @@ def sync_devices(conn: sqlite3.Connection, *, token_hashes: Mapping[str, str]) -
                          "ON CONFLICT(device_id) DO UPDATE SET token_sha256 = excluded.token_sha256", (dev, h))
 
 
-def list_devices(conn: sqlite3.Connection) -> List[Dict[str, Any]]:
+def list_devices(conn: Conn) -> List[Dict[str, Any]]:
     rows = conn.execute("SELECT device_id, line, first_seen, last_seen, reports, token_sha256 IS NOT NULL AS has_token "
                         "FROM devices ORDER BY device_id").fetchall()
     return [dict(r) for r in rows]

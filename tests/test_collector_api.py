@@ -62,7 +62,9 @@ def report(device="press-01", line="line-a"):
 
 def test_healthz_and_idempotent_report(collector):
     st, body, _ = call(collector.url, "GET", "/healthz")
-    assert st == 200 and body["status"] == "ok" and body["dev_mode"] is False
+    assert (st, body) == (200, {"status": "ok"})  # no internal figures without the admin token
+    st, body, _ = call(collector.url, "GET", "/healthz", token=ADMIN)
+    assert st == 200 and body["status"] == "ok" and body["dev_mode"] is False and isinstance(body["reports"], int)
     r = report()
     st, body, _ = call(collector.url, "POST", "/api/v1/reports", r, TOK1)
     assert (st, body) == (201, {"id": r["id"], "duplicate": False})
@@ -127,7 +129,18 @@ def test_list_filters(collector):
     assert call(collector.url, "GET", "/api/v1/reports?limit=0", token=ADMIN)[0] == 422
 
 
-def hard_example(device="press-01", image=b"\xff\xd8\xff\xe0fake-jpeg-body"):
+def real_jpeg(w=32, h=24):
+    import cv2
+    import numpy as np
+
+    ok, buf = cv2.imencode(".jpg", np.full((h, w, 3), 128, np.uint8))
+    return buf.tobytes()
+
+
+JPEG = real_jpeg()
+
+
+def hard_example(device="press-01", image=JPEG):
     meta = {"schema": HE_SCHEMA, "id": uuid.uuid4().hex, "device_id": device, "line": "line-a",
             "bundle_version": "1.0.0", "time": "2026-11-22T10:00:00.000Z", "max_score": 0.48,
             "detections": [{"class": "scratch", "score": 0.48, "box": [1.0, 2.0, 3.0, 4.0]}]}
@@ -143,12 +156,14 @@ def test_hard_examples(collector):
     st, body, _ = call(collector.url, "GET", "/api/v1/hard-examples", token=ADMIN)
     (row,) = [x for x in body["hard_examples"] if x["id"] == he["meta"]["id"]]
     with open(row["image_path"], "rb") as fh:
-        assert fh.read() == b"\xff\xd8\xff\xe0fake-jpeg-body"
+        assert fh.read() == JPEG
     assert row["image_path"].endswith(f"line-a/press-01/{he['meta']['id']}.jpg")
     st, body, _ = call(collector.url, "POST", "/api/v1/hard-examples", {**he, "image_b64": "***"}, TOK1)
     assert st == 400 and "not valid base64" in body["detail"]
     st, body, _ = call(collector.url, "POST", "/api/v1/hard-examples", hard_example(image=b"GIF89a"), TOK1)
     assert st == 422 and "does not hold a JPEG" in body["detail"]
+    st, body, _ = call(collector.url, "POST", "/api/v1/hard-examples", hard_example(image=b"\xff\xd8\xff\xe0fake"), TOK1)
+    assert st == 422 and "not a decodable JPEG" in body["detail"]
     bad = hard_example()
     bad["meta"]["max_score"] = 7
     st, body, _ = call(collector.url, "POST", "/api/v1/hard-examples", bad, TOK1)

@@ -6,14 +6,16 @@ speak for the whole fleet. Lists need the admin token.
 """
 from __future__ import annotations
 
-import json
-import sqlite3
-from typing import Annotated, Any, Iterator, Optional
+import math
+import threading
+import time
+from typing import Annotated, Any, Dict, Iterator, Optional, Tuple
 
 from fastapi import Depends, HTTPException, Request
 
 from fleet import devices, store
 from fleet.settings import CollectorSettings
+from fleet.db import Conn
 
 _AUTH_HINT = "send 'Authorization: Bearer <token>' with the device's token from the collector's token file"
 
@@ -25,12 +27,12 @@ def get_settings(request: Request) -> CollectorSettings:
 SettingsDep = Annotated[CollectorSettings, Depends(get_settings)]
 
 
-def get_db(settings: SettingsDep) -> Iterator[sqlite3.Connection]:
+def get_db(settings: SettingsDep) -> Iterator[Conn]:
     with store.session(path=settings.db) as conn:
         yield conn
 
 
-DbDep = Annotated[sqlite3.Connection, Depends(get_db)]
+DbDep = Annotated[Conn, Depends(get_db)]
 
 
 def _unauthorized(message: str) -> HTTPException:
@@ -47,7 +49,7 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def _identify(request: Request, settings: CollectorSettings, conn: sqlite3.Connection, token: str):
+def _identify(request: Request, settings: CollectorSettings, conn: Conn, token: str):
     """(device id, None) for a token of the token file or of an enrolled device; (None, why) otherwise."""
     if settings.tokens is not None:
         device = settings.tokens.device_for(token)
@@ -102,7 +104,7 @@ def _is_enrolled_token(request: Request, settings: CollectorSettings, token: str
     return dev is not None or why is not None
 
 
-def check_line(db: sqlite3.Connection, device: Optional[str], line: str, what: str) -> None:
+def check_line(db: Conn, device: Optional[str], line: str, what: str) -> None:
     """403 when an enrolled device posts for another line than the one it is bound to."""
     if device is None:
         return
@@ -119,36 +121,72 @@ def check_claim(device: Optional[str], claimed: str, what: str) -> None:
                             detail=f"the token of device {device!r} is not valid for a {what} from device {claimed!r}")
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The request body, or 413 past ``limit`` bytes.
+class BodyTooLarge(HTTPException):
+    """413; the route answers it with ``Connection: close`` (the rest of the body is never read)."""
 
-    An oversized body is still read to its end (discarded, up to 16x the limit) before answering, so the
-    client sees the 413 instead of a reset connection, and an uplink files the item as refused rather
-    than retrying it forever.
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes.
+
+    A declared ``Content-Length`` above the limit is refused before reading any of the body; a chunked body is
+    read only until it passes the limit. The answer carries ``Connection: close``: the unread rest is dropped
+    with the connection, never read (an uplink files a 413 as refused, not to be retried).
     """
     declared = request.headers.get("content-length")
-    too_big = declared is not None and declared.isdigit() and int(declared) > limit
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BodyTooLarge(status_code=413, headers={"Connection": "close"},
+                           detail=f"{what} of {declared} bytes is larger than the collector's limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            too_big = True
-        if too_big:
-            chunks = []
-            if size > 16 * limit:
-                break
-        else:
-            chunks.append(chunk)
-    if too_big:
-        raise HTTPException(status_code=413, detail=f"{what} of {declared or size} bytes is larger than the "
-                                                    f"collector's limit of {limit} bytes")
+            raise BodyTooLarge(status_code=413, headers={"Connection": "close"},
+                               detail=f"{what} of more than {limit} bytes (read {size} before stopping) is larger "
+                                      f"than the collector's limit of {limit} bytes")
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
-def parse_json(body: bytes, what: str) -> Any:
+def parse_json(body: bytes, what: str, max_depth: int = 8) -> Any:
+    """Bounded JSON (fleet.validate.parse_bounded_json): 400 naming the reason for anything else."""
+    from fleet.validate import BadJson, parse_bounded_json
+
     if not body:
         raise HTTPException(status_code=400, detail=f"empty body: POST the {what} as JSON")
     try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HTTPException(status_code=400, detail=f"{what} body is not valid UTF-8 JSON: {exc}") from exc
+        return parse_bounded_json(body, max_depth=max_depth)
+    except BadJson as exc:
+        raise HTTPException(status_code=400, detail=f"{what} body is not valid UTF-8 JSON: {exc}") from None
+
+
+def rate_limit(request: Request, settings: CollectorSettings, device: Optional[str]) -> None:
+    """429 with Retry-After when the device (or, in development mode, the client address) is over its rate."""
+    who = device or f"addr:{request.client.host if request.client else '?'}"
+    wait = request.app.state.limiter.take(who)
+    if wait > 0:
+        raise HTTPException(status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                            detail=f"{who} is over the collector's rate of {settings.rate_per_s:g} posts/s "
+                                   f"(burst {settings.burst}); retry after {wait:.1f} s")
+
+
+class TokenBuckets:
+    """Per-key token buckets in this process's memory: ``rate`` tokens per second, ``burst`` at most."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
+        self.rate, self.burst, self._clock = float(rate), float(burst), clock
+        self._buckets: Dict[str, Tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0 when a token was taken; else the seconds until one is available."""
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            if len(self._buckets) > 100_000:  # forget full buckets: they are the default anyway
+                self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst}
+            return (1.0 - tokens) / self.rate

@@ -9,7 +9,9 @@ from starlette.concurrency import run_in_threadpool
 
 from edge_runtime.wire_report import SCHEMA, report_errors
 from fleet import store
-from fleet.api.deps import AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, check_line, parse_json, read_body
+from fleet.api.deps import (AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, check_line, parse_json,
+                            rate_limit, read_body)
+from fleet.validate import report_problems
 from fleet.settings import CollectorSettings
 
 router = APIRouter(prefix="/api/v1/reports", tags=["reports"])
@@ -23,8 +25,11 @@ def _store(settings: CollectorSettings, report: dict) -> str:
 @router.post("", status_code=201)
 async def post_report(request: Request, settings: SettingsDep, device: CurrentDevice, db: DbDep) -> JSONResponse:
     """Store a report once: 201 new, 200 with duplicate=true if its id is already stored."""
-    obj = parse_json(await read_body(request, settings.max_report_bytes, "report"), "report")
-    errs = report_errors(obj)  # the edge box's own schema code
+    rate_limit(request, settings, device)
+    obj = parse_json(await read_body(request, settings.max_report_bytes, "report"), "report", settings.max_json_depth)
+    errs = report_errors(obj)  # the edge box's own schema code, then the collector's bounds
+    if not errs:
+        errs = report_problems(obj)
     if errs:
         raise HTTPException(status_code=422, detail=f"report does not follow {SCHEMA}: " + "; ".join(errs))
     check_claim(device, obj["device_id"], "report")
