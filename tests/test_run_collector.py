@@ -13,11 +13,10 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 
 from edge_runtime.run import Inspector
-from edge_runtime.runconfig import ReportSettings, RunOptions, Settings
+from edge_runtime.runconfig import RunOptions
 from fleet.collector import CollectorThread
 from fleet.settings import CollectorSettings
 from tests.runkit import FakeCameraFactory, FakeCapture, make_bundle, make_keys, red_image, write_images
@@ -45,16 +44,18 @@ def _get(url, path):
 
 
 class _BadCollector(BaseHTTPRequestHandler):
-    """A collector gone wrong: ``mode`` = "500", "garbage" (200 with no JSON ack) or "hang" (2 s, then 500)."""
+    """A collector gone wrong: ``mode`` = "500", "garbage" (200 with no JSON ack) or "hang" (holds every request
+    until ``release`` is set, then 500)."""
 
     mode = "500"
     hits = 0
+    release = threading.Event()
 
     def do_POST(self):  # noqa: N802
         type(self).hits += 1
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.mode == "hang":
-            time.sleep(2.0)
+            self.release.wait(60)
         body, status = (b"<html>proxy says hi</html>", 200) if self.mode == "garbage" else (b'{"detail":"boom"}', 500)
         try:
             self.send_response(status)
@@ -70,7 +71,7 @@ class _BadCollector(BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("mode", ["500", "garbage", "hang"])
 def test_a_bad_collector_never_blocks_inspection(kit, tmp_path, mode):
-    handler = type("H", (_BadCollector,), {"mode": mode, "hits": 0})
+    handler = type("H", (_BadCollector,), {"mode": mode, "hits": 0, "release": threading.Event()})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     frame = red_image(250, 1)
@@ -78,23 +79,35 @@ def test_a_bad_collector_never_blocks_inspection(kit, tmp_path, mode):
     opts = RunOptions(bundle=kit["bundle"], public_key=kit["keys"].public, source="0", device_id="press-01",
                       out_dir=tmp_path / "out", collector=f"http://127.0.0.1:{server.server_port}", token=TOKEN,
                       metrics_port=-1, max_frames=400, capture_factory=camera, uplink_interval_s=0.05,
-                      settings=Settings(report=ReportSettings(interval_s=0.02)))
+                      overrides={"report": {"interval_s": 0.02}})
     ins = Inspector(opts)
     seen = []
     ins.frame_hooks.append(lambda stages: seen.append((time.perf_counter(), sum(stages.values()))))
     try:
+        # "hang" holds every request until the run is over: were the loop waiting on the network, it could not
+        # finish its 400 frames (the test would time out) -- no wall-clock limit on a shared machine needed
         summary = ins.run()
     finally:
+        handler.release.set()
         server.shutdown()
         server.server_close()
-    assert summary.frames == 400 and summary.ng == 400
-    gaps = np.diff([t for t, _ in seen]) * 1e3
-    assert handler.hits >= 1 and ins.uplink.state.failures >= 1  # the collector was tried and failed
-    assert float(np.max(gaps)) < 500, f"the loop stalled for {np.max(gaps):.0f} ms"  # never waits on the network
+    assert summary.frames == 400 and summary.ng == 400 and len(seen) == 400
+    assert handler.hits >= 1  # the collector was tried
+    assert ins.uplink.state.failures >= 1 or mode == "hang"  # and failed (a held request has not failed yet)
     assert ins.spool.path.exists()
     with __import__("sqlite3").connect(str(ins.spool.path)) as conn:
         pending = conn.execute("SELECT COUNT(*) FROM items WHERE kind='report'").fetchone()[0]
     assert pending == summary.reports >= 5  # nothing acknowledged, nothing lost
+
+
+def _until(pred, timeout=30.0) -> bool:
+    """Wait for a condition (the timeout only ends a broken run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return bool(pred())
 
 
 def _free_port() -> int:
@@ -134,14 +147,13 @@ def test_cli_watched_folder_reports_exactly_once_and_stops_cleanly_on_sigterm(ki
             tmp = watched / f".{path.name}.part"
             tmp.write_bytes(path.read_bytes())
             os.replace(tmp, watched / path.name)
-            if i == 5:  # a report interval passes in the middle of the batch
+            if i == 5:  # a report reaches the collector in the middle of the batch
                 assert health_when(lambda h: h["frames"] >= 6)["frames"] == 6
-                time.sleep(1.2)
+                assert _until(lambda: _get(collector.url, "/api/v1/reports?device=press-01&limit=1000")["count"] >= 1)
         health = health_when(lambda h: h["frames"] >= 12)
         assert health is not None and health["frames"] == 12 and health["status"] == "ok", health
         assert health["source"]["kind"] == "watch" and health["bundle"]["version"] == "1.0.0"
-        time.sleep(0.6)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # the last window is spooled and sent on the way out
         stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
