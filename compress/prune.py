@@ -10,8 +10,9 @@ PaddleDetection has no pruning recipe for PP-YOLOE; this is one (the model surge
    (PaddleSlim's ``dygraph_flops``, measured before and after);
 3. what captured the old shapes is rebuilt: the EMA (``ModelEMA`` copies the state dict at construction) and the
    optimizer (its accumulators are created lazily, on the old parameters otherwise);
-4. ``finetune_epochs`` epochs of training with the line's settings (never a frozen backbone: the pruned convs
-   must recover), evaluated on the val set after every epoch; the best epoch's (EMA) weights are kept;
+4. ``finetune_epochs`` epochs of training with the run's train settings under :data:`PRUNE_FINETUNE_RECIPE`
+   (never a frozen backbone: the pruned convs must recover), evaluated on the val set after every epoch; the best
+   epoch's (EMA) weights are kept;
 5. those weights go into a fresh detector with the pruned shapes, its RepVgg blocks are fused once and it is
    exported like ``defectkit export`` does (paddle with/without NMS, ONNX; deploy.json) through
    :func:`detect.export.export_model`.
@@ -31,16 +32,19 @@ from typing import Any
 from compress.prune_filters import (CRITERIA, MAX_RATIO, apply_ratio, build_detector, build_parts, drop_backups,
                                  eval_mode, gflops_of, params_m_of, pruned_layers, search_ratio, to_deploy)
 from compress.finetune import train_without_checkpoints
-from compress.variants import PARENT, Variant
-from detect.linespec import LineSpec, resolve_settings
+from compress.variants import PARENT, Variant, settings_record
+from detect.linespec import LineSpec
 from detect.ppyoloe import RunPaths
+from detect.settings import Settings
 from edge_runtime.errors import ModelError, UserInputError
 
 log = logging.getLogger("defectkit.prune")
 
 TRAIN_DIR = "prune_train"  # the fine-tune session's run folder inside the variant directory
-# fine-tune defaults between the line spec and the caller's overrides (defaults < line < these < overrides)
-PRUNE_TRAIN_DEFAULTS: dict[str, Any] = {
+# The pruning fine-tune's recipe: the fixed train values that make it a recovery fine-tune of pruned weights. They
+# are the method, not defaults a line tunes (the tunable ones are compress.prune_epochs and
+# compress.prune_warmup_steps in detect/defaults.yaml); applied over the run's train section.
+PRUNE_FINETUNE_RECIPE: dict[str, Any] = {
     "freeze": "none",  # the pruned backbone must recover: nothing frozen
     "unfreeze_at_epoch": 0,
     "eval_interval": 1,  # val mAP after every epoch (the recipe keeps them)
@@ -48,7 +52,6 @@ PRUNE_TRAIN_DEFAULTS: dict[str, Any] = {
     "time_budget_min": 0.0,
     "mosaic": 0.0,  # a short fine-tune on the evaluation distribution (close-mosaic); no Mosaic, no MixUp
     "mixup": 0.0,
-    "warmup_steps": 10,  # the weights are trained already; ppdet needs >= 1
 }
 
 
@@ -82,10 +85,13 @@ def check_args(spec: LineSpec, weights: Path, ratio: Any, flops_target: Any, cri
                              "first (`defectkit train LINE.yaml`) and pass runs/<line>/<run>/weights/best.pdparams.")
 
 
-def prune_settings(spec: LineSpec, weights: Path, epochs: int, overrides: dict | None) -> dict[str, Any]:
-    """Training settings of the fine-tune: defaults < line spec < :data:`PRUNE_TRAIN_DEFAULTS` < ``overrides``."""
-    return resolve_settings(spec, "train", {**PRUNE_TRAIN_DEFAULTS, "epochs": max(1, epochs),
-                                            "pretrained": str(weights), **(overrides or {})})
+def prune_settings(spec: LineSpec, weights: Path, epochs: int, overrides: dict | None) -> Settings:
+    """Settings of the fine-tune: the run's < :data:`PRUNE_FINETUNE_RECIPE` and the compress section's epochs and
+    warmup < ``overrides`` (train keys, type-checked)."""
+    settings = spec.settings.with_values("train", **PRUNE_FINETUNE_RECIPE, epochs=max(1, epochs),
+                                         warmup_steps=spec.settings.compress.prune_warmup_steps,
+                                         pretrained=str(weights))
+    return settings.with_values("train", **overrides) if overrides else settings
 
 
 def measure_cost(spec: LineSpec, weights: Path) -> tuple[float, float]:
@@ -141,18 +147,21 @@ def rebuild_after_pruning(trainer) -> None:
     trainer.optimizer = create("OptimizerBuilder")(trainer.lr, trainer.model)
 
 
-def _finetune(spec: LineSpec, run: RunPaths, settings: dict[str, Any], ratio: float | None,
-              flops_target: float | None, criterion: str, epochs: int, progress: bool) -> tuple[dict, list[dict]]:
-    """Session with the weights loaded, pruned in place, EMA/optimizer rebuilt, trained; (pruning record, history)."""
-    from detect.plots import read_history
-    from detect.train import build_session, check_data, check_settings
+def _finetune(spec: LineSpec, run: RunPaths, ratio: float | None, flops_target: float | None, criterion: str,
+              epochs: int, progress: bool) -> tuple[dict, list[dict]]:
+    """Session with the weights loaded, pruned in place, EMA/optimizer rebuilt, trained; (pruning record, history).
 
-    check_settings(spec, settings)
-    check_data(spec, settings)
+    ``spec`` carries the fine-tune's settings (:func:`prune_settings`)."""
+    from detect.plots import read_history
+    from detect.preflight import check_data, check_settings
+    from detect.session import build_session
+
+    check_settings(spec)
+    check_data(spec)
     run.root.mkdir(parents=True, exist_ok=True)
     if run.history.exists():
         run.history.unlink()
-    session = build_session(spec, run, settings)
+    session = build_session(spec, run)
     trainer = session.trainer
     record = prune_in_place(trainer.model, spec.image_size, ratio, flops_target, criterion, progress)
     rebuild_after_pruning(trainer)
@@ -172,19 +181,23 @@ def _finetune(spec: LineSpec, run: RunPaths, settings: dict[str, Any], ratio: fl
 
 def prune(spec: LineSpec, weights: Path, out_dir: Path, *, ratio: float | None = None,
           flops_target: float | None = None, criterion: str = "fpgm", finetune_epochs: int = 3,
-          overrides: dict | None = None, progress: bool = True) -> Variant:
+          overrides: dict | None = None, progress: bool = True, run_root: Path | None = None) -> Variant:
     """Prune ``weights`` (exactly one of ``ratio`` / ``flops_target``), fine-tune, export into ``out_dir``.
 
-    ``flops_target=0.3`` removes 30 % of the FLOPs; ``ratio=0.3`` removes 30 % of the filters of every prunable
-    conv. ``finetune_epochs=0`` exports the pruned weights untrained. ``overrides`` are train settings
-    (``detect/defaults.yaml`` train section) applied last. The session lives in ``out_dir/prune_train``.
+    ``spec`` is the run's (``load_run_spec``): the fine-tune trains with its train section under
+    :data:`PRUNE_FINETUNE_RECIPE`. ``flops_target=0.3`` removes 30 % of the FLOPs; ``ratio=0.3`` removes 30 % of
+    the filters of every prunable conv. ``finetune_epochs=0`` exports the pruned weights untrained. ``overrides``
+    are train settings (``detect/defaults.yaml`` train section) applied last. ``run_root``: the run the weights
+    come from (its settings.yaml is named in the variant's settings record). The session lives in
+    ``out_dir/prune_train``.
     """
     from detect.export import export_model
     from detect.heavy import paddle_stack
 
     weights, out_dir = Path(weights), Path(out_dir)
     check_args(spec, weights, ratio, flops_target, criterion, finetune_epochs)
-    settings = prune_settings(spec, weights, finetune_epochs, overrides)
+    ft_spec = spec.with_settings(prune_settings(spec, weights, finetune_epochs, overrides))
+    train = ft_spec.settings.train
     paddle_stack()
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in [*out_dir.glob("model*.pd*"), *out_dir.glob("model*.onnx"), out_dir / "deploy.json"]:
@@ -192,7 +205,7 @@ def prune(spec: LineSpec, weights: Path, out_dir: Path, *, ratio: float | None =
     gflops_before, params_before = measure_cost(spec, weights)
     run = RunPaths(out_dir / TRAIN_DIR)
     start = time.time()
-    record, history = _finetune(spec, run, settings, ratio, flops_target, criterion, finetune_epochs, progress)
+    record, history = _finetune(ft_spec, run, ratio, flops_target, criterion, finetune_epochs, progress)
     seconds = time.time() - start
     evaluated = [h for h in history if "map50_95" in h]
     if finetune_epochs and (not evaluated or not run.best_weights.is_file()):
@@ -217,8 +230,8 @@ def prune(spec: LineSpec, weights: Path, out_dir: Path, *, ratio: float | None =
         "pruned_layers": record["pruned_layers"], "collections": record["collections"],
         "collections_kept_whole": record["collections_kept_whole"],
         "train_form_gflops": record["train_form_gflops"], "train_form_params_m": record["train_form_params_m"],
-        "finetune_epochs": finetune_epochs, "lr": float(settings["lr"]), "batch_size": int(settings["batch_size"]),
-        "ema": bool(settings["ema"]), "from_weights": str(weights),
+        "finetune_epochs": finetune_epochs, "lr": train.lr, "batch_size": train.batch_size,
+        "ema": train.ema, "from_weights": str(weights),
         "finetune_val": [{"epoch": h["epoch"], "map50_95": round(h["map50_95"], 4), "map50": round(h["map50"], 4)}
                          for h in evaluated],
         "best_epoch": None if best is None else best["epoch"],
@@ -226,8 +239,9 @@ def prune(spec: LineSpec, weights: Path, out_dir: Path, *, ratio: float | None =
         "total_seconds": round(seconds, 1),
     }
     return Variant(name=name, method="prune", parent=PARENT, export_dir=out_dir.resolve(), recipe=recipe,
-                   gflops=gflops_after, params_m=params_after)
+                   gflops=gflops_after, params_m=params_after,
+                   settings=settings_record(run_root, spec, ft_spec.settings.to_dict()["train"]))
 
 
 __all__ = ["prune", "measure_cost", "prune_in_place", "rebuild_after_pruning", "check_args", "prune_settings",
-           "variant_name", "PRUNE_TRAIN_DEFAULTS", "TRAIN_DIR"]
+           "variant_name", "PRUNE_FINETUNE_RECIPE", "TRAIN_DIR"]

@@ -282,14 +282,12 @@ def to_deploy(model) -> int:
 
 def build_detector(spec, weights: str | Path | None = None, exclude_nms: bool = False):
     """A PP-YOLOE+ detector of ``spec`` in eval mode, with (possibly pruned) ``weights`` loaded."""
-    from detect.linespec import resolve_settings
-    from detect.ppyoloe import RunPaths, activate, build_config
+    from detect.ppyoloe import RunPaths, activate, inference_config
 
     paddle = _paddle()
     from ppdet.core.workspace import create
 
-    cfg = build_config(spec, resolve_settings(spec, "train", {"mosaic": 0.0}), resolve_settings(spec, "export"),
-                       RunPaths(Path(".")))
+    cfg = inference_config(spec, RunPaths(Path(".")))
     cfg["exclude_nms"] = exclude_nms
     live = activate(cfg)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -18,6 +18,10 @@ ONNX: paddle2onnx is tried on the host-NMS export and kept only if ONNX Runtime 
 within the gate's golden score tolerance; STACK.md found it mis-converts PaddleSlim QDQ weight scales, and the
 recipe records what happened either way. The INT8 route for ONNX Runtime is ``compress.ort_quant``.
 
+Settings: the run's train section (``load_run_spec``) under :data:`QAT_RECIPE` (the fixed values that make it
+QAT), with the tunable ones from the compress section: ``qat_epochs``, ``qat_warmup_steps`` and the learning rate
+``train.lr x compress.qat_lr_factor`` (a ``--lr`` given to ``defectkit train`` carries over).
+
 Measured on the demo line (320 px, tiny, fine-tuned to mAP50-95 0.772; 2 epochs at lr 0.0004, 66-78 s/epoch on
 2 busy cores): QAT 0.760 through paddle.inference (mAP50 0.998 vs 0.997), int8 weights 2.7 MB vs 8.4 MB; keeping the
 stem conv in FP32 as well did not help (0.757). paddle2onnx's ONNX of it scored 0.746 and disagreed with
@@ -34,9 +38,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compress.finetune import train_without_checkpoints
-from compress.variants import PARENT, Variant
-from detect.linespec import LineSpec, resolve_settings
-from detect.ppyoloe import RunPaths, activate, build_config
+from compress.variants import PARENT, Variant, settings_record
+from detect.linespec import LineSpec
+from detect.ppyoloe import RunPaths, activate, inference_config
+from detect.settings import Settings
 from edge_runtime.errors import ConfigError, DataError, ModelError
 from edge_runtime.modelspec import ModelEntry, ModelSpec, PostprocessSpec, file_sha256
 
@@ -61,10 +66,11 @@ QUANT_CONFIG: dict[str, Any] = {
 }
 # module-name prefixes kept in FP32 (see the module docstring)
 KEEP_FP32_PREFIXES = ("yolo_head.pred_cls.", "yolo_head.proj_conv")
-# QAT's own training defaults, between the line spec and the caller's overrides (defaults < line < these < overrides)
-QAT_TRAIN_DEFAULTS: dict[str, Any] = {
+# QAT's recipe: the fixed train values that make this session QAT. They are the method, not defaults a line tunes
+# (the tunable ones are compress.qat_epochs, compress.qat_lr_factor and compress.qat_warmup_steps in
+# detect/defaults.yaml); applied over the run's train section.
+QAT_RECIPE: dict[str, Any] = {
     "ema": False,  # exported = trained weights + the scales trained with them
-    "warmup_steps": 10,  # converged weights need little; ppdet needs >= 1, and fresh quant scales settle meanwhile
     "mosaic": 0.0,  # a short fine-tune on the evaluation distribution (like close-mosaic)
     "mixup": 0.0,
     "eval_interval": 1,  # val mAP after every epoch (the recipe keeps them)
@@ -75,7 +81,6 @@ QAT_TRAIN_DEFAULTS: dict[str, Any] = {
 # BatchNorm normalises with its running statistics during QAT and never updates them (the fine-tune's statistics,
 # estimated without quantization noise, are kept; training then sees what inference computes)
 FREEZE_BN_STATS = True
-LR_FACTOR = 0.1  # default QAT learning rate: the line's training lr times this
 
 
 def keep_fp32(model) -> list[str]:
@@ -132,12 +137,14 @@ def quantize_model(model) -> tuple[Any, Any, list[str]]:
 
 
 def qat_settings(spec: LineSpec, weights: Path, epochs: int, lr: float | None,
-                 overrides: dict | None) -> dict[str, Any]:
-    """Training settings of the QAT session: defaults < line spec < QAT defaults < ``overrides``."""
-    line_lr = float(resolve_settings(spec, "train")["lr"])
-    qat = {**QAT_TRAIN_DEFAULTS, "epochs": epochs, "lr": float(lr) if lr is not None else line_lr * LR_FACTOR,
-           "pretrained": str(weights), **(overrides or {})}
-    return resolve_settings(spec, "train", qat)
+                 overrides: dict | None) -> Settings:
+    """Settings of the QAT session: the run's < :data:`QAT_RECIPE`, ``epochs``, the compress section's warmup and
+    learning rate (``lr``, else the run's ``train.lr x compress.qat_lr_factor``) < ``overrides`` (train keys)."""
+    c = spec.settings.compress
+    rate = float(lr) if lr is not None else spec.settings.train.lr * c.qat_lr_factor
+    settings = spec.settings.with_values("train", **QAT_RECIPE, epochs=epochs, lr=rate,
+                                         warmup_steps=c.qat_warmup_steps, pretrained=str(weights))
+    return settings.with_values("train", **overrides) if overrides else settings
 
 
 def _check_args(spec: LineSpec, weights: Path, epochs: Any, lr: float | None) -> None:
@@ -155,27 +162,30 @@ def _check_args(spec: LineSpec, weights: Path, epochs: Any, lr: float | None) ->
 # ------------------------------------------------------------------------------------------------- training
 
 
-def _train(spec: LineSpec, run: RunPaths, settings: dict[str, Any], progress: bool) -> tuple[list[str], list[dict]]:
-    """Build the kit's training session, quantize its model in place, train; returns (FP32 layers, history)."""
+def _train(spec: LineSpec, run: RunPaths, progress: bool) -> tuple[list[str], list[dict]]:
+    """Build the kit's training session, quantize its model in place, train; returns (FP32 layers, history).
+
+    ``spec`` carries the session's settings (:func:`qat_settings`)."""
     from ppdet.core.workspace import create
 
     from detect.freeze import apply_freeze, parse_freeze
     from detect.plots import read_history
-    from detect.train import build_session, check_data, check_settings
+    from detect.preflight import check_data, check_settings
+    from detect.session import build_session
 
-    check_settings(spec, settings)
-    check_data(spec, settings)
+    check_settings(spec)
+    check_data(spec)
     run.root.mkdir(parents=True, exist_ok=True)
     if run.history.exists():
         run.history.unlink()
     # freezing is applied after quantization (RepVgg fusion replaces the frozen convs with new ones)
-    session = build_session(spec, run, {**settings, "freeze": "none"})
+    session = build_session(spec.with_settings(spec.settings.with_values("train", freeze="none")), run)
     trainer = session.trainer
     _, _, kept = quantize_model(trainer.model)
     if FREEZE_BN_STATS:
         freeze_bn_stats(trainer.model)
     unbias_activation_scales(trainer.model)
-    freeze = apply_freeze(trainer.model, parse_freeze(settings["freeze"]))
+    freeze = apply_freeze(trainer.model, parse_freeze(spec.settings.train.freeze))
     session.freeze = session.cb.unfreezer.freeze_state = freeze
     # the optimizer was built on the pre-fusion parameters; rebuild it on the quantized model's
     trainer.optimizer = create("OptimizerBuilder")(trainer.lr, trainer.model)
@@ -197,8 +207,7 @@ def _export(spec: LineSpec, state_file: Path, out_dir: Path, with_nms: bool, ste
 
     tmp = out_dir / f".tmp-{stem}"
     shutil.rmtree(tmp, ignore_errors=True)
-    cfg = build_config(spec, resolve_settings(spec, "train", {"mosaic": 0.0}), resolve_settings(spec, "export"),
-                       RunPaths(tmp))
+    cfg = inference_config(spec, RunPaths(tmp))
     cfg["exclude_nms"] = not with_nms
     live = activate(cfg)
     model, slim, _ = quantize_model(create(live["architecture"]))
@@ -313,7 +322,7 @@ def _try_onnx(spec: LineSpec, pdmodel: Path, images: list[Path],
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             paddle2onnx.export(str(pdmodel), str(pdmodel.with_suffix(".pdiparams")), str(dst),
-                               opset_version=max(13, int(resolve_settings(spec, "export")["opset"])),
+                               opset_version=max(13, spec.settings.export.opset),
                                enable_onnx_checker=True, verbose=False)
         if not dst.is_file():
             raise ModelError("paddle2onnx wrote no file")
@@ -372,25 +381,28 @@ def _val_images(spec: LineSpec, count: int) -> list[Path]:
 
 
 def qat(spec: LineSpec, weights: Path, out_dir: Path, *, epochs: int = 2, lr: float | None = None,
-        overrides: dict | None = None, progress: bool = True) -> Variant:
+        overrides: dict | None = None, progress: bool = True, run_root: Path | None = None) -> Variant:
     """QAT ``epochs`` epochs from ``weights``; export the best epoch into ``out_dir`` (deploy.json); the variant.
 
-    ``lr`` defaults to the line's training lr x 0.1; ``overrides`` are train settings (``detect/defaults.yaml``
-    train section) applied last. The training session lives in ``out_dir/qat_train`` (history, log, weights).
+    ``spec`` is the run's (``load_run_spec``). ``lr`` defaults to the run's ``train.lr x compress.qat_lr_factor``;
+    ``overrides`` are train settings (``detect/defaults.yaml`` train section) applied last. ``run_root``: the run
+    the weights come from (its settings.yaml is named in the variant's settings record). The training session
+    lives in ``out_dir/qat_train`` (history, log, weights).
     """
     from detect.export import input_spec, paddle_version
     from detect.heavy import paddle_stack
 
     weights, out_dir = Path(weights), Path(out_dir)
     _check_args(spec, weights, epochs, lr)
-    settings = qat_settings(spec, weights, epochs, lr, overrides)
+    qat_spec = spec.with_settings(qat_settings(spec, weights, epochs, lr, overrides))
+    train = qat_spec.settings.train
     paddle_stack()
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in list(out_dir.glob("model*.pd*")) + list(out_dir.glob("model*.onnx")):
         old.unlink()  # a previous attempt's files must not be mistaken for this one's
     run = RunPaths(out_dir / TRAIN_DIR)
     start = time.time()
-    kept, history = _train(spec, run, settings, progress)
+    kept, history = _train(qat_spec, run, progress)
     train_seconds = time.time() - start
     evaluated = [h for h in history if "map50_95" in h]
     if not evaluated or not run.best_weights.is_file():
@@ -418,9 +430,9 @@ def qat(spec: LineSpec, weights: Path, out_dir: Path, *, epochs: int = 2, lr: fl
         entries.append(ModelEntry(file="model.pdmodel", format="paddle", target="any", precision="int8",
                                   nms="in_model", runtime_version=paddle_version(),
                                   sha256=file_sha256(out_dir / "model.pdmodel")))
-    ex = resolve_settings(spec, "export")
-    post = PostprocessSpec.from_dict({k: ex[k] for k in ("nms_iou", "score_threshold", "nms_top_k", "keep_top_k")},
-                                     "export")
+    ex = spec.settings.export
+    post = PostprocessSpec.from_dict({"nms_iou": ex.nms_iou, "score_threshold": ex.score_threshold,
+                                      "nms_top_k": ex.nms_top_k, "keep_top_k": ex.keep_top_k}, "export")
     meta = {"source_weights": str(weights), "method": "qat", "qat_weights": str(run.best_weights)}
 
     def write_deploy(extra: list[ModelEntry] = ()) -> None:
@@ -434,8 +446,10 @@ def qat(spec: LineSpec, weights: Path, out_dir: Path, *, epochs: int = 2, lr: fl
     epochs_run = len([h for h in history if "train_seconds" in h])
     recipe = {
         "tool": "ppdet.slim.QAT (paddleslim.dygraph.quant.QAT)",
-        "epochs": epochs, "epochs_run": epochs_run, "lr": float(settings["lr"]), "batch_size": int(settings["batch_size"]),
-        "freeze": settings["freeze"], "bn_stats": "frozen" if FREEZE_BN_STATS else "updated", "from_weights": str(weights),
+        "epochs": epochs, "epochs_run": epochs_run, "lr": train.lr, "batch_size": train.batch_size,
+        "lr_rule": "given" if lr is not None else "overrides" if "lr" in (overrides or {}) else
+        f"train.lr {spec.settings.train.lr} x compress.qat_lr_factor {spec.settings.compress.qat_lr_factor}",
+        "freeze": train.freeze, "bn_stats": "frozen" if FREEZE_BN_STATS else "updated", "from_weights": str(weights),
         "quant_config": {k: v for k, v in QUANT_CONFIG.items() if v is not None},
         "format": "QDQ (quantize_linear/dequantize_linear), int8 channel-wise weights",
         "kept_fp32": kept, "kept_fp32_rule": "module prefixes " + ", ".join(KEEP_FP32_PREFIXES),
@@ -448,8 +462,9 @@ def qat(spec: LineSpec, weights: Path, out_dir: Path, *, epochs: int = 2, lr: fl
         "total_seconds": round(train_seconds, 1),
         "with_nms": with_nms, "onnx": onnx_report,
     }
-    return Variant(name=VARIANT_NAME, method="qat", parent=PARENT, export_dir=out_dir.resolve(), recipe=recipe)
+    return Variant(name=VARIANT_NAME, method="qat", parent=PARENT, export_dir=out_dir.resolve(), recipe=recipe,
+                   settings=settings_record(run_root, spec, qat_spec.settings.to_dict()["train"]))
 
 
-__all__ = ["qat", "quantize_model", "keep_fp32", "freeze_bn_stats", "strip_nms", "program_quant_summary", "qat_settings", "QUANT_CONFIG",
+__all__ = ["qat", "quantize_model", "keep_fp32", "freeze_bn_stats", "strip_nms", "program_quant_summary", "qat_settings", "QUANT_CONFIG", "QAT_RECIPE",
            "KEEP_FP32_PREFIXES", "VARIANT_NAME"]

@@ -158,6 +158,26 @@ def test_ratio_mode_with_l1_and_no_finetune(tiny_spec, tmp_path):
     assert det(cv2.imread(str(_images(tiny_spec)[0]))).boxes.shape[1:] == (4,)
 
 
+def test_finetune_settings_are_the_run_train_section_under_the_recipe(tiny_spec, variant):
+    from compress.prune import PRUNE_FINETUNE_RECIPE, prune_settings
+
+    run_spec = tiny_spec.with_cli({"train": {"lr": 0.003, "freeze": "backbone", "mosaic": 0.5},
+                                   "compress": {"prune_warmup_steps": 4}})
+    s = prune_settings(run_spec, BASE_WEIGHTS, 2, {"batch_size": 2}).train
+    assert s.lr == pytest.approx(0.003)  # the run's lr (a `--lr` given to train) trains the recovery too
+    assert s.freeze == "none" and s.mosaic == 0.0 and s.warmup_steps == 4 and s.epochs == 2 and s.batch_size == 2
+    assert not {"lr", "epochs", "warmup_steps"} & set(PRUNE_FINETUNE_RECIPE)
+    # the variant records the settings its fine-tune used
+    used = variant.settings["train"]
+    assert used["lr"] == pytest.approx(tiny_spec.settings.train.lr) == variant.recipe["lr"]
+    assert used["batch_size"] == 4 and used["freeze"] == "none"
+    assert used["warmup_steps"] == tiny_spec.settings.compress.prune_warmup_steps
+    from detect.run_settings import load_run_spec
+
+    session = load_run_spec(_train_dir(variant)).settings.train  # the fine-tune session's own settings.yaml
+    assert session.lr == used["lr"] and session.freeze == "none" and session.epochs == 1
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({}, "exactly one of ratio"),
     ({"ratio": 0.3, "flops_target": 0.3}, "exactly one of ratio"),

@@ -56,7 +56,13 @@ def test_variant_recipe_and_deploy_json(variant, tiny_spec):
     assert variant.name == "qat-int8" and variant.method == "qat" and variant.parent == "fp32"
     r = variant.recipe
     assert r["epochs"] == 1 and r["epochs_run"] == 1 and len(r["val_per_epoch"]) == 1
-    assert r["lr"] == pytest.approx(0.001)  # the line's lr 0.01 x 0.1
+    assert r["lr"] == pytest.approx(0.001)  # the line's lr 0.01 x compress.qat_lr_factor 0.1
+    assert r["lr_rule"] == "train.lr 0.01 x compress.qat_lr_factor 0.1"
+    # the settings the session trained with are recorded on the variant (QAT recipe over the line's train section)
+    used = variant.settings["train"]
+    assert used["lr"] == pytest.approx(0.001) and used["epochs"] == 1 and used["ema"] is False
+    assert used["warmup_steps"] == tiny_spec.settings.compress.qat_warmup_steps and used["mosaic"] == 0.0
+    assert used["pretrained"] == str(BASE_WEIGHTS) and variant.settings["compress"]["qat_lr_factor"] == 0.1
     assert len(r["seconds_per_epoch"]) == 1 and r["seconds_per_epoch"][0] > 0
     assert r["quant_config"]["weight_quantize_type"] == "channel_wise_abs_max" and r["quant_config"]["onnx_format"]
     assert sorted(r["kept_fp32"]) == ["yolo_head.pred_cls.0", "yolo_head.pred_cls.1", "yolo_head.pred_cls.2",
@@ -68,10 +74,15 @@ def test_variant_recipe_and_deploy_json(variant, tiny_spec):
     assert r["with_nms"]["exported"] is True
     for m in deploy.models:
         assert m.precision == "int8" and m.sha256 == file_sha256(variant.export_dir / m.file)
-    # paddle2onnx was tried and judged: the ONNX ships only if it reproduced paddle.inference
+    # paddle2onnx was tried and judged: it converts the QDQ program but mis-converts its weight scales (STACK.md),
+    # so ONNX Runtime disagrees with paddle.inference on the same model (measured: score diff 0.27, AP 0) and the
+    # ONNX file is not shipped; the recipe keeps the figures that refused it
     onnx = r["onnx"]
-    assert onnx["converted"] in (True, False) and ("reason" in onnx) == (not onnx["shipped"])
-    assert ("model_nonms.onnx" in by_file) == onnx["shipped"] == (variant.export_dir / "model_nonms.onnx").is_file()
+    assert onnx["converted"] is True and onnx["shipped"] is False, onnx
+    assert onnx["images"] == 4 and onnx["score_tol"] == tiny_spec.settings.compress.golden_score_tol
+    assert onnx["max_score_diff_vs_paddle"] > onnx["score_tol"], onnx
+    assert onnx["reason"].startswith("ONNX Runtime disagrees with paddle.inference on the same QAT model")
+    assert "model_nonms.onnx" not in by_file and not (variant.export_dir / "model_nonms.onnx").exists()
     # the variant contract round-trips
     variant.save(variant.export_dir.parent.parent)
     from compress.variants import load_variant
@@ -136,6 +147,23 @@ def test_nms_in_graph_model_matches_host_nms(variant, tiny_spec):
     agreement = compare_models(variant.export_dir / "model.pdmodel", variant.export_dir / "model_nonms.pdmodel",
                                _images(tiny_spec), min_score=0.1, backend_a="paddle", backend_b="paddle")
     assert agreement.matched >= 5 and agreement.ok(box_rel_tol=1e-3, score_tol=1e-4), agreement.summary()
+
+
+def test_qat_settings_follow_the_run_lr_and_the_compress_section(tiny_spec):
+    """The QAT lr is the run's recorded train.lr x compress.qat_lr_factor: a `--lr 0.003` given to train carries
+    over; the recipe's fixed values win over the run's, the tunable ones come from the compress section."""
+    from compress.qat import QAT_RECIPE, qat_settings
+
+    run_spec = tiny_spec.with_cli({"train": {"lr": 0.003, "ema": True, "mosaic": 0.5, "freeze": "backbone"},
+                                   "compress": {"qat_lr_factor": 0.2, "qat_warmup_steps": 3}})
+    s = qat_settings(run_spec, BASE_WEIGHTS, 2, None, None).train
+    assert s.lr == pytest.approx(0.0006) and s.warmup_steps == 3 and s.epochs == 2
+    assert s.ema is False and s.mosaic == 0.0 and s.eval_interval == 1 and s.patience == 0
+    assert s.freeze == "backbone"  # the run's choice: QAT applies it after quantizing (RepVgg fusion)
+    assert s.batch_size == run_spec.settings.train.batch_size and s.pretrained == str(BASE_WEIGHTS)
+    assert qat_settings(run_spec, BASE_WEIGHTS, 2, 0.01, {"batch_size": 2}).train.lr == 0.01
+    assert qat_settings(run_spec, BASE_WEIGHTS, 2, None, {"batch_size": 2}).train.batch_size == 2
+    assert not {"lr", "epochs", "warmup_steps"} & set(QAT_RECIPE)  # tunables live in the table, not the recipe
 
 
 @pytest.mark.parametrize("epochs", [0, -1, 1.5, True, "2"])
