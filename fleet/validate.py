@@ -135,6 +135,11 @@ def report_problems(obj: Any) -> List[str]:
     _name(errs, "line", obj.get("line"))
     _name(errs, "bundle_version", obj.get("bundle_version"), VERSION_RE,
           "1-128 letters, digits, '.', '_', '+' or '-'")
+    for k in ("window", "counts", "drift", "health"):
+        if not isinstance(obj.get(k), dict):
+            errs.append(f"{k} must be an object, got {_s(obj.get(k))}")
+    if errs:
+        return errs
     for k in ("start", "end"):
         v = obj["window"][k]
         if len(v) > 40 or v != v.strip():
@@ -174,6 +179,8 @@ def hard_example_problems(meta: Any) -> List[str]:
     _name(errs, "meta.line", meta.get("line"))
     _name(errs, "meta.bundle_version", meta.get("bundle_version"), VERSION_RE,
           "1-128 letters, digits, '.', '_', '+' or '-'")
+    if not isinstance(meta.get("detections"), list) or not all(isinstance(d, dict) for d in meta["detections"]):
+        return errs + ["meta.detections must be a list of {class, score, box}"]
     t = meta["time"]
     if not isinstance(t, str) or len(t) > 40 or t != t.strip():
         errs.append(f"meta.time must be an ISO 8601 UTC time of at most 40 characters, got {_s(t)}")

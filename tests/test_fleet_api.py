@@ -1,4 +1,5 @@
-"""The fleet over real HTTP: uvicorn on loopback, real SQLite, real signed bundles and target metadata.
+"""The fleet over real HTTP: uvicorn on loopback, real signed bundles and target metadata, on both stores: a
+SQLite file and a PostgreSQL database of a real server started for the session (tests/pgserver.py).
 
 One collector runs for the module with its background rollout evaluator every 50 ms. Rollouts are started
 with an injected start time one window in the past, so the window has passed without sleeping; the test
@@ -20,6 +21,7 @@ from edge_runtime.targets import verify_target
 from fleet import devices, registry, rollout, store
 from fleet.collector import CollectorThread
 from fleet.settings import CollectorSettings
+from tests.pgserver import pg_server  # noqa: F401  (fixture)
 from tests.test_fleet_helpers import call, keys, make_archive, report
 
 ADMIN, LEGACY = "admin-token-0123456789", "legacy01-token-abcdefgh"
@@ -35,13 +37,13 @@ def wait_for(cond, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fleet(tmp_path_factory, request):
     base = tmp_path_factory.mktemp("fleet")
     bkey, _, bpub = keys(base, "bundle")
     tpair = init_keys(base / "targets")
     (base / "tokens.json").write_text(json.dumps({"admin": ADMIN, "devices": {"legacy-01": LEGACY}}))
-    db = base / "fleet.db"
+    db = base / "fleet.db" if request.param == "sqlite" else request.getfixturevalue("pg_server").create_db("fleet")
     archives = {v: make_archive(base, bkey, version=v, parent=p) for v, p in
                 (("1.0.0", None), ("2.0.0", "1.0.0"), ("3.0.0", "2.0.0"))}
     archives["b1"] = make_archive(base, bkey, line="line-b", version="1.0.0")
@@ -52,7 +54,8 @@ def fleet(tmp_path_factory):
                   ("d1", "d2", "d3", "d4")}
         tokens["b9"] = devices.enroll(conn, line="line-b", device_id="b9")
     settings = CollectorSettings(db=db, port=0, tokens_file=base / "tokens.json", targets_key=tpair.private,
-                                 target_expiry_s=3600, rollout_interval_s=0.05)
+                                 target_expiry_s=3600, rollout_interval_s=0.05, registry_dir=base / "fleet_registry",
+                                 data_dir=base / "fleet_hard_examples")
     c = CollectorThread(settings).start()
     yield {"c": c, "url": c.url, "db": db, "archives": archives, "tokens": tokens, "tpub": tpair.public, "base": base}
     c.stop()
