@@ -142,6 +142,7 @@ def table(name: str):
 _ENGINES: Dict[str, Any] = {}
 _MIGRATED: set = set()
 _LOCK = threading.Lock()
+_MIGRATE_LOCK = threading.Lock()
 
 
 def _sqlite_engine(url: str):
@@ -305,7 +306,7 @@ def tx(conn: Conn, *, serialize: bool = True) -> Iterator[Conn]:
         yield conn
         return
     if conn.dialect == "sqlite":
-        conn._c.info["immediate"] = serialize
+        conn._c.info["immediate"] = True  # SQLite has one writer anyway; immediate avoids upgrade deadlocks
     t = conn._c.begin()
     conn._tx = t
     try:
@@ -349,33 +350,35 @@ def current_revision(db: DbLocation) -> Optional[str]:
 def migrate(db: DbLocation, *, force: bool = False) -> str:
     """Bring the store to the current schema (idempotent, once per process); returns the revision.
 
-    A store made before migrations (the raw-sqlite3 collector) is stamped as revision 0001, whose schema it
-    has, then upgraded. A store whose revision this code does not know (made by a newer collector) is refused.
+    A store made before migrations (the raw-sqlite3 collector) is upgraded from the start: revision 0001 keeps
+    the tables it has and creates the missing ones. A store whose revision this code does not know (made by a
+    newer collector) is refused.
     """
     key = sqlalchemy_url(db)
     if key in _MIGRATED and not force:
         return HEAD
     from alembic import command
     from alembic.script import ScriptDirectory
-    from sqlalchemy import text
+    from sqlalchemy import inspect, text
 
     eng = engine(db)
-    with eng.begin() as c:
-        if eng.dialect.name == "postgresql":  # one process migrates, the others wait and find it done
-            c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY + 1})
-        cfg = _alembic_config(c)
-        known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
-        from sqlalchemy import inspect
-
-        names = set(inspect(c).get_table_names())
-        rev = c.execute(text("SELECT version_num FROM alembic_version")).scalar() if "alembic_version" in names \
-            else None
-        if rev is not None and rev not in known:
-            raise ConfigError(f"store {describe(db)} is at schema revision {rev}, which this collector does not know "
-                              f"(made by a newer defectkit?); upgrade defectkit, or use another --db")
-        if rev is None and "reports" in names:
-            command.stamp(cfg, "0001")
-        command.upgrade(cfg, "head")
+    with _MIGRATE_LOCK, eng.connect() as c:
+        if key in _MIGRATED and not force:  # another thread of this process just did it
+            return HEAD
+        c.info["immediate"] = True  # SQLite: take the write lock first (a read upgraded to a write is refused)
+        with c.begin():
+            if eng.dialect.name == "postgresql":  # one process migrates, the others wait and find it done
+                c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY + 1})
+            cfg = _alembic_config(c)
+            known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
+            names = set(inspect(c).get_table_names())
+            rev = c.execute(text("SELECT version_num FROM alembic_version")).scalar() \
+                if "alembic_version" in names else None
+            if rev is not None and rev not in known:
+                raise ConfigError(f"store {describe(db)} is at schema revision {rev}, which this collector does not "
+                                  f"know (made by a newer defectkit?); upgrade defectkit, or use another --db")
+            command.upgrade(cfg, "head")
+        c.info.pop("immediate", None)
     with _LOCK:
         _MIGRATED.add(key)
     return HEAD

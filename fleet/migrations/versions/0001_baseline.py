@@ -1,5 +1,6 @@
 """Baseline: the schema of the raw-sqlite3 collector (reports, hard examples, devices, registry, enrolments,
-rollouts). A store made before migrations has exactly this and is stamped 0001 without running it.
+rollouts). A store made before migrations has all or part of it (an older collector had no registry tables):
+tables and indexes that exist are kept as they are, the missing ones are created.
 
 Revision ID: 0001
 """
@@ -25,29 +26,39 @@ def _cols(spec: str, pk=()):
 
 
 def upgrade() -> None:
-    op.create_table("reports", *_cols("id:T! device_id:T! line:T! bundle_version:T! window_start:T! window_end:T! "
+    have = set(sa.inspect(op.get_bind()).get_table_names())
+
+    def create_table(name, *cols, **kw):
+        if name not in have:
+            op.create_table(name, *cols, **kw)
+
+    def create_index(name, tbl, cols):
+        if name not in {i["name"] for i in sa.inspect(op.get_bind()).get_indexes(tbl)}:
+            op.create_index(name, tbl, cols)
+
+    create_table("reports", *_cols("id:T! device_id:T! line:T! bundle_version:T! window_start:T! window_end:T! "
                                       "frames:I! ng:I! drift_state:T! alarm:I! received_at:F! body:T!", pk=("id",)))
-    op.create_index("reports_line_device", "reports", ["line", "device_id", "received_at"])
-    op.create_table("hard_examples", *_cols("id:T! device_id:T! line:T! bundle_version:T! time:T! max_score:F! "
+    create_index("reports_line_device", "reports", ["line", "device_id", "received_at"])
+    create_table("hard_examples", *_cols("id:T! device_id:T! line:T! bundle_version:T! time:T! max_score:F! "
                                             "image_path:T! image_sha256:T! image_bytes:I! received_at:F! meta:T!",
                                             pk=("id",)))
-    op.create_table("devices", *_cols("device_id:T! token_sha256:T? line:T? first_seen:F? last_seen:F?",
+    create_table("devices", *_cols("device_id:T! token_sha256:T? line:T? first_seen:F? last_seen:F?",
                                       pk=("device_id",)),
                     sa.Column("reports", I, nullable=False, server_default="0"))
-    op.create_table("registry_versions", *_cols(
+    create_table("registry_versions", *_cols(
         "line:T! version:T! seq:I! sha256:T! length:I! path:T! state:T! parent_version:T? created:T? pushed_at:F! "
         "gates_passed:I! canary_at:F? activated_at:F? retired_at:F? hardware_targets:T! lineage:T! note:T?",
         pk=("line", "version")))
-    op.create_table("registry_events", sa.Column("id", I, primary_key=True, autoincrement=True),
+    create_table("registry_events", sa.Column("id", I, primary_key=True, autoincrement=True),
                     *_cols("line:T! version:T? at:F! kind:T! detail:T!"))
-    op.create_table("enrolments", *_cols("device_id:T! line:T! token_lookup:T! token_salt:T! token_hash:T! tags:T! "
+    create_table("enrolments", *_cols("device_id:T! line:T! token_lookup:T! token_salt:T! token_hash:T! tags:T! "
                                          "enrolled_at:F! rotated_at:F? revoked_at:F? last_target:T? "
                                          "last_target_at:F?", pk=("device_id",)))
-    op.create_index("enrolments_lookup", "enrolments", ["token_lookup"])
-    op.create_table("rollouts", sa.Column("id", I, primary_key=True, autoincrement=True),
+    create_index("enrolments_lookup", "enrolments", ["token_lookup"])
+    create_table("rollouts", sa.Column("id", I, primary_key=True, autoincrement=True),
                     *_cols("line:T! version:T! from_version:T! canary:T! window_s:F! policy:T! started_at:F! "
                            "state:T! ended_at:F? reason:T?"))
-    op.create_table("rollout_decisions", sa.Column("id", I, primary_key=True, autoincrement=True),
+    create_table("rollout_decisions", sa.Column("id", I, primary_key=True, autoincrement=True),
                     *_cols("rollout_id:I! at:F! action:T! reason:T! figures:T!"))
 
 
