@@ -3,15 +3,19 @@
 # with the reason. `make test` calls this; nothing else of the kit installs on the host.
 #   ffmpeg       serves a real MJPEG camera stream on loopback (tests/test_sources_stream.py)
 #   debootstrap  builds the edge-box root filesystem (scripts/edge_box.sh; Paddle Lite has no Python 3.11 wheel)
+#   postgresql   the collector's store tests on PostgreSQL: tests/pgserver.py runs initdb + pg_ctl on loopback
 set -euo pipefail
 declare -A WHY=(
   [ffmpeg]="serves a real MJPEG camera stream on loopback for the stream-source tests"
   [debootstrap]="builds the edge-box root filesystem (Debian bullseye, Python 3.9, Paddle Lite)"
+  [postgresql]="a real PostgreSQL server on loopback for the collector's store tests (tests/pgserver.py)"
 )
 missing=()
 for pkg in ffmpeg debootstrap; do
   command -v "$pkg" >/dev/null || missing+=("$pkg")
 done
+# packages whose programs are not on PATH: checked by a file they install
+compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 for pkg in "${missing[@]}"; do echo "defectkit: installing Debian package '$pkg' on this host: ${WHY[$pkg]}" >&2; done
 [ "$(id -u)" = 0 ] || { echo "defectkit: needs root to install ${missing[*]}: sudo apt-get install ${missing[*]}" >&2; exit 2; }
