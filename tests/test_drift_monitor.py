@@ -181,12 +181,12 @@ def test_reset_forgets_window_and_states(reference):
 
 
 def test_settings_equal_the_defaults_table_and_refuse_bad_values():
-    from detect.linespec import load_defaults  # the trainer side; the box has no YAML
+    from detect.linespec import load_table  # the trainer side; the box has no YAML
 
-    assert dataclasses.asdict(DriftSettings()) == load_defaults()["drift"]
+    assert dataclasses.asdict(DriftSettings()) == load_table()["drift"]
     with pytest.raises(ConfigError, match="unknown key 'drift.windw'. Did you mean 'window'"):
         DriftSettings.from_mapping({"windw": 100})
-    with pytest.raises(ConfigError, match="'drift.window' must be int"):
+    with pytest.raises(ConfigError, match="'drift.window' must be a whole number"):
         DriftSettings.from_mapping({"window": "200"})
     with pytest.raises(ConfigError, match="psi_warn <= psi_alarm"):
         DriftSettings.from_mapping({"psi_warn": 0.3, "psi_alarm": 0.2})

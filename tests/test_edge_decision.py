@@ -9,7 +9,7 @@ import yaml
 
 from detect.linespec import DEFAULTS_PATH
 from edge_runtime.decision import decide
-from edge_runtime.settings import RuntimeSettings
+from edge_runtime.settings import BoxSettings, EffectiveSettings, RuntimeSettings, SettingsLayer
 from edge_runtime.errors import ConfigError
 from edge_runtime.postprocess import Detections
 
@@ -24,7 +24,7 @@ def _dets():
 def test_defaults_mirror_the_runtime_section_of_defaults_yaml():
     table = yaml.safe_load(DEFAULTS_PATH.read_text())["runtime"]
     assert RuntimeSettings().to_dict() == table
-    assert RuntimeSettings.from_dict(table) == RuntimeSettings()
+    assert RuntimeSettings.from_mapping(table) == RuntimeSettings()
 
 
 def test_default_threshold_counts_scores_from_half():
@@ -60,18 +60,18 @@ def test_no_detections_is_ok():
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"score_treshold": 0.3}, r"unknown key 'score_treshold'. Did you mean 'score_threshold'\?"),
-        ({"score_threshold": 1.5}, r"'score_threshold' must be a score between 0 and 1"),
-        ({"score_threshold": "high"}, r"'score_threshold' must be a number"),
-        ({"class_thresholds": {"dent": -1}}, r"'class_thresholds.dent' must be a score"),
-        ({"roi": [10, 10, 5, 20]}, r"'roi' \[10.0, 10.0, 5.0, 20.0\] is empty"),
-        ({"roi": [1, 2, 3]}, r"'roi' must be \[x1, y1, x2, y2\]"),
-        ({"min_area": -4}, r"'min_area' must be >= 0"),
+        ({"score_treshold": 0.3}, r"unknown key 'runtime.score_treshold'. Did you mean 'score_threshold'\?"),
+        ({"score_threshold": 1.5}, r"score_threshold must be a score between 0 and 1 \(got 1.5\)"),
+        ({"score_threshold": "high"}, r"'runtime.score_threshold' must be a finite number, got 'high'"),
+        ({"class_thresholds": {"dent": -1}}, r"class_thresholds.dent must be a score"),
+        ({"roi": [10, 10, 5, 20]}, r"roi \[10, 10, 5, 20\] is empty"),
+        ({"roi": [1, 2, 3]}, r"roi must be \[x1, y1, x2, y2\]"),
+        ({"min_area": -4}, r"min_area must be >= 0"),
     ],
 )
 def test_config_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):
-        RuntimeSettings.from_dict(raw)
+        RuntimeSettings.from_mapping(raw)
 
 
 def test_unknown_class_names_are_refused_with_a_hint():
@@ -80,15 +80,19 @@ def test_unknown_class_names_are_refused_with_a_hint():
         decide(_dets(), CLASSES, cfg)
 
 
-def test_load_file_and_cli_overrides(tmp_path):
+def test_override_file_and_cli_overrides_over_the_bundle_settings(tmp_path):
     path = tmp_path / "runtime.json"
-    path.write_text(json.dumps({"score_threshold": 0.3, "roi": [0, 0, 640, 480], "class_thresholds": {"dent": 0.2}}))
-    cfg = RuntimeSettings.load(path)
-    assert cfg.roi == (0.0, 0.0, 640.0, 480.0) and cfg.class_thresholds == {"dent": 0.2}
+    path.write_text(json.dumps({"runtime": {"score_threshold": 0.3, "roi": [0, 0, 640, 480],
+                                            "class_thresholds": {"dent": 0.2}}}))
+    bundle = BoxSettings.from_sections({"runtime": {"min_area": 4.0}}, "bundle")
+    eff = EffectiveSettings.resolve(bundle, "bundle x 1", [SettingsLayer.load(path)])
+    cfg = eff.settings.runtime
+    assert cfg.roi == (0, 0, 640, 480) and cfg.class_thresholds == {"dent": 0.2} and cfg.min_area == 4.0
+    assert eff.sources["runtime.min_area"] == "bundle x 1" and eff.sources["runtime.roi"].startswith("settings override")
     over = cfg.with_overrides(score_threshold=0.8, min_area=None)
-    assert (over.score_threshold, over.roi, over.min_area) == (0.8, cfg.roi, 0)
+    assert (over.score_threshold, over.roi, over.min_area) == (0.8, cfg.roi, 4.0)
     path.write_text("[1, 2")
     with pytest.raises(ConfigError, match=r"runtime.json' is not valid JSON"):
-        RuntimeSettings.load(path)
-    with pytest.raises(ConfigError, match=r"runtime config '.*nope.json' does not exist"):
-        RuntimeSettings.load(tmp_path / "nope.json")
+        SettingsLayer.load(path)
+    with pytest.raises(ConfigError, match=r"settings override file '.*nope.json' cannot be read"):
+        SettingsLayer.load(tmp_path / "nope.json")

@@ -4,11 +4,12 @@ line per image.
 
 One tiny paddle detector (no-NMS export form) becomes both models: paddle2onnx for the ONNX, the kit's
 ``rewrite_for_lite`` + ``opt_in_edgebox`` for the x86 ``.nb``. Both go into one signed bundle whose golden
-expectations come from ONNX Runtime on the host; at start the box self-tests both backends against them.
+expectations come from the paddle model on paddle.inference on the host; at start the box self-tests both backends against them.
 """
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -36,7 +37,13 @@ def test_nb_and_onnx_in_the_edge_box_give_identical_verdicts(tmp_path):
     keys = make_keys(tmp_path)
     models = [ModelFile(onnx_path, "onnx", "any", "fp32", "host", None),
               ModelFile(lite.path, "paddlelite", "x86", "fp32", "host", lite.version)]
-    bundle = make_bundle(tmp_path, keys, models=models, onnx_model=onnx_path, golden_reds=(30, 120, 240))
+    golden = tmp_path / "golden_paddle"  # the golden set comes from the paddle model on paddle.inference
+    golden.mkdir()
+    for name in ("model.pdmodel", "model.pdiparams"):
+        shutil.copyfile(exp / name, golden / name)
+    write_deploy(golden, "model.pdmodel", CLASSES, nms="host", fmt="paddle")
+    bundle = make_bundle(tmp_path, keys, models=models, onnx_model=onnx_path, golden_model=golden / "model.pdmodel",
+                         golden_reds=(30, 120, 240))
     reds = [10, 40, 70, 100, 130, 160, 190, 220, 250, 25, 85, 145, 205, 235]
     images = write_images(tmp_path / "imgs", reds, seed=5)
     (tmp_path / "imgs" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 300)  # logged and skipped
