@@ -18,7 +18,7 @@ from edge_runtime.errors import BundleError, DefectkitError
 from fleet import devices, rollout, store
 from fleet.channel import load_targets_key
 from fleet.api.deps import TokenBuckets
-from fleet.api.routes import channel, hard_examples, health, registry, reports
+from fleet.api.routes import channel, dashboard, hard_examples, health, registry, reports
 from fleet.settings import CollectorSettings
 
 log = logging.getLogger("defectkit.collector")
@@ -67,7 +67,7 @@ def create_app(settings: CollectorSettings) -> FastAPI:
     app.state.targets_key = None
     if settings.targets_key is not None:
         app.state.targets_key = load_targets_key(settings.targets_key)
-    for module in (reports, hard_examples, health, registry, channel):
+    for module in (reports, hard_examples, health, registry, channel, dashboard):
         app.include_router(module.router)
 
     from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
