@@ -130,7 +130,7 @@ def test_the_command_line_with_the_example_env_parses_and_lands_in_the_state_dir
     assert args.public_key.parent == Path("/etc/defectkit-edge")  # ConfigurationDirectory, read-only is enough
     # without DEFECTKIT_ARGS the optional extras vanish instead of passing an empty argument
     bare = _expand(tokens, {**env, "DEFECTKIT_ARGS": ""})
-    assert "" not in bare and run_subparser().parse_args(bare[4:]).threads == 2
+    assert "" not in bare and run_subparser().parse_args(bare[4:]).threads is None  # RunOptions fills in
 
 
 def test_stop_and_restart_match_the_runtime(unit):
