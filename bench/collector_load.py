@@ -1,0 +1,208 @@
+"""Load on a real collector: N simulated edge boxes on loopback posting reports (and hard examples) for a fixed time.
+
+    python bench/collector_load.py --db sqlite --processes 1 --boxes 500 --interval 5 --duration 120
+    python bench/collector_load.py --db postgresql --processes 2 --boxes 500 --interval 1 --duration 120
+
+Each box holds one keep-alive HTTP connection (asyncio, one client process) and posts a new report every
+``--interval`` seconds (random phase), a hard example (a real JPEG) every ``--hard-example-every`` reports, and,
+like a real box, posts an unacknowledged item again until it gets a 2xx. The collector runs as
+``--processes`` separate ``python -m fleet.collector serve`` processes on one store (SQLite file, or a PostgreSQL
+server started here with Debian's binaries: tests/pgserver.py); boxes are spread over them round-robin.
+
+Figures: reports/s acknowledged, latency p50/p99 of report posts, collector CPU seconds per 1000 reports
+(utime+stime of the collector processes from /proc), and the count check: every acknowledged report id is in the
+store exactly once and the store holds nothing else. Results: ``bench/results/collector_load_<db>_<n>p.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_collectors(db: str, n: int, work: Path, tokens: Path):
+    procs, urls = [], []
+    for i in range(n):
+        p = subprocess.Popen([sys.executable, "-m", "fleet.collector", "serve", "--db", db, "--port", "0",
+                              "--tokens", str(tokens), "--data-dir", str(work / "images"),
+                              "--registry-dir", str(work / "registry")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
+        for line in p.stdout:
+            m = re.search(r"collector listening on (http://\S+)", line)
+            if m:
+                threading.Thread(target=p.stdout.read, daemon=True).start()
+                urls.append(m.group(1))
+                break
+        else:
+            raise SystemExit(f"collector {i} exited with {p.wait()} before listening")
+        procs.append(p)
+    return procs, urls
+
+
+def report_body(device: str, rng: random.Random) -> tuple:
+    from edge_runtime.wire_report import ReportBuilder
+
+    b = ReportBuilder(device_id=device, line="line-a", bundle_version="1.0.0")
+    ng = rng.randrange(0, 5)
+    for i in range(50):
+        b.record_frame(ng=i < ng, classes=["scratch"] if i < ng else [], latency_ms=10.0 + rng.random())
+    r = b.build(drift={"brightness": {"state": "none", "psi": rng.random() * 0.1, "ks_p": 0.5}}).to_dict()
+    return r["id"], json.dumps(r).encode()
+
+
+def hard_example_body(device: str, jpeg: bytes) -> bytes:
+    meta = {"schema": "defectkit.hard_example/1", "id": uuid.uuid4().hex, "device_id": device, "line": "line-a",
+            "bundle_version": "1.0.0", "time": "2026-11-22T10:00:00.000Z", "max_score": 0.5,
+            "detections": [{"class": "scratch", "score": 0.5, "box": [1.0, 1.0, 8.0, 8.0]}]}
+    return json.dumps({"meta": meta, "image_b64": base64.b64encode(jpeg).decode()}).encode()
+
+
+async def post(reader, writer, host: str, path: str, token: str, body: bytes) -> int:
+    writer.write((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    if m:
+        await reader.readexactly(int(m.group(1)))
+    return status
+
+
+async def box(i: int, url: str, token: str, args, stats: dict, stop_at: float, jpeg: bytes) -> None:
+    rng = random.Random(i)
+    device = f"box-{i:04d}"
+    host, port = url.split("//")[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await asyncio.sleep(rng.random() * args.interval)
+    n = 0
+    try:
+        while time.monotonic() < stop_at:
+            due = time.monotonic() + args.interval
+            rid, body = report_body(device, rng)
+            while True:  # a box keeps an item until the collector acknowledges it
+                t0 = time.perf_counter()
+                try:
+                    st = await post(reader, writer, host, "/api/v1/reports", token, body)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                    stats["reconnects"] += 1
+                    continue
+                stats["latency"].append(time.perf_counter() - t0)
+                if st in (200, 201):
+                    stats["acked"].append(rid)
+                    break
+                stats["errors"][st] = stats["errors"].get(st, 0) + 1
+                await asyncio.sleep(0.5)
+            n += 1
+            if args.hard_example_every and n % args.hard_example_every == 0:
+                st = await post(reader, writer, host, "/api/v1/hard-examples", token, hard_example_body(device, jpeg))
+                stats["hard_examples"][st] = stats["hard_examples"].get(st, 0) + 1
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+    finally:
+        writer.close()
+
+
+async def drive(urls, tokens, args, jpeg):
+    stats = {"latency": [], "acked": [], "errors": {}, "hard_examples": {}, "reconnects": 0}
+    stop_at = time.monotonic() + args.duration
+    t0 = time.monotonic()
+    await asyncio.gather(*(box(i, urls[i % len(urls)], tokens[f"box-{i:04d}"], args, stats, stop_at, jpeg)
+                           for i in range(args.boxes)))
+    return stats, time.monotonic() - t0
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    ap.add_argument("--processes", type=int, default=1, help="collector processes on the one store")
+    ap.add_argument("--boxes", type=int, default=500)
+    ap.add_argument("--interval", type=float, default=5.0, help="seconds between a box's reports")
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of load")
+    ap.add_argument("--hard-example-every", type=int, default=10, help="a hard example every K reports (0 = none)")
+    ap.add_argument("--out", type=Path, help="result JSON (default bench/results/collector_load_<db>_<n>p.json)")
+    args = ap.parse_args()
+
+    import cv2
+    import numpy as np
+
+    from fleet import db, store
+
+    jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))[1].tobytes()
+    work = Path(tempfile.mkdtemp(prefix="collector-load-"))
+    tokens = {f"box-{i:04d}": f"token-{i:04d}-{uuid.uuid4().hex}" for i in range(args.boxes)}
+    (work / "tokens.json").write_text(json.dumps({"admin": "admin-" + uuid.uuid4().hex, "devices": tokens}))
+    pg = None
+    if args.db == "postgresql":
+        from tests.pgserver import PgServer
+
+        pg = PgServer().start()
+        location = pg.create_db("load")
+    else:
+        location = str(work / "collector.db")
+    procs = []
+    try:
+        db.migrate(location)
+        procs, urls = start_collectors(location, args.processes, work, work / "tokens.json")
+        cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+        stats, elapsed = asyncio.run(drive(urls, tokens, args, jpeg))
+        cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
+        with store.session(path=location) as conn:
+            stored = store.report_ids(conn)
+        acked = stats["acked"]
+        lost = len(set(acked) - set(stored))
+        extra = len(set(stored) - set(acked))
+        dup_rows = len(stored) - len(set(stored))
+        lat = stats["latency"]
+        res = {
+            "db": args.db, "processes": args.processes, "boxes": args.boxes, "interval_s": args.interval,
+            "duration_s": round(elapsed, 1), "reports_acked": len(acked), "reports_per_s": round(len(acked) / elapsed, 1),
+            "offered_per_s": round(args.boxes / args.interval, 1),
+            "latency_ms_p50": round(percentile(lat, 0.50) * 1000, 1),
+            "latency_ms_p99": round(percentile(lat, 0.99) * 1000, 1),
+            "cpu_s_per_1000_reports": round(cpu / max(1, len(acked)) * 1000, 2),
+            "stored": len(stored), "lost": lost, "duplicated": dup_rows, "stored_not_acked": extra,
+            "non_2xx_answers": stats["errors"], "hard_examples": stats["hard_examples"],
+            "reconnects": stats["reconnects"], "cpu_count": os.cpu_count(),
+        }
+        out = args.out or ROOT / "bench" / "results" / f"collector_load_{args.db}_{args.processes}p.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res))
+        return 0 if lost == 0 and dup_rows == 0 and extra == 0 else 1
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)
+        db.dispose_all()
+        if pg is not None:
+            pg.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
