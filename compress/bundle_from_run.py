@@ -4,8 +4,10 @@ What goes in (ARCHITECTURE.md, Bundle):
 - the model files of each variant (a variant refused by the gate is never shipped; a Paddle Lite x86 ``.nb``
   only when it matched paddle.inference on the golden images; the ARM ``.nb`` is shipped as converted: no
   ARM CPU here to run it — the manifest recipe says so);
-- the run's golden images with the *first* variant's detections as the expected output (the box's
-  self-test compares every backend with them, within the same tolerance the gate used);
+- the run's golden images with the FP32 parent's detections *on paddle.inference* as the expected output: the gate
+  compared every variant with the parent on these images within the self-test's tolerance, and the box's
+  self-test compares each backend it runs (ONNX Runtime, Paddle Lite) with them, so it checks another runtime
+  than the one that made the expectations, never a model against itself;
 - ``drift_reference.json`` built on the line's training images with the edge runtime's own statistics code
   (``edge_runtime.run.drift_features_of``: the same function the box calls on every frame);
 - gate metrics and the compression recipe; the manifest signed with the line's Ed25519 key;
@@ -112,9 +114,21 @@ def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 40
     return ref.save(out)
 
 
+def golden_model(run_dir: Path) -> Path:
+    """The FP32 parent's host-NMS paddle model: what the golden expectations are computed with (paddle.inference)."""
+    from edge_runtime.modelspec import ModelSpec
+
+    parent = load_variant(run_dir, PARENT)
+    entries = [m for m in ModelSpec.load(parent.deploy_json).models if m.format == "paddle" and m.nms == "host"]
+    if not entries:
+        raise UserInputError(f"{parent.deploy_json} lists no host-NMS paddle model: the golden expectations are made "
+                             "with it on paddle.inference. Re-export the run (`defectkit export --run RUN`).")
+    return parent.export_dir / entries[0].file
+
+
 def golden_expected(run_dir: Path, spec: LineSpec, model: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(image, expected record) for the run's golden images (chosen with the run's runtime settings), from the
-    shipped model."""
+    """(image, expected record) for the run's golden images (chosen with the run's runtime settings), from
+    ``model`` on paddle.inference (:func:`golden_model`)."""
     from edge_runtime.predict import Detector
     from edge_runtime.selftest import expected_record
 
@@ -122,7 +136,7 @@ def golden_expected(run_dir: Path, spec: LineSpec, model: Path) -> list[tuple[Pa
     if not path.is_file():
         raise UserInputError(f"{path} is missing: run `defectkit compress --method ... {run_dir}` first "
                              "(it chooses the golden images from the parent).")
-    det = Detector.from_model(model)
+    det = Detector.from_model(model, backend="paddle")
     out = []
     for p in read_golden(path, spec):
         img = read_image(p, f"golden image (listed in {path})")
@@ -169,7 +183,8 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
     model_file, _ = primary_model(first)
     lead = first.export_dir / model_file
     deploy, _ = models_from_deploy(first.deploy_json)
-    golden = golden_expected(run.root, spec, lead)
+    reference = golden_model(run.root)
+    golden = golden_expected(run.root, spec, reference)
     staging = run.root / COMPRESS_DIR / ".bundle-work"
     staging.mkdir(parents=True, exist_ok=True)
     drift = drift_reference(spec, lead, staging / "drift_reference.json", progress=progress,
@@ -186,6 +201,7 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
             metrics[f"{tag}gate_passed"] = 1.0 if v.gate["passed"] else 0.0
     recipe = {v.name: {"method": v.method, "parent": v.parent, **v.recipe} for v in chosen}
     recipe["run"] = str(run.root)
+    recipe["golden_from"] = f"{PARENT}/{reference.name} on paddle.inference"
     recipe["settings"] = settings_record(run.root, spec)  # the run's settings.yaml (sha256) and its overrides
     if retrained:
         f = retrained.get("forgetting", {})

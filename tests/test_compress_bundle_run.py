@@ -58,6 +58,22 @@ def test_bundle_from_run_verifies_and_passes_the_self_test(gated_run, tmp_path):
     ref = json.loads((out / "drift_reference.json").read_text())
     assert ref["frames"] == len(json.loads(spec.paths.train.read_text())["images"])
     assert man.metrics["map50"] == pytest.approx(parent.map50)
+    # the golden expectations come from the FP32 parent on paddle.inference: the box's ONNX Runtime self-test
+    # checks another runtime against them, not the shipped ONNX model against itself
+    import cv2
+
+    from edge_runtime.predict import Detector
+    from edge_runtime.selftest import expected_record
+
+    assert man.recipe["golden_from"] == "fp32/model_nonms.pdmodel on paddle.inference"
+    paddle_det = Detector.from_model(parent.export_dir / "model_nonms.pdmodel", backend="paddle")
+    found = 0
+    for g in man.golden:
+        img = cv2.imread(str(man.path(g.file)))
+        expected = json.loads(man.path(g.expected.file).read_text())
+        assert expected == json.loads(json.dumps(expected_record(paddle_det(img), man.classes)))
+        found += sum(d["score"] >= 0.5 for d in expected["detections"])
+    assert found >= 1  # NG parts among them: the self-test compares real detections
     report = self_test(man, threads=1)
     assert report.ok, report.line()
     assert {b.split(":")[0] for b in report.backends} == {"onnxruntime", "paddle"}
@@ -122,9 +138,12 @@ def test_run_whose_classes_differ_from_its_line_spec_is_refused(base_run, tmp_pa
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["classes"] = metrics["classes"][:5]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ConfigError, match="the run's model has 5 classes .* but the line spec .* has 6"):
+    with pytest.raises(ConfigError, match=r"the run's model has 5 classes .* but the run's .*settings\.yaml records 6"):
         load_run(run_dir)
-    with pytest.raises(UserInputError, match="is not a training run"):
+    with pytest.raises(UserInputError, match=r"is not a training run \(no settings\.yaml\)"):
+        load_run(tmp_path)
+    (tmp_path / "line.yaml").write_text("line: old\n")  # a run made before settings.yaml: how to migrate
+    with pytest.raises(ConfigError, match=r"made before runs recorded settings\.yaml .* `defectkit migrate-run"):
         load_run(tmp_path)
 
 

@@ -13,7 +13,7 @@ import pytest
 from compress.lite_convert import edgebox_lite_version
 from compress.lite_variants import add_lite_models, run_lite_x86, verify_lite_x86
 from compress.pipeline import calibration_images
-from detect.linespec import LineSpec
+from detect.run_settings import load_run_spec
 from edge_runtime.backends.paddlelite_backend import nb_header
 from edge_runtime.errors import UserInputError
 from edge_runtime.modelspec import ModelSpec, file_sha256
@@ -40,7 +40,7 @@ def test_fp32_nb_matches_paddle_inference_and_deploy_json_lists_them(base_export
     assert "model_nonms.onnx" in listed and len(deploy.models) == 6  # the export's 4 entries kept
     assert "arm" in nb_header(export / "model_nonms_arm.nb")[1] and "x86" in nb_header(export / "model_nonms_x86.nb")[1]
 
-    images = calibration_images(LineSpec.load(base_run.line_spec), 4)
+    images = calibration_images(load_run_spec(base_run.root), 4)
     agreement = verify_lite_x86(export, images)
     assert agreement.images == 4 and not agreement.count_mismatches and agreement.matched >= 4
     assert agreement.max_score_abs < 1e-5 and agreement.max_box_rel < 1e-4, agreement.summary()
