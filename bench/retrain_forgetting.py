@@ -34,8 +34,10 @@ def setup(tmp: Path, new_images: int):
     from detect.data.defects import DEFECT_CLASSES
     from detect.data.synth import generate_line
     from detect.head_surgery import first_classes_model
-    from detect.linespec import LineSpec
+    from dataclasses import replace
+
     from detect.ppyoloe import RunPaths
+    from detect.run_settings import load_run_spec, write_run_settings
 
     spec = generate_line(tmp / "old", line="pcb-bench", count=48, seed=21, val_fraction=0.25, progress=False,
                          classes=DEFECT_CLASSES[:5])
@@ -43,34 +45,35 @@ def setup(tmp: Path, new_images: int):
                   classes=DEFECT_CLASSES[5:])
     parent = RunPaths(tmp / "runs" / "pcb-bench" / "parent")
     first_classes_model(ROOT / "base_weights" / "pcb-base-tiny-320.pdparams", 5, parent.best_weights)
-    spec.save(parent.line_spec)
+    write_run_settings(parent.root, spec)  # a run of the kit: its settings.yaml is its spec
     parent.metrics.write_text(json.dumps({"classes": list(DEFECT_CLASSES[:5])}))
-    six = LineSpec.load(parent.line_spec)
-    six.classes = list(DEFECT_CLASSES)
-    six.save(tmp / "pcb-bench-v2.yaml")
-    return parent, six
+    six = replace(load_run_spec(parent.root), classes=list(DEFECT_CLASSES))
+    path = six.save(tmp / "pcb-bench-v2.yaml")
+    return parent, replace(six, source=path.resolve())
 
 
 def naive(parent, kit_run: Path, out: Path, epochs: int):
     """ppdet's plain fine-tune on the new images only: mismatched head tensors skipped by load_pretrain_weight."""
-    import copy
+    from dataclasses import replace
 
     from detect.data.coco import load_coco, subset, write_coco
     from detect.forgetting import judge
     from detect.infer import evaluate_weights
-    from detect.linespec import DataPaths, LineSpec, resolve_settings
+    from detect.linespec import DataPaths
     from detect.retrain_data import load_parent
+    from detect.run_settings import load_run_spec
     from detect.train import train
 
-    spec = copy.deepcopy(LineSpec.load(kit_run / "line.yaml"))
+    kit = load_run_spec(kit_run)  # the kit's retrain as recorded: same epochs, lr, freeze, batch ...
     data = kit_run / "data"
     train_coco = load_coco(data / "train.json")
     only_new = subset(train_coco, [im["id"] for im in train_coco["images"] if not im["file_name"].startswith("parent-")])
     write_coco(out / "new_only.json", only_new)
-    spec.paths = DataPaths(data, data / "images", out / "new_only.json", data / "val.json")
-    r = resolve_settings(spec, "retrain")
-    result = train(spec, out / "naive", {**TRAIN, "epochs": epochs, "lr": 0.01 * r["lr_factor"], "freeze": r["freeze"],
-                                         "pretrained": str(parent.best_weights)}, quiet=True)
+    spec = replace(kit, paths=DataPaths(data, data / "images", out / "new_only.json", data / "val.json"))
+    # ... but from the parent's own weights (the grown head's new rows are ppdet's fresh init instead)
+    spec = spec.with_settings(spec.settings.with_values("train", pretrained=str(parent.best_weights)))
+    r = spec.settings.retrain
+    result = train(spec, out / "naive", quiet=True)
     p = load_parent(parent.root)
     before = evaluate_weights(p.spec, p.weights, p.spec.paths.val, out / "naive-eval-parent")
     after = evaluate_weights(spec, result.run.best_weights, data / "val_old.json", out / "naive-eval-old")
@@ -79,7 +82,7 @@ def naive(parent, kit_run: Path, out: Path, epochs: int):
     val = result.metrics["val"]
     merged = EvalResult(val["map50_95"], val["map50"], {k: float("nan") if v is None else v for k, v in val["per_class"].items()},
                         {k: float("nan") if v is None else v for k, v in val["per_class_ap50"].items()})
-    return judge(before, after, p.spec.classes, merged, r["max_map_drop"], r["max_class_drop"], r["min_new_class_ap50"])
+    return judge(before, after, p.spec.classes, merged, r.max_map_drop, r.max_class_drop, r.min_new_class_ap50)
 
 
 def main() -> int:
@@ -97,7 +100,7 @@ def main() -> int:
         for name, over in (("kit", {}), ("no replay", {"replay": 0.0})):
             t = time.time()
             res = retrain(parent.root, [tmp / "new"], six, parent.root.parent / name.replace(" ", "-"),
-                          {"epochs": args.epochs, **over}, TRAIN, quiet=True)
+                          {"retrain": {"epochs": args.epochs, **over}, "train": TRAIN}, quiet=True)
             rows[name] = {"seconds": round(time.time() - t, 1), **res.verdict.to_dict()}
         t = time.time()
         rows["naive"] = {**naive(parent, parent.root.parent / "kit", tmp, args.epochs).to_dict()}

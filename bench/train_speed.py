@@ -2,7 +2,7 @@
 
     python bench/train_speed.py [--model-size s] [--image-size 320] [--batch 4] [--steps 10] [--rounds 2]
 
-One process builds the real training session (``detect.train.build_session``: ppdet Trainer, the kit's
+One process builds the real training session (``detect.session.build_session``: ppdet Trainer, the kit's
 seeded loader and callbacks) for each mode on the same synthetic line, skips ``--warmup`` steps and
 times ``--steps`` steps: the whole step (loading + forward + backward + update) and the compute part
 alone (from the batch being ready to the end of the update). Modes alternate ``--rounds`` times so a
@@ -11,6 +11,7 @@ change of machine load hits both; medians are reported with the frozen/full rati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,15 +26,14 @@ import zlib  # noqa: E402,F401  -- before paddle (import-order segfault, STACK.m
 
 def time_steps(spec, root: Path, freeze: str, batch: int, warmup: int, steps: int) -> dict[str, list[float]]:
     from detect.callbacks import StopTraining
-    from detect.linespec import resolve_settings
     from detect.ppyoloe import RunPaths
-    from detect.train import build_session
+    from detect.session import build_session
 
     run = RunPaths(root / f"{freeze}-{time.time_ns()}")
     run.root.mkdir(parents=True)
-    settings = resolve_settings(spec, "train", {"freeze": freeze, "batch_size": batch, "epochs": 1,
-                                                "multiscale": False, "visualdl": False, "warmup_steps": 5})
-    session = build_session(spec, run, settings)
+    spec = spec.with_cli({"train": {"freeze": freeze, "batch_size": batch, "epochs": 1, "multiscale": False,
+                                    "visualdl": False, "warmup_steps": 5}})
+    session = build_session(spec, run)
     from ppdet.engine.callbacks import Callback
 
     times: dict[str, list[float]] = {"step": [], "compute": []}
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         count = args.batch * (args.warmup + args.steps) + 4
         spec = generate_line(Path(tmp) / "line", line="bench", count=int(count / 0.9) + 1,
                              size=(args.image_size, args.image_size), seed=1, val_fraction=0.1, progress=False)
-        spec.model_size, spec.image_size = args.model_size, args.image_size
+        spec = dataclasses.replace(spec, model_size=args.model_size, image_size=args.image_size)
         results: dict[str, dict[str, list[float]]] = {"full": {"step": [], "compute": []},
                                                        args.freeze: {"step": [], "compute": []}}
         for _ in range(args.rounds):

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
-
 import cv2
 import numpy as np
 
-from detect.linespec import LineSpec, resolve_settings
+from detect.linespec import LineSpec
 from detect.ppyoloe import RunPaths, activate, build_config
 from edge_runtime.errors import ConfigError
 from edge_runtime.fileio import atomic_write_bytes
@@ -24,20 +22,21 @@ _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # RGB
 
 
-def preview_samples(spec: LineSpec, n: int, overrides: dict[str, Any] | None = None,
-                    epoch: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The first ``n`` training samples of ``epoch`` after every transform: (RGB uint8 image, boxes, classes)."""
+def preview_samples(spec: LineSpec, n: int, epoch: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The first ``n`` training samples of ``epoch`` after every transform: (RGB uint8 image, boxes, classes),
+    with ``spec.settings.train`` as a run of this spec would use them."""
+    from detect.preflight import check_class_contract, check_settings
     from detect.seeded_loader import SeededCollate, SeededLoader
-    from detect.train import check_class_contract, check_settings, min_box_side
+    from detect.session import min_box_side
 
-    settings = resolve_settings(spec, "train", overrides)
-    check_settings(spec, settings)
+    train = spec.settings.train
+    check_settings(spec)
     check_class_contract(spec, spec.paths.train)
     if n < 1:
         raise ConfigError(f"augment-preview: -n must be at least 1, got {n}.")
-    if not 0 <= epoch < int(settings["epochs"]):
-        raise ConfigError(f"augment-preview: --epoch {epoch} is not an epoch of this run (0-{settings['epochs'] - 1}).")
-    cfg = build_config(spec, settings, resolve_settings(spec, "export"), RunPaths(Path("/nonexistent")))
+    if not 0 <= epoch < train.epochs:
+        raise ConfigError(f"augment-preview: --epoch {epoch} is not an epoch of this run (0-{train.epochs - 1}).")
+    cfg = build_config(spec, RunPaths(Path("/nonexistent")))
     cfg.pop("use_vdl", None)
     activate(cfg)
     from ppdet.core.workspace import create
@@ -49,8 +48,8 @@ def preview_samples(spec: LineSpec, n: int, overrides: dict[str, Any] | None = N
     dataset.set_transform(reader._sample_transforms)
     dataset.set_kwargs(**reader.kwargs)
     dataset.set_epoch(epoch)
-    loader = SeededLoader(dataset, reader._batch_transforms, reader.batch_size, int(settings["seed"]),
-                          drop_last=False, shuffle=True, min_box_side=min_box_side(settings))
+    loader = SeededLoader(dataset, reader._batch_transforms, reader.batch_size, train.seed,
+                          drop_last=False, shuffle=True, min_box_side=min_box_side(train))
     samples = loader.samples()
     # the batch operators (multi-scale resize, normalise, CHW, pad boxes) without the final collation
     batch_ops = SeededCollate(_NoCollate(reader._batch_transforms), loader.seed)
@@ -109,15 +108,14 @@ def draw_grid(tiles: list[tuple[np.ndarray, np.ndarray, np.ndarray]], classes: l
     return cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)
 
 
-def augment_preview(spec: LineSpec, out_png: Path | str, n: int = 16, overrides: dict[str, Any] | None = None,
-                    epoch: int = 0) -> Path:
+def augment_preview(spec: LineSpec, out_png: Path | str, n: int = 16, epoch: int = 0) -> Path:
     """Write a grid of the first ``n`` augmented training samples of ``epoch`` with their boxes to ``out_png``."""
-    settings = resolve_settings(spec, "train", overrides)
-    tiles = preview_samples(spec, n, overrides, epoch)
-    mosaic_on = float(settings["mosaic"]) > 0 and epoch < int(settings["epochs"]) - int(settings["close_mosaic"])
-    title = (f"{spec.line} epoch {epoch}: mosaic {settings['mosaic'] if mosaic_on else 'off'}, "
-             f"mixup {settings['mixup'] if mosaic_on else 'off'}, hsv {settings['hsv']}, flip {settings['flip']}, "
-             f"multiscale {'on' if settings['multiscale'] else 'off'}")
+    train = spec.settings.train
+    tiles = preview_samples(spec, n, epoch)
+    mosaic_on = train.mosaic > 0 and epoch < train.epochs - train.close_mosaic
+    title = (f"{spec.line} epoch {epoch}: mosaic {train.mosaic if mosaic_on else 'off'}, "
+             f"mixup {train.mixup if mosaic_on else 'off'}, hsv {list(train.hsv)}, flip {train.flip}, "
+             f"multiscale {'on' if train.multiscale else 'off'}")
     ok, buf = cv2.imencode(".png", draw_grid(tiles, spec.classes, title))
     if not ok:  # pragma: no cover - cv2 encodes every uint8 image
         raise ConfigError(f"could not encode the preview grid for {out_png}")

@@ -6,7 +6,7 @@ weights are already swapped into the model, the raw ones are in ``status['weight
 also calls ``on_epoch_begin`` a second time, still in 'train' mode, before evaluating. A run ends early
 only by an exception: stoppers (:class:`EarlyStopping`, :class:`TimeBudget`) record a reason, and
 :class:`Checkpointing`, registered last, writes the epoch's checkpoint and then raises
-:class:`StopTraining`, which :func:`detect.train.train` catches. So the reason is in the checkpoint and a
+:class:`StopTraining`, which :func:`detect.session.run_session` catches. So the reason is in the checkpoint and a
 stopped run is never mistaken for an interrupted one.
 """
 from __future__ import annotations

@@ -20,10 +20,13 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.fileio import atomic_write_json
+
+if TYPE_CHECKING:
+    from detect.settings import TrainSettings
 
 FORMAT = "defectkit.checkpoint/1"
 MANIFEST = "manifest.json"
@@ -61,16 +64,16 @@ class Checkpoint:
 class Retention:
     """Which checkpoints survive: the last ``keep_last``, the best, the newest of each ISO week."""
 
-    keep_last: int = 3
-    keep_best: bool = True
-    keep_weekly: bool = True
+    keep_last: int  # no defaults here: they live in the train section of detect/defaults.yaml
+    keep_best: bool
+    keep_weekly: bool
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> "Retention":
-        keep_last = int(settings.get("keep_last", 3))
-        if keep_last < 1:
-            raise ConfigError(f"train.keep_last must be at least 1 (resume needs a checkpoint), got {keep_last}.")
-        return cls(keep_last, bool(settings.get("keep_best", True)), bool(settings.get("keep_weekly", True)))
+    def from_settings(cls, train: "TrainSettings") -> "Retention":
+        """The ``keep_*`` keys of the train section."""
+        if train.keep_last < 1:
+            raise ConfigError(f"train.keep_last must be at least 1 (resume needs a checkpoint), got {train.keep_last}.")
+        return cls(train.keep_last, train.keep_best, train.keep_weekly)
 
 
 def checkpoint_name(line: str, run: str, epoch: int) -> str:

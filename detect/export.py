@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from detect.linespec import LineSpec, resolve_settings
-from detect.ppyoloe import RunPaths, activate, build_config
+from detect.linespec import LineSpec
+from detect.ppyoloe import RunPaths, activate, inference_config
 from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.modelspec import InputSpec, ModelEntry, ModelSpec, PostprocessSpec, file_sha256
 
@@ -71,11 +71,9 @@ def _paddle_export(ctx: _ExportContext, with_nms: bool, stem: str) -> Path:
     from ppdet.engine import Trainer
     from ppdet.utils.checkpoint import load_weight
 
-    settings = resolve_settings(ctx.spec, "train", {"mosaic": 0.0})
-    export_cfg = resolve_settings(ctx.spec, "export")
     tmp = ctx.out / f".tmp-{stem}"
     shutil.rmtree(tmp, ignore_errors=True)
-    cfg = build_config(ctx.spec, settings, export_cfg, RunPaths(tmp))
+    cfg = inference_config(ctx.spec, RunPaths(tmp))
     cfg["exclude_nms"] = not with_nms
     live = activate(cfg)
     if ctx.model is not None:
@@ -127,7 +125,7 @@ def _onnx_from(ctx: _ExportContext, pdmodel: Path) -> Path:
     import paddle2onnx
 
     dst = pdmodel.with_suffix(".onnx")
-    opset = int(resolve_settings(ctx.spec, "export")["opset"])
+    opset = ctx.spec.settings.export.opset
     with contextlib.redirect_stdout(io.StringIO()):
         paddle2onnx.export(str(pdmodel), str(pdmodel.with_suffix(".pdiparams")), str(dst),
                            opset_version=opset, enable_onnx_checker=True, verbose=False)
@@ -214,9 +212,9 @@ def _export_formats(ctx: _ExportContext, formats: list[str], meta: dict[str, Any
         path = exporter(ctx)
         entries.append(ModelEntry(file=path.name, format=fmt, target="any", precision="fp32", nms=nms,
                                   runtime_version=_runtime_version(fmt), sha256=file_sha256(path)))
-    ex = resolve_settings(spec, "export")
-    post = PostprocessSpec.from_dict({"nms_iou": ex["nms_iou"], "score_threshold": ex["score_threshold"],
-                                      "nms_top_k": ex["nms_top_k"], "keep_top_k": ex["keep_top_k"]}, "export")
+    ex = spec.settings.export
+    post = PostprocessSpec.from_dict({"nms_iou": ex.nms_iou, "score_threshold": ex.score_threshold,
+                                      "nms_top_k": ex.nms_top_k, "keep_top_k": ex.keep_top_k}, "export")
     deploy = ModelSpec(line=spec.line, classes=list(spec.classes), input=input_spec(spec), models=entries,
                        postprocess=post, meta=meta)
     ctx.result.deploy_json = deploy.save(ctx.out / "deploy.json")

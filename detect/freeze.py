@@ -17,9 +17,12 @@ Thawing (at ``unfreeze_at_epoch``) undoes the three and scales the thawed parame
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from detect.settings import TrainSettings
 
 CSPRESNET_STAGES = 4  # PP-YOLOE+ CSPResNet: stem + 4 stages (layers [3, 6, 6, 3]) for every model size
 
@@ -72,23 +75,23 @@ def parse_freeze(value: Any, where: str = "train.freeze") -> FreezePlan:
     return FreezePlan(str(n), stem=True, stages=n)
 
 
-def frozen_prefixes(settings: dict[str, Any]) -> list[str]:
-    return parse_freeze(settings.get("freeze", "none")).prefixes()
+def frozen_prefixes(freeze: str) -> list[str]:
+    """State-dict prefixes frozen by a ``train.freeze`` value (kept out of ppdet's EMA)."""
+    return parse_freeze(freeze).prefixes()
 
 
-def check_unfreeze(settings: dict[str, Any]) -> None:
+def check_unfreeze(train: "TrainSettings") -> None:
     """``unfreeze_at_epoch`` must name an epoch of this run and needs something frozen."""
-    at = int(settings.get("unfreeze_at_epoch", 0))
+    at = train.unfreeze_at_epoch
     if at == 0:
         return
-    plan = parse_freeze(settings.get("freeze", "none"))
-    if not plan.active:
-        raise ConfigError(f"train.unfreeze_at_epoch is {at} but train.freeze is '{settings.get('freeze')}': "
+    if not parse_freeze(train.freeze).active:
+        raise ConfigError(f"train.unfreeze_at_epoch is {at} but train.freeze is '{train.freeze}': "
                           f"nothing to unfreeze. Set freeze (e.g. backbone) or unfreeze_at_epoch: 0.")
-    if at < 0 or at > int(settings["epochs"]):
-        raise ConfigError(f"train.unfreeze_at_epoch {at} is not an epoch of this run (1-{settings['epochs']}); "
+    if at < 0 or at > train.epochs:
+        raise ConfigError(f"train.unfreeze_at_epoch {at} is not an epoch of this run (1-{train.epochs}); "
                           f"0 keeps the layers frozen to the end.")
-    if float(settings.get("unfreeze_lr_factor", 1.0)) <= 0:
+    if train.unfreeze_lr_factor <= 0:
         raise ConfigError("train.unfreeze_lr_factor must be > 0 (the thawed layers' share of the learning rate).")
 
 

@@ -9,19 +9,16 @@ import io
 from pathlib import Path
 
 from detect.evaluate import EvalResult, coco_eval_file
-from detect.linespec import LineSpec, resolve_settings
-from detect.ppyoloe import RunPaths, activate, build_config
+from detect.linespec import LineSpec
+from detect.ppyoloe import RunPaths, activate, inference_config
+from detect.preflight import check_class_contract
 from edge_runtime.errors import ConfigError
 
 
 def build_eval_trainer(spec: LineSpec, weights: Path | None, ann_file: Path, out_dir: Path):
     """A ppdet ``Trainer`` in eval mode on ``ann_file`` with ``weights`` loaded (None: random init)."""
-    from detect.train import check_class_contract
-
     check_class_contract(spec, ann_file)
-    settings = resolve_settings(spec, "train", {"mosaic": 0.0})
-    run = RunPaths(out_dir)
-    cfg = build_config(spec, settings, resolve_settings(spec, "export"), run)
+    cfg = inference_config(spec, RunPaths(out_dir))
     cfg["EvalDataset"]["anno_path"] = str(ann_file)
     cfg["output_eval"] = str(out_dir)
     live = activate(cfg)

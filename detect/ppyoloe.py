@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from detect.linespec import LineSpec
+from detect.settings import TrainSettings
 
 # depth and width multipliers of CSPResNet + CustomCSPPAN (PP-YOLOE+ s/m/l/x; "tiny" for tests and demos)
 MODEL_MULTIPLIERS: dict[str, tuple[float, float]] = {
@@ -34,8 +35,9 @@ class RunPaths:
     root: Path
 
     @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
+    def settings(self) -> Path:
+        """The run's one record of what it used (:mod:`detect.run_settings`)."""
+        return self.root / "settings.yaml"
 
     @property
     def checkpoints(self) -> Path:
@@ -70,11 +72,6 @@ class RunPaths:
         return self.root / "export"
 
     @property
-    def line_spec(self) -> Path:
-        """A copy of the line spec the run started with (resume rebuilds the spec from it)."""
-        return self.root / "line.yaml"
-
-    @property
     def vdl_dir(self) -> Path:
         return self.root / "vdl"
 
@@ -98,29 +95,30 @@ def _dataset(spec: LineSpec, ann: Path, allow_empty: bool, with_gt: bool) -> dic
     }
 
 
-def train_transforms(spec: LineSpec, train: dict[str, Any], mosaic_epochs: int) -> tuple[list, list]:
+def train_transforms(spec: LineSpec, mosaic_epochs: int) -> tuple[list, list]:
     """Sample and batch transforms of the training reader, in the order that works (STACK.md).
 
     AugmentHSV needs uint8 images, so it comes right after Decode/Mosaic; RandomDistort is not used.
     Mosaic is a silent no-op unless the reader's ``mosaic_epoch`` is set (see :func:`build_config`).
     """
+    train = spec.settings.train
     size = spec.image_size
     sample: list[dict] = [{"Decode": {}}]
-    if train["mosaic"] > 0 and mosaic_epochs > 0:
-        sample.append({"Mosaic": {"prob": float(train["mosaic"]), "input_dim": [size, size],
+    if train.mosaic > 0 and mosaic_epochs > 0:
+        sample.append({"Mosaic": {"prob": train.mosaic, "input_dim": [size, size],
                                    "degrees": [-5, 5], "scale": [0.7, 1.3], "shear": [-2, 2],
                                    "translate": [-0.1, 0.1],
                                    # YOLOX-style MixUp happens inside Mosaic (ppdet's dataset hands it a 5th sample)
-                                   "enable_mixup": float(train.get("mixup", 0.0)) > 0,
-                                   "mixup_prob": float(train.get("mixup", 0.0)), "mixup_scale": [0.5, 1.5]}})
-    hgain, sgain, vgain = (float(x) for x in train["hsv"])
+                                   "enable_mixup": train.mixup > 0,
+                                   "mixup_prob": train.mixup, "mixup_scale": [0.5, 1.5]}})
+    hgain, sgain, vgain = (float(x) for x in train.hsv)
     if hgain or sgain or vgain:
         sample.append({"AugmentHSV": {"fraction": 0.5, "is_bgr": False,
                                        "hgain": int(hgain * 180), "sgain": int(sgain * 100),
                                        "vgain": int(vgain * 100)}})
-    if train["flip"] > 0:
-        sample.append({"RandomFlip": {"prob": float(train["flip"])}})
-    sizes = [size + d for d in MULTISCALE_STEPS if size + d >= 64] if train["multiscale"] else [size]
+    if train.flip > 0:
+        sample.append({"RandomFlip": {"prob": train.flip}})
+    sizes = [size + d for d in MULTISCALE_STEPS if size + d >= 64] if train.multiscale else [size]
     batch = [
         {"BatchRandomResize": {"target_size": sizes, "random_size": True, "random_interp": True,
                                "keep_ratio": False}},
@@ -141,40 +139,42 @@ def eval_transforms(size: int) -> list[dict]:
     ]
 
 
-def build_config(spec: LineSpec, train: dict[str, Any], export: dict[str, Any], run: RunPaths,
-                 steps_per_epoch_hint: int = 0, static_assigner_epoch: int | None = None) -> dict[str, Any]:
-    """The full ppdet configuration for one run, as plain data (also written to ``config.yaml``).
+def build_config(spec: LineSpec, run: RunPaths, steps_per_epoch_hint: int = 0,
+                 static_assigner_epoch: int | None = None) -> dict[str, Any]:
+    """The full ppdet configuration for one run, as plain data, from ``spec.settings`` (train and export
+    sections); recorded in the run's ``settings.yaml`` under ``ppdet``.
 
     ``static_assigner_epoch`` pins the ATSS-to-TaskAligned switch (a resumed run with more epochs keeps
     the switch where it was).
     """
     from detect.freeze import frozen_prefixes
 
+    train, export = spec.settings.train, spec.settings.export
     depth, width = MODEL_MULTIPLIERS[spec.model_size]
-    epochs = int(train["epochs"])
-    close_mosaic = int(train["close_mosaic"])
-    mosaic_epochs = max(0, epochs - close_mosaic) if train["mosaic"] > 0 else 0
-    sample, batch = train_transforms(spec, train, mosaic_epochs)
+    epochs = train.epochs
+    close_mosaic = train.close_mosaic
+    mosaic_epochs = max(0, epochs - close_mosaic) if train.mosaic > 0 else 0
+    sample, batch = train_transforms(spec, mosaic_epochs)
     size = spec.image_size
     cfg: dict[str, Any] = {
         "architecture": "YOLOv3",
         "filename": "model",  # ppdet needs it; no "." allowed (export dir = splitext(filename))
         "norm_type": "bn",
-        "use_ema": bool(train["ema"]),
-        "ema_decay": float(train["ema_decay"]),
+        "use_ema": train.ema,
+        "ema_decay": train.ema_decay,
         "ema_decay_type": "exponential",
         # frozen layers stay out of the EMA, so the evaluated/exported copy equals the loaded weights
-        "ema_black_list": ["proj_conv.weight"] + frozen_prefixes(train),
+        "ema_black_list": ["proj_conv.weight"] + frozen_prefixes(train.freeze),
         "num_classes": spec.num_classes,
         "metric": "COCO",
         "epoch": epochs,
-        "snapshot_epoch": int(train["eval_interval"]),
-        "log_iter": int(train["log_interval"]),
+        "snapshot_epoch": train.eval_interval,
+        "log_iter": train.log_interval,
         "save_dir": str(run.checkpoints),
         "output_eval": str(run.eval_dir),
         "weights": str(run.best_weights.with_suffix("")),
-        "worker_num": int(train["workers"]),
-        "use_gpu": train["device"] == "gpu",
+        "worker_num": train.workers,
+        "use_gpu": train.device == "gpu",
         "print_params": False,  # crashes in ppdet 2.6 (0-d tensor indexing)
         "exclude_nms": False,
         "exclude_post_process": False,
@@ -193,21 +193,21 @@ def build_config(spec: LineSpec, train: dict[str, Any], export: dict[str, Any], 
             # ATSS takes topk anchors per level: the stride-32 level has only (size/32)^2 (4 at 64 px)
             "static_assigner": {"name": "ATSSAssigner", "topk": min(9, (size // 32) ** 2)},
             "assigner": {"name": "TaskAlignedAssigner", "topk": 13, "alpha": 1.0, "beta": 6.0},
-            "nms": {"name": "MultiClassNMS", "nms_top_k": int(export["nms_top_k"]),
-                    "keep_top_k": int(export["keep_top_k"]),
-                    "score_threshold": float(export["score_threshold"]),
-                    "nms_threshold": float(export["nms_iou"])},
+            "nms": {"name": "MultiClassNMS", "nms_top_k": export.nms_top_k,
+                    "keep_top_k": export.keep_top_k,
+                    "score_threshold": export.score_threshold,
+                    "nms_threshold": export.nms_iou},
         },
-        "LearningRate": {"base_lr": float(train["lr"]), "schedulers": _schedulers(train, steps_per_epoch_hint)},
+        "LearningRate": {"base_lr": train.lr, "schedulers": _schedulers(train, steps_per_epoch_hint)},
         "OptimizerBuilder": {
-            "optimizer": {"type": "Momentum", "momentum": float(train["momentum"])},
-            "regularizer": {"type": "L2", "factor": float(train["weight_decay"])},
+            "optimizer": {"type": "Momentum", "momentum": train.momentum},
+            "regularizer": {"type": "L2", "factor": train.weight_decay},
         },
         "TrainDataset": _dataset(spec, spec.paths.train, allow_empty=True, with_gt=True),
         "EvalDataset": _dataset(spec, spec.paths.val, allow_empty=True, with_gt=False),
         "TestDataset": {"name": "ImageFolder", "anno_path": str(spec.paths.train)},
         "TrainReader": {"sample_transforms": sample, "batch_transforms": batch,
-                        "batch_size": int(train["batch_size"]), "shuffle": True, "drop_last": True,
+                        "batch_size": train.batch_size, "shuffle": True, "drop_last": True,
                         "use_shared_memory": False, "collate_batch": True,
                         # ppdet groups samples for Mosaic while epoch < mosaic_epoch; 0 means *always*, -1 never
                         "mosaic_epoch": mosaic_epochs if mosaic_epochs > 0 else -1},
@@ -215,11 +215,11 @@ def build_config(spec: LineSpec, train: dict[str, Any], export: dict[str, Any], 
         "TestReader": {"inputs_def": {"image_shape": [3, size, size]},
                        "sample_transforms": eval_transforms(size), "batch_size": 1},
     }
-    if train.get("visualdl", False) and visualdl_available():
+    if train.visualdl and visualdl_available():
         cfg["use_vdl"] = True  # ppdet's VisualDLWriter callback: losses per step, mAP per evaluation
         cfg["vdl_log_dir"] = str(run.vdl_dir)
-    if float(train["clip_grad_norm"]) > 0:
-        cfg["OptimizerBuilder"]["clip_grad_by_norm"] = float(train["clip_grad_norm"])
+    if train.clip_grad_norm > 0:
+        cfg["OptimizerBuilder"]["clip_grad_by_norm"] = train.clip_grad_norm
     return cfg
 
 
@@ -229,18 +229,22 @@ def visualdl_available() -> bool:
     return importlib.util.find_spec("visualdl") is not None
 
 
-def _schedulers(train: dict[str, Any], steps_per_epoch: int) -> list[dict[str, Any]]:
-    epochs = int(train["epochs"])
+def _schedulers(train: TrainSettings, steps_per_epoch: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    if train["cosine"]:
-        out.append({"name": "CosineDecay", "max_epochs": epochs,
-                    "min_lr_ratio": float(train["min_lr_ratio"])})
+    if train.cosine:
+        out.append({"name": "CosineDecay", "max_epochs": train.epochs, "min_lr_ratio": train.min_lr_ratio})
     else:
-        out.append({"name": "PiecewiseDecay", "gamma": 1.0, "milestones": [epochs + 1], "use_warmup": False})
-    if int(train["warmup_steps"]) > 0:
-        out.append({"name": "LinearWarmup", "steps": int(train["warmup_steps"]),
-                    "start_factor": float(train["warmup_start_factor"])})
+        out.append({"name": "PiecewiseDecay", "gamma": 1.0, "milestones": [train.epochs + 1], "use_warmup": False})
+    if train.warmup_steps > 0:
+        out.append({"name": "LinearWarmup", "steps": train.warmup_steps, "start_factor": train.warmup_start_factor})
     return out
+
+
+def inference_config(spec: LineSpec, run: RunPaths) -> dict[str, Any]:
+    """The configuration evaluation and export build their ppdet ``Trainer`` from: no Mosaic/MixUp in the
+    (unused) training reader, everything else as in ``spec.settings``."""
+    plain = spec.with_settings(spec.settings.with_values("train", mosaic=0.0, mixup=0.0))
+    return build_config(plain, run)
 
 
 _PRISTINE: dict[str, Any] | None = None

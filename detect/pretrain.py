@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,11 +69,11 @@ def pretrain(recipe: PretrainRecipe, work_dir: Path, out_dir: Path = BASE_WEIGHT
     if not spec_path.is_file():
         generate_line(corpus, line=recipe.name, count=recipe.count, size=(recipe.image_size, recipe.image_size),
                       seed=recipe.seed, val_fraction=0.1, style=recipe.style)
-    spec = LineSpec.load(spec_path)
-    spec.image_size, spec.model_size = recipe.image_size, recipe.model_size
+    spec = replace(LineSpec.load(spec_path), image_size=recipe.image_size, model_size=recipe.model_size)
+    spec = spec.with_cli({"train": recipe.train_overrides()})  # the recipe is this verb's command line
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     commit = git_commit()  # the code that trains: taken at the start, not after an hour of other commits
-    result = train(spec, work_dir / "run", recipe.train_overrides())
+    result = train(spec, work_dir / "run")
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{recipe.name}.pdparams"
     tmp = weights.with_name(f".{weights.name}.tmp")

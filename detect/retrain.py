@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from detect.forgetting import ForgettingVerdict, judge, markdown, plot
-from detect.linespec import LineSpec, resolve_settings
+from detect.linespec import LineSpec
 from detect.ppyoloe import RunPaths
 from detect.retrain_data import Parent, check_lineage, load_parent, merge_data, retrain_spec
+from detect.run_settings import load_run_spec
+from detect.settings import Layer
 from edge_runtime.errors import ConfigError
 from edge_runtime.fileio import atomic_write_json, atomic_write_text
+from edge_runtime.typedconf import section_dict
 
 RECORD = "retrain.json"
 
@@ -49,29 +52,29 @@ def read_record(run_dir: Path | str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def retrain_settings(spec: LineSpec, retrain_overrides: dict[str, Any] | None,
-                     train_overrides: dict[str, Any] | None, init: Path) -> tuple[dict, dict]:
-    """(retrain section, train overrides): defaults < line spec < command line, for both sections."""
-    r = resolve_settings(spec, "retrain", retrain_overrides)
-    if r["epochs"] < 1 or r["lr_factor"] <= 0:
-        raise ConfigError(f"retrain.epochs must be >= 1 and retrain.lr_factor > 0, got {r['epochs']} and "
-                          f"{r['lr_factor']}.")
-    lr = resolve_settings(spec, "train")["lr"] * r["lr_factor"]
-    train = {"epochs": r["epochs"], "lr": lr, "freeze": r["freeze"], **(train_overrides or {}),
-             "pretrained": str(init)}
-    return r, train
+def retrain_choices(spec: LineSpec, parent: Parent, init: Path) -> LineSpec:
+    """``spec`` with the retrain's own training choices: ``retrain.epochs`` and ``retrain.freeze``, the parent's
+    recorded ``train.lr`` x ``retrain.lr_factor`` (a ``--lr`` given when the parent trained carries over), and
+    the grown parent weights. A train setting given on this command line (``--set lr=...``) wins."""
+    r = spec.settings.retrain
+    given = set((spec.cli or {}).get("train", {}))
+    choices = {"epochs": r.epochs, "lr": parent.spec.settings.train.lr * r.lr_factor, "freeze": r.freeze}
+    choices = {k: v for k, v in choices.items() if k not in given}
+    return spec.with_settings(spec.settings.with_values("train", **choices, pretrained=str(init)))
 
 
 def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec | None = None,
-            run_dir: Path | str | None = None, retrain_overrides: dict[str, Any] | None = None,
-            train_overrides: dict[str, Any] | None = None, quiet: bool = False) -> RetrainResult:
-    """Retrain ``parent_dir``'s model with the data folders ``adds`` (and ``spec``'s classes, if given)."""
+            run_dir: Path | str | None = None, cli: Layer | None = None, quiet: bool = False) -> RetrainResult:
+    """Retrain ``parent_dir``'s model with the data folders ``adds`` (and ``spec``'s classes, if given).
+
+    Settings: the given spec file's, else the parent's as recorded in its settings.yaml; ``cli`` (the command
+    line's layer, retrain and train sections) on top, once."""
     from detect.checkpoints import list_checkpoints
     from detect.head_surgery import write_grown_weights
     from detect.train import default_run_dir, train
 
     parent = load_parent(parent_dir)
-    base = spec if spec is not None else parent.spec
+    base = (spec if spec is not None else parent.spec).with_cli(cli)
     added = check_lineage(parent, base)
     run = RunPaths((Path(run_dir) if run_dir else default_run_dir(
         base, parent.run.root.parent.parent, datetime.now().strftime("retrain-%Y%m%d-%H%M%S"))).resolve())
@@ -79,11 +82,12 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
         raise ConfigError(f"run '{run.root}' already exists: continue it with `defectkit retrain --resume "
                           f"{run.root}` or choose another --name.")
     init = run.root / "init.pdparams"
-    r, overrides = retrain_settings(base, retrain_overrides, train_overrides, init)
+    base = retrain_choices(base, parent, init)
+    r = base.settings.retrain
     created = not run.root.exists()
     try:  # a refusal while preparing leaves no half-made run behind
-        merged = merge_data(parent, adds, base.classes, run.root / "data", r["replay"], int(overrides.get("seed", 0)))
-        rspec = retrain_spec(parent, spec, merged)
+        merged = merge_data(parent, adds, base.classes, run.root / "data", r.replay, base.settings.train.seed)
+        rspec = retrain_spec(base, merged)
         write_grown_weights(parent.weights, len(parent.spec.classes), len(rspec.classes), init)
     except BaseException:
         if created:
@@ -93,16 +97,18 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
         "status": "training",
         "parent": {"run": str(parent.run.root.resolve()), "classes": parent.spec.classes,
                    "weights": str(parent.weights.resolve())},
-        "classes": rspec.classes, "new_classes": added, "data": merged.sources, "retrain": r,
+        "classes": rspec.classes, "new_classes": added, "data": merged.sources, "retrain": section_dict(r),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(record_path(run), record)
-    result = train(rspec, run.root, overrides, quiet=quiet)
+    result = train(rspec, run.root, quiet=quiet)
     return finish_retrain(run, parent, rspec, result.metrics, quiet)
 
 
-def resume_retrain(run_dir: Path | str, overrides: dict[str, Any] | None = None, quiet: bool = False) -> RetrainResult:
-    """Continue an interrupted retrain exactly (``defectkit train --resume`` semantics), then judge it."""
+def resume_retrain(run_dir: Path | str, cli: Layer | None = None, quiet: bool = False) -> RetrainResult:
+    """Continue an interrupted retrain exactly (``defectkit train --resume`` semantics), then judge it.
+
+    ``retrain.epochs`` on the command line is the run's ``train.epochs`` (what a resume may extend)."""
     from detect.train import resume
 
     run = RunPaths(Path(run_dir).resolve())
@@ -111,13 +117,17 @@ def resume_retrain(run_dir: Path | str, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"'{run.root}' is not a retrain (no {RECORD}); resume a training run with "
                           f"`defectkit train --resume {run.root}`.")
     parent = load_parent(record["parent"]["run"])
-    if run.metrics.is_file() and not overrides:  # training finished; the process died while judging
+    layer = {name: dict(values) for name, values in (cli or {}).items() if values}
+    if "epochs" in layer.get("retrain", {}):
+        layer.setdefault("train", {})["epochs"] = layer["retrain"].pop("epochs")
+    layer = {name: values for name, values in layer.items() if values}
+    if run.metrics.is_file() and not layer:  # training finished; the process died while judging
         import json
 
         metrics = json.loads(run.metrics.read_text())
     else:
-        metrics = resume(run.root, overrides, quiet=quiet).metrics
-    return finish_retrain(run, parent, LineSpec.load(run.line_spec), metrics, quiet)
+        metrics = resume(run.root, layer, quiet=quiet).metrics
+    return finish_retrain(run, parent, load_run_spec(run.root), metrics, quiet)
 
 
 def finish_retrain(run: RunPaths, parent: Parent, spec: LineSpec, metrics: dict[str, Any],
@@ -128,7 +138,7 @@ def finish_retrain(run: RunPaths, parent: Parent, spec: LineSpec, metrics: dict[
     from detect.evaluate import EvalResult
     from detect.infer import evaluate_weights
 
-    r = resolve_settings(spec, "retrain")
+    r = spec.settings.retrain
     before = evaluate_weights(parent.spec, parent.weights, parent.spec.paths.val, run.eval_dir / "parent")
     # absolute: ppdet joins a relative annotation path onto the data set folder
     old_val = (run.root / "data" / "val_old.json").resolve()
@@ -137,8 +147,8 @@ def finish_retrain(run: RunPaths, parent: Parent, spec: LineSpec, metrics: dict[
     if merged_val is not None:  # metrics.json holds None for NaN
         nan = lambda d: {k: float("nan") if v is None else v for k, v in d.items()}  # noqa: E731
         merged_val.per_class, merged_val.per_class_ap50 = nan(merged_val.per_class), nan(merged_val.per_class_ap50)
-    verdict = judge(before, after, parent.spec.classes, merged_val, r["max_map_drop"], r["max_class_drop"],
-                    r["min_new_class_ap50"])
+    verdict = judge(before, after, parent.spec.classes, merged_val, r.max_map_drop, r.max_class_drop,
+                    r.min_new_class_ap50)
     record = json.loads(record_path(run).read_text())
     record.update(status="passed" if verdict.passed else "refused", forgetting=verdict.to_dict(),
                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))

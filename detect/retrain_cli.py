@@ -27,36 +27,37 @@ def register(subparsers) -> None:
     for flag, typ in RETRAIN_FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", dest=f"r_{flag}", type=typ, metavar=flag.upper(),
                        help=f"retrain.{flag} (line spec default)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="retrain.* or train.* setting, e.g. --set max_class_drop=2 --set batch_size=4 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
+                   help="any setting, e.g. --set max_class_drop=2 --set batch_size=4 --set train.seed=3; a key "
+                        "without a section is retrain.* if that section has it, else train.* (repeatable)")
     p.set_defaults(func=_retrain)
 
 
-def split_sets(items: list[str]) -> tuple[dict, dict]:
-    """``--set`` items to (retrain overrides, train overrides): a key of the retrain section wins."""
-    from detect.linespec import load_defaults
+def retrain_layer(args: argparse.Namespace) -> dict[str, dict]:
+    """The command line's settings layer of ``defectkit retrain``: ``--set`` items, then the named flags."""
+    from detect.settings import field_names
 
-    retrain_keys = set(load_defaults()["retrain"])
-    r, t = {}, {}
-    for key, value in parse_sets(items).items():
-        (r if key in retrain_keys else t)[key] = value
-    return r, t
+    retrain_keys = set(field_names("retrain"))
+    layer = parse_sets(args.set, bare_section=lambda key: "retrain" if key in retrain_keys else "train")
+    flags = {k: getattr(args, f"r_{k}") for k in RETRAIN_FLAGS if getattr(args, f"r_{k}") is not None}
+    if flags:
+        layer.setdefault("retrain", {}).update(flags)
+    return layer
 
 
 def _retrain(args: argparse.Namespace) -> int:
     from detect.linespec import LineSpec
     from detect.retrain import resume_retrain, retrain
 
-    r_over, t_over = split_sets(args.set)
-    r_over.update({k: getattr(args, f"r_{k}") for k in RETRAIN_FLAGS if getattr(args, f"r_{k}") is not None})
+    layer = retrain_layer(args)
     if args.resume:
-        result = resume_retrain(args.resume, {**t_over, **({"epochs": r_over["epochs"]} if "epochs" in r_over else {})})
+        result = resume_retrain(args.resume, layer)
     else:
         if args.parent is None:
             raise UserInputError("give --from RUN_DIR (the line's current run) and at least one --add DATA_DIR.")
         spec = LineSpec.load(args.spec) if args.spec else None
         run_dir = args.parent.parent / args.name if args.name else None
-        result = retrain(args.parent, args.add, spec, run_dir, r_over, t_over)
+        result = retrain(args.parent, args.add, spec, run_dir, layer)
     m = result.metrics
     print(f"run {result.run.root}: mAP50-95 {m['val']['map50_95']:.3f} on the merged val set; {result.verdict.line()}")
     if not result.verdict.passed:

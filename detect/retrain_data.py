@@ -1,7 +1,7 @@
 """The data of an incremental retrain: the parent run's images replayed beside the new ones, in one COCO set.
 
 A retrain starts from a finished run of the line (the *parent*). Its training and validation sets are the
-parent's (as recorded in the parent's ``line.yaml``, so a retrain of a retrain carries everything forward)
+parent's (as recorded in the parent's ``settings.yaml``, so a retrain of a retrain carries everything forward)
 plus every data folder given with ``--add`` (new images, labelled hard examples, images of a new defect
 class). The merged set is written into the new run (``<run>/data``: images hard-linked, or copied across
 file systems, under unique names), so the run stays resumable and reproducible when the sources move.
@@ -21,13 +21,14 @@ from detect.data.coco import Layout, class_names, load_coco, make_coco, write_co
 from detect.data.split import stratified_split
 from detect.linespec import DataPaths, LineSpec
 from detect.ppyoloe import RunPaths
+from detect.run_settings import load_run_spec
 from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.hard_examples import unreviewed_prelabels
 
 
 @dataclass(frozen=True)
 class Parent:
-    """A finished run a retrain starts from: its line spec (classes, data), best weights and metrics."""
+    """A finished run a retrain starts from: its recorded spec (classes, data, settings), best weights, metrics."""
 
     run: RunPaths
     spec: LineSpec
@@ -44,14 +45,13 @@ def load_parent(run_dir: Path | str) -> Parent:
 
     run = RunPaths(Path(run_dir))
     where = f"parent run '{run.root}'"
-    if not run.line_spec.is_file():
-        raise ConfigError(f"{where} has no line.yaml: give a run folder runs/<line>/<run> made by `defectkit train`.")
+    spec = load_run_spec(run.root)  # a clear error for a folder that is not a run, or a run from before settings.yaml
     if not run.metrics.is_file():
         raise ConfigError(f"{where} has not finished (no metrics.json): finish it first with "
                           f"`defectkit train --resume {run.root}`.")
     if not run.best_weights.is_file():
         raise ConfigError(f"{where} has no best weights ({run.best_weights}).")
-    return Parent(run, LineSpec.load(run.line_spec), json.loads(run.metrics.read_text()))
+    return Parent(run, spec, json.loads(run.metrics.read_text()))
 
 
 def new_classes(parent: Sequence[str], classes: Sequence[str], where: str) -> list[str]:
@@ -68,7 +68,7 @@ def check_lineage(parent: Parent, spec: LineSpec) -> list[str]:
     if spec.line != parent.spec.line:
         raise ConfigError(f"line spec {spec.source}: line '{spec.line}' is not the parent run's line "
                           f"'{parent.spec.line}'. Retrain a line from one of its own runs.")
-    return new_classes(parent.spec.classes, spec.classes, f"line spec {spec.source or parent.run.line_spec}")
+    return new_classes(parent.spec.classes, spec.classes, f"line spec {spec.source or parent.run.settings}")
 
 
 @dataclass(frozen=True)
@@ -203,12 +203,10 @@ def merge_data(parent: Parent, adds: Sequence[Path | str], classes: Sequence[str
     return Merged(train, val, val_old, images_out, sources + val_sources)
 
 
-def retrain_spec(parent: Parent, spec: LineSpec | None, merged: Merged) -> LineSpec:
-    """The line spec the retrain trains with: the given one (or the parent's), its data the merged set."""
-    import copy
+def retrain_spec(spec: LineSpec, merged: Merged) -> LineSpec:
+    """The line spec the retrain trains with: ``spec`` (checked against the parent already), its data the
+    merged set."""
+    from dataclasses import replace
 
-    base = copy.deepcopy(spec if spec is not None else parent.spec)
-    check_lineage(parent, base)
-    base.paths = DataPaths(root=merged.train.parent.resolve(), images=merged.images.resolve(),
-                           train=merged.train.resolve(), val=merged.val.resolve())
-    return base
+    return replace(spec, paths=DataPaths(root=merged.train.parent.resolve(), images=merged.images.resolve(),
+                                         train=merged.train.resolve(), val=merged.val.resolve()))

@@ -25,11 +25,16 @@ def tiny_spec(tmp_path_factory):
     """A small synthetic PCB line at 96 px for fast real training."""
     from detect.data.synth import generate_line
 
+    from dataclasses import replace
+
     spec = generate_line(tmp_path_factory.mktemp("tinyline") / "pcb", line="pcb-tiny", count=16,
                          size=(128, 96), seed=3, val_fraction=0.25, progress=False)
-    spec.image_size = 96
+    spec = replace(spec, image_size=96)
     spec.save(spec.source)
     return spec
+
+
+TINY_TRAIN = {"epochs": 2, "batch_size": 4, "warmup_steps": 2, "lr": 0.005, "multiscale": False}
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +42,16 @@ def tiny_run(tiny_spec, tmp_path_factory):
     """A real 2-epoch training run (tiny PP-YOLOE+, 96 px) with best/last weights and metrics."""
     from detect.train import train
 
-    return train(tiny_spec, tmp_path_factory.mktemp("runs") / "tiny", {
-        "epochs": 2, "batch_size": 4, "warmup_steps": 2, "lr": 0.005, "multiscale": False}, quiet=True)
+    return train(tiny_spec.with_cli({"train": TINY_TRAIN}), tmp_path_factory.mktemp("runs") / "tiny", quiet=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_spec, tiny_run):
-    """Paddle (NMS / no NMS) and ONNX exports of the tiny run, with deploy.json."""
+    """Paddle (NMS / no NMS) and ONNX exports of the tiny run, with deploy.json (the spec read from the run)."""
     from detect.export import export
+    from detect.run_settings import load_run_spec
 
-    return export(tiny_spec, tiny_run.best_weights, tiny_run.run.export_dir)
+    return export(load_run_spec(tiny_run.run.root), tiny_run.best_weights, tiny_run.run.export_dir)
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +67,7 @@ def base_run(tmp_path_factory):
 
     from detect.data.synth import generate_line
     from detect.ppyoloe import RunPaths
+    from detect.run_settings import write_run_settings
 
     root = Path(__file__).resolve().parents[1]
     spec = generate_line(tmp_path_factory.mktemp("baseline") / "pcb", line="pcb-base", count=48, seed=21,
@@ -69,7 +75,7 @@ def base_run(tmp_path_factory):
     run = RunPaths(tmp_path_factory.mktemp("baseruns") / "base")
     run.best_weights.parent.mkdir(parents=True)
     shutil.copyfile(root / "base_weights" / "pcb-base-tiny-320.pdparams", run.best_weights)
-    spec.save(run.line_spec)
+    write_run_settings(run.root, spec)  # what every later stage reads instead of the spec file
     run.metrics.write_text(json.dumps({"classes": list(spec.classes), "source": "base weights, not trained"}))
     return run
 
@@ -78,6 +84,6 @@ def base_run(tmp_path_factory):
 def base_export(base_run):
     """FP32 exports (paddle, ONNX; NMS in the graph and on the host) of the base detector."""
     from detect.export import export
-    from detect.linespec import LineSpec
+    from detect.run_settings import load_run_spec
 
-    return export(LineSpec.load(base_run.line_spec), base_run.best_weights, base_run.export_dir)
+    return export(load_run_spec(base_run.root), base_run.best_weights, base_run.export_dir)

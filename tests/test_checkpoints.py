@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from detect import checkpoints as ck
+from detect.settings import TrainSettings
 from edge_runtime.errors import ConfigError
 
 
@@ -115,16 +116,16 @@ def test_retention_never_deletes_the_only_loadable_checkpoint(tmp_path):
 
 def test_keep_last_below_one_is_refused():
     with pytest.raises(ConfigError, match="keep_last must be at least 1"):
-        ck.Retention.from_settings({"keep_last": 0})
+        ck.Retention.from_settings(TrainSettings(keep_last=0))  # the table allows it; the policy does not
 
 
 @pytest.mark.timeout(150)
 def test_ten_epochs_with_keep_last_3_leave_best_and_last_three(tiny_spec, tmp_path):
     from detect.train import train
 
-    result = train(tiny_spec, tmp_path / "r10", {"epochs": 10, "batch_size": 4, "warmup_steps": 2, "lr": 0.01,
-                                                 "multiscale": False, "keep_last": 3, "eval_interval": 1,
-                                                 "visualdl": False}, quiet=True)
+    spec = tiny_spec.with_cli({"train": {"epochs": 10, "batch_size": 4, "warmup_steps": 2, "lr": 0.01,
+                                         "multiscale": False, "keep_last": 3, "eval_interval": 1, "visualdl": False}})
+    result = train(spec, tmp_path / "r10", quiet=True)
     root = result.run.checkpoints
     best = ck.read_pointer(root, "best")
     metrics = json.loads(result.run.metrics.read_text())

@@ -57,11 +57,17 @@ def test_onnxruntime_matches_paddle_inference_raw_outputs(tiny_spec, tiny_export
     assert worst_score < 1e-4
 
 
-def test_nms_exports_agree_through_the_edge_runtime(tiny_spec, tiny_export):
-    files = tiny_export.files
-    images = sorted(tiny_spec.paths.images.iterdir())[:4]
-    agreement = compare_models(files["onnx"], files["paddle"], images, min_score=0.02,
+def test_nms_exports_agree_through_the_edge_runtime(base_run, base_export):
+    """ONNX Runtime vs paddle.inference with NMS in the graph, on the base detector (it really detects: the
+    2-epoch tiny run scores everything at the 0.01 floor, so a score cut would compare nothing)."""
+    from detect.run_settings import load_run_spec
+
+    files = base_export.files
+    spec = load_run_spec(base_run.root)
+    images = sorted(spec.paths.images.iterdir())[:4]
+    agreement = compare_models(files["onnx"], files["paddle"], images, min_score=0.3,
                                backend_a="onnxruntime", backend_b="paddle", threads=1)
     print(agreement.summary())
     assert agreement.images == 4
+    assert agreement.matched >= 4 and not agreement.count_mismatches  # real detections, the same ones
     assert agreement.max_box_rel < 1e-3 and agreement.max_score_abs < 1e-4

@@ -20,13 +20,11 @@ def _load(path):
 def start_weights(tiny_spec, tmp_path_factory):
     """Weights the runs start from: a randomly initialised tiny PP-YOLOE+ with non-trivial BN statistics."""
     from detect.heavy import paddle_stack
-    from detect.linespec import resolve_settings
     from detect.ppyoloe import RunPaths, activate, build_config
 
     paddle = paddle_stack().paddle
     out = tmp_path_factory.mktemp("start") / "start.pdparams"
-    activate(build_config(tiny_spec, resolve_settings(tiny_spec, "train"), resolve_settings(tiny_spec, "export"),
-                          RunPaths(out.parent)))
+    activate(build_config(tiny_spec, RunPaths(out.parent)))
     from ppdet.core.workspace import create
 
     paddle.seed(11)
@@ -48,8 +46,8 @@ def test_frozen_backbone_stays_bit_for_bit_and_the_rest_trains(tiny_spec, start_
 
     out = start_weights
     start = _load(out)
-    result = train(tiny_spec, tmp_path / "frozen", {**FAST, "epochs": 2, "freeze": "backbone",
-                                                      "pretrained": str(out)}, quiet=True)
+    spec = tiny_spec.with_cli({"train": {**FAST, "epochs": 2, "freeze": "backbone", "pretrained": str(out)}})
+    result = train(spec, tmp_path / "frozen", quiet=True)
     ckpt = find_resumable(result.run.checkpoints)
     raw, ema, best = _load(ckpt.path / "model.pdparams"), _load(ckpt.path / "ema.pdparams"), _load(result.best_weights)
     frozen = [k for k in start if k.startswith("backbone.")]
@@ -85,8 +83,9 @@ def test_unfreeze_at_epoch_thaws_stages_with_their_own_learning_rate(tiny_spec, 
 
     out = start_weights
     start = _load(out)
-    result = train(tiny_spec, tmp_path / "thaw", {**FAST, "epochs": 2, "freeze": "2", "unfreeze_at_epoch": 2,
-                                                    "unfreeze_lr_factor": 0.5, "pretrained": str(out)}, quiet=True)
+    spec = tiny_spec.with_cli({"train": {**FAST, "epochs": 2, "freeze": "2", "unfreeze_at_epoch": 2,
+                                         "unfreeze_lr_factor": 0.5, "pretrained": str(out)}})
+    result = train(spec, tmp_path / "thaw", quiet=True)
     e1, e2 = list_checkpoints(result.run.checkpoints)[-2:]
     first, second = _load(e1.path / "model.pdparams"), _load(e2.path / "model.pdparams")
     stem_stage0 = [k for k in start if k.startswith(("backbone.stem.", "backbone.stages.0.", "backbone.stages.1."))]
@@ -122,22 +121,20 @@ def test_bad_freeze_settings_fail_before_training(tiny_spec, tmp_path):
     from detect.train import train
 
     with pytest.raises(ConfigError, match="stage 7 does not exist"):
-        train(tiny_spec, tmp_path / "a", {"freeze": "7"})
+        train(tiny_spec.with_cli({"train": {"freeze": "7"}}), tmp_path / "a")
     with pytest.raises(ConfigError, match="nothing to unfreeze"):
-        train(tiny_spec, tmp_path / "b", {"unfreeze_at_epoch": 2})
+        train(tiny_spec.with_cli({"train": {"unfreeze_at_epoch": 2}}), tmp_path / "b")
     with pytest.raises(ConfigError, match="not an epoch of this run"):
-        train(tiny_spec, tmp_path / "c", {"freeze": "stem", "unfreeze_at_epoch": 9, "epochs": 3})
+        train(tiny_spec.with_cli({"train": {"freeze": "stem", "unfreeze_at_epoch": 9, "epochs": 3}}), tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_thaw_restores_gradients_bn_statistics_ema_and_scales_the_learning_rate(tiny_spec, tmp_path):
     from detect.freeze import apply_freeze, parse_freeze
     from detect.heavy import paddle_stack
-    from detect.linespec import resolve_settings
     from detect.ppyoloe import RunPaths, activate, build_config
 
-    settings = resolve_settings(tiny_spec, "train", {"freeze": "stem"})
-    activate(build_config(tiny_spec, settings, resolve_settings(tiny_spec, "export"), RunPaths(tmp_path)))
+    activate(build_config(tiny_spec.with_cli({"train": {"freeze": "stem"}}), RunPaths(tmp_path)))
     from ppdet.core.workspace import create
     from ppdet.optimizer.ema import ModelEMA
 

@@ -30,19 +30,21 @@ def test_pretrain_writes_weights_with_provenance_and_they_load(tmp_path, tiny_sp
     from detect.ppyoloe import build_config  # noqa: F401  (the heavy stack is loaded by pretrain already)
     from detect.train import train
 
-    run = train(tiny_spec, tmp_path / "ft", {"epochs": 1, "batch_size": 4, "multiscale": False,
-                                             "warmup_steps": 1, "pretrained": str(weights)}, quiet=True)
+    spec = tiny_spec.with_cli({"train": {"epochs": 1, "batch_size": 4, "multiscale": False, "warmup_steps": 1,
+                                         "pretrained": str(weights)}})
+    run = train(spec, tmp_path / "ft", quiet=True)
     assert run.metrics["skipped_pretrained_tensors"] == []  # same classes: nothing skipped
 
 
 def test_pretrained_with_another_class_count_skips_the_head(tmp_path, tiny_run, foreign_spec_path):
     """6-class weights into a 3-class line: mismatched head tensors are skipped and listed."""
+    from dataclasses import replace
+
     from detect.linespec import LineSpec
     from detect.train import train
 
-    spec = LineSpec.load(foreign_spec_path)
-    spec.image_size = 96
-    result = train(spec, tmp_path / "ft3", {"epochs": 1, "batch_size": 2, "multiscale": False, "warmup_steps": 1,
-                                            "pretrained": str(tiny_run.best_weights)}, quiet=True)
+    spec = replace(LineSpec.load(foreign_spec_path), image_size=96).with_cli({"train": {
+        "epochs": 1, "batch_size": 2, "multiscale": False, "warmup_steps": 1, "pretrained": str(tiny_run.best_weights)}})
+    result = train(spec, tmp_path / "ft3", quiet=True)
     skipped = result.metrics["skipped_pretrained_tensors"]
     assert skipped and all("pred_cls" in name for name in skipped)

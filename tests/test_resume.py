@@ -23,19 +23,18 @@ class Crash(Exception):
     """Stands in for a process that dies right after a checkpoint was written."""
 
 
-def _interrupted_run(spec, run_dir, settings_overrides, after_epoch):
+def _interrupted_run(spec, run_dir, after_epoch):
     from ppdet.engine.callbacks import Callback
 
     from detect.callbacks import epoch_complete
-    from detect.linespec import resolve_settings
     from detect.ppyoloe import RunPaths
-    from detect.train import build_session, check_settings, run_session
+    from detect.preflight import check_settings
+    from detect.session import build_session, run_session
 
-    settings = resolve_settings(spec, "train", settings_overrides)
-    check_settings(spec, settings)
+    check_settings(spec)
     run = RunPaths(run_dir)
     run.root.mkdir(parents=True)
-    session = build_session(spec, run, settings)
+    session = build_session(spec, run)
 
     class Interrupt(Callback):
         def on_epoch_end(self, status):
@@ -64,7 +63,7 @@ def _max_diff(a, b):
 def uninterrupted(tiny_spec, tmp_path_factory):
     from detect.train import train
 
-    return train(tiny_spec, tmp_path_factory.mktemp("resume") / "straight", RECIPE, quiet=True)
+    return train(tiny_spec.with_cli({"train": RECIPE}), tmp_path_factory.mktemp("resume") / "straight", quiet=True)
 
 
 @pytest.mark.timeout(180)
@@ -72,9 +71,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tiny_spec, uninter
     from detect.checkpoints import find_resumable
     from detect.train import resume
 
-    run = _interrupted_run(tiny_spec, tmp_path / "broken", RECIPE, after_epoch=2)
+    run = _interrupted_run(tiny_spec.with_cli({"train": RECIPE}), tmp_path / "broken", after_epoch=2)
     assert find_resumable(run.checkpoints).epoch == 2 and not run.metrics.exists()
-    resumed = resume(run.root, {}, tiny_spec, quiet=True)
+    resumed = resume(run.root, quiet=True)  # the run's settings.yaml is the spec
     a_ck, b_ck = find_resumable(uninterrupted.run.checkpoints), find_resumable(resumed.run.checkpoints)
     assert a_ck.epoch == b_ck.epoch == 4
     for name in ("model.pdparams", "ema.pdparams"):
@@ -98,20 +97,25 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tiny_spec, uninter
 
 @pytest.mark.timeout(120)
 def test_resume_refusals_are_clear_and_happen_before_training(tiny_spec, uninterrupted, tmp_path):
-    from detect.linespec import LineSpec
+    from dataclasses import replace
+
     from detect.train import resume
 
     done = uninterrupted.run.root
     with pytest.raises(ConfigError, match=r"already finished all 4 epochs.*--epochs N with N > 4"):
         resume(done, {}, tiny_spec)
-    with pytest.raises(ConfigError, match="cannot change train.lr"):
-        resume(done, {"lr": 0.5, "epochs": 6}, tiny_spec)
+    with pytest.raises(ConfigError, match=r"cannot change train.lr \(0.01 -> 0.5\)"):
+        resume(done, {"train": {"lr": 0.5, "epochs": 6}}, tiny_spec)
+    with pytest.raises(ConfigError, match=r"cannot change export.nms_iou"):
+        resume(done, {"train": {"epochs": 6}, "export": {"nms_iou": 0.5}})
     with pytest.raises(ConfigError, match="only extend"):
-        resume(done, {"epochs": 3}, tiny_spec)
-    other = LineSpec(**{**tiny_spec.__dict__, "model_size": "s"})
+        resume(done, {"train": {"epochs": 3}}, tiny_spec)
+    with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
+        resume(done, {"train": {"epoch": 6}})
+    other = replace(tiny_spec, model_size="s")
     with pytest.raises(ConfigError, match=r"another line or model \(model_size: 'tiny' in the run, 's' now\)"):
         resume(done, {}, other)
-    fewer = LineSpec(**{**tiny_spec.__dict__, "classes": tiny_spec.classes[:3]})
+    fewer = replace(tiny_spec, classes=tiny_spec.classes[:3])
     with pytest.raises(ConfigError, match="classes"):
         resume(done, {}, fewer)
     with pytest.raises(ConfigError, match="not a training run"):
@@ -121,7 +125,7 @@ def test_resume_refusals_are_clear_and_happen_before_training(tiny_spec, uninter
 
         shutil.copytree(done, tmp_path / "copy")
         (tmp_path / "copy" / "metrics.json").unlink()
-        train(tiny_spec, tmp_path / "copy", RECIPE)
+        train(tiny_spec.with_cli({"train": RECIPE}), tmp_path / "copy")
 
 
 @pytest.mark.timeout(150)
@@ -135,10 +139,19 @@ def test_corrupt_latest_falls_back_and_extending_epochs_continues_the_history(ti
     weights = latest.path / "model.pdparams"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated on disk
     with pytest.warns(CheckpointWarning, match="e0004.*falling back"):
-        result = resume(run_dir, {"epochs": 5}, tiny_spec, quiet=True)
+        result = resume(run_dir, {"train": {"epochs": 5}}, tiny_spec, quiet=True)
     history = [json.loads(line)["epoch"] for line in result.run.history.read_text().splitlines()]
     assert history == [1, 2, 3, 4, 5]  # epoch 4 redone from epoch 3's checkpoint, then extended
     assert json.loads(result.run.metrics.read_text())["epochs"] == 5
+    from detect.run_settings import read_record
+
+    record = read_record(run_dir)  # the resume's override went through with_cli and is recorded
+    assert record["settings"]["train"]["epochs"] == 5 and record["overrides"]["train"]["epochs"] == 5
+    assert record["overrides"]["train"]["lr"] == RECIPE["lr"]  # the first command's overrides are kept
+    # the ATSS->TaskAligned switch stays where the 4-epoch run put it (max(1, 4 // 4)), not 5 // 4
+    assert record["ppdet"]["PPYOLOEHead"]["static_assigner_epoch"] == 1
+    resumes = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert resumes[-1]["epochs"] == 5 and resumes[-1]["overrides"]["train"]["epochs"] == 5
     assert [c.epoch for c in list_checkpoints(run_dir / "checkpoints")][-1] == 5
 
 
@@ -146,11 +159,12 @@ def test_corrupt_latest_falls_back_and_extending_epochs_continues_the_history(ti
 def test_early_stopped_run_is_not_resumed(tiny_spec, tmp_path):
     from detect.train import resume, train
 
-    result = train(tiny_spec, tmp_path / "es", {"epochs": 6, "batch_size": 4, "warmup_steps": 2, "lr": 0.0,
-                                                "multiscale": False, "patience": 1, "visualdl": False}, quiet=True)
+    spec = tiny_spec.with_cli({"train": {"epochs": 6, "batch_size": 4, "warmup_steps": 2, "lr": 0.0,
+                                         "multiscale": False, "patience": 1, "visualdl": False}})
+    result = train(spec, tmp_path / "es", quiet=True)
     assert result.metrics["stop_reason"].startswith("early stop")
     with pytest.raises(ConfigError, match=r"stopped early at epoch 2.*--pretrained .*best.pdparams"):
-        resume(result.run.root, {"epochs": 9}, tiny_spec)
+        resume(result.run.root, {"train": {"epochs": 9}}, tiny_spec)
 
 
 def _newest_epoch(root) -> int:
@@ -160,10 +174,24 @@ def _newest_epoch(root) -> int:
     return found[-1].epoch if found else 0
 
 
+def _logged_step(log, epoch_id: int):
+    """(step, steps per epoch) of the newest ppdet step line of 0-based ``epoch_id`` in train.log, or None."""
+    import re
+
+    found = None
+    if log.is_file():
+        for m in re.finditer(r"Epoch: \[(\d+)\] \[\s*(\d+)/(\d+)\]", log.read_text(errors="replace")):
+            if int(m[1]) == epoch_id:
+                found = (int(m[2]), int(m[3]))
+    return found
+
+
 @pytest.mark.timeout(300)
 def test_sigkill_at_three_random_moments_then_the_run_finishes_intact(tiny_spec, tmp_path):
-    """Real processes, real ``kill -9``: the kit's CLI trains, is killed after a checkpoint exists (at a
-    random moment of the next epoch, maybe mid-step, mid-evaluation or mid-checkpoint-write), resumes."""
+    """Real processes, real ``kill -9``: the kit's CLI trains, is killed after a checkpoint exists (right after a
+    randomly chosen step of the next epoch has been logged: mid-step, mid-evaluation or mid-checkpoint-write),
+    resumes. No wall-clock windows: every wait is for an event of the run (a checkpoint, a logged step, the
+    process ending); the test's timeout only guards against a hang."""
     import random
     import subprocess
     import sys
@@ -172,31 +200,29 @@ def test_sigkill_at_three_random_moments_then_the_run_finishes_intact(tiny_spec,
     from detect.checkpoints import list_checkpoints, verify
 
     rng = random.Random(20261122)
-    epochs = 9
+    epochs = 6
     run_dir = tmp_path / tiny_spec.line / "killed"
     base = [sys.executable, "-m", "defectkit", "train", str(tiny_spec.source), "--runs", str(tmp_path)]
     start = base + ["--name", "killed", "--epochs", str(epochs), "--batch-size", "4", "--set", "warmup_steps=2",
                     "--set", "multiscale=False", "--set", "visualdl=False", "--set", "mosaic=0.5",
-                    "--set", "close_mosaic=2", "--set", "lr=0.01"]
-    again = base + ["--resume", str(run_dir)]
-    kills, seen, command, epoch_seconds = [], 0, start, []
+                    "--set", "close_mosaic=2", "--set", "lr=0.01", "--set", "log_interval=1"]
+    again = [sys.executable, "-m", "defectkit", "train", "--resume", str(run_dir)]  # the run is the spec
+    kills, seen, command = [], 0, start
     log = open(tmp_path / "stderr.log", "w")
     while len(kills) < 3:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=tmp_path)
-        deadline = time.time() + 90
-        # Wait for two new checkpoints: the gap between them is this machine's epoch time, so the kill below
-        # lands inside the next epoch (a fixed sleep crossed whole epochs on a fast CI machine and killed
-        # after the last checkpoint).
-        appeared = []
-        while len(appeared) < 2 and proc.poll() is None and time.time() < deadline:
-            newest = _newest_epoch(run_dir / "checkpoints")
-            if newest > seen:
-                appeared.append(time.monotonic())
-                seen = newest
+        while proc.poll() is None and _newest_epoch(run_dir / "checkpoints") <= seen:  # a new checkpoint
+            time.sleep(0.02)
+        seen = _newest_epoch(run_dir / "checkpoints")
+        target = None
+        while proc.poll() is None:  # then a random step of the next epoch (ppdet's 0-based epoch id == seen)
+            logged = _logged_step(run_dir / "train.log", seen)
+            if logged is not None:
+                target = rng.randrange(logged[1]) if target is None else target
+                if logged[0] >= target:
+                    break
             time.sleep(0.02)
         assert proc.poll() is None, f"training ended before it could be killed (see {tmp_path / 'stderr.log'})"
-        epoch_seconds.append(appeared[1] - appeared[0])
-        time.sleep(rng.uniform(0.0, 0.8) * min(epoch_seconds))
         proc.kill()
         proc.wait()
         seen = _newest_epoch(run_dir / "checkpoints")
@@ -204,7 +230,7 @@ def test_sigkill_at_three_random_moments_then_the_run_finishes_intact(tiny_spec,
         for ckpt in list_checkpoints(run_dir / "checkpoints"):  # whatever the moment, no broken checkpoint
             assert verify(ckpt) == [], ckpt
         command = again
-    done = subprocess.run(again, stdout=subprocess.PIPE, stderr=log, cwd=tmp_path, timeout=120, text=True)
+    done = subprocess.run(again, stdout=subprocess.PIPE, stderr=log, cwd=tmp_path, text=True)
     assert done.returncode == 0, (tmp_path / "stderr.log").read_text()[-2000:]
     assert kills == sorted(kills) and kills[-1] < epochs, kills
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -26,13 +26,14 @@ def parent(tmp_path_factory):
     from detect.data.synth import generate_line
     from detect.head_surgery import first_classes_model
     from detect.ppyoloe import RunPaths
+    from detect.run_settings import write_run_settings
 
     tmp = tmp_path_factory.mktemp("retrain")
     spec = generate_line(tmp / "old", line="pcb-rt", count=48, seed=21, val_fraction=0.25, progress=False,
-                         classes=tuple(OLD))
+                         classes=tuple(OLD)).with_cli({"train": {"lr": 0.003}})  # as `defectkit train --lr 0.003`
     run = RunPaths(tmp / "runs" / "pcb-rt" / "parent")
     first_classes_model(ROOT / "base_weights" / "pcb-base-tiny-320.pdparams", 5, run.best_weights)
-    spec.save(run.line_spec)
+    write_run_settings(run.root, spec)
     run.metrics.write_text(json.dumps({"classes": OLD, "source": "base weights cut to five classes"}))
     return run
 
@@ -48,20 +49,22 @@ def new_data(parent):
 
 @pytest.fixture(scope="module")
 def six_class_spec(parent):
-    from detect.linespec import LineSpec
+    from dataclasses import replace
 
-    spec = LineSpec.load(parent.line_spec)
-    spec.classes = list(DEFECT_CLASSES)
-    spec.save(parent.root.parents[2] / "pcb-rt-v2.yaml")
-    return spec
+    from detect.linespec import LineSpec
+    from detect.run_settings import load_run_spec
+
+    spec = replace(load_run_spec(parent.root), classes=list(DEFECT_CLASSES))
+    return LineSpec.load(spec.save(parent.root.parents[2] / "pcb-rt-v2.yaml"))
 
 
 @pytest.fixture(scope="module")
 def retrained(parent, new_data, six_class_spec):
     from detect.retrain import retrain
 
-    return retrain(parent.root, [new_data], six_class_spec, parent.root.parent / "rt1", {"epochs": 2},
-                   {"batch_size": 4, "multiscale": False, "warmup_steps": 4, "visualdl": False}, quiet=True)
+    return retrain(parent.root, [new_data], six_class_spec, parent.root.parent / "rt1",
+                   {"retrain": {"epochs": 2},
+                    "train": {"batch_size": 4, "multiscale": False, "warmup_steps": 4, "visualdl": False}}, quiet=True)
 
 
 def test_grow_class_rows_keeps_old_rows_and_initialises_new_ones_like_ppdet():
@@ -98,17 +101,23 @@ def test_retrain_adds_a_class_from_the_parent_weights(parent, retrained):
     metrics = json.loads(run.metrics.read_text())
     assert metrics["classes"] == list(DEFECT_CLASSES) and metrics["freeze"] == "backbone"
     assert metrics["skipped_pretrained_tensors"] == []  # every tensor came from the grown parent weights
-    config = json.loads(json.dumps(__import__("yaml").safe_load((run.root / "config.yaml").read_text())))
-    assert config["train"]["lr"] == pytest.approx(0.01 * 0.5)  # train.lr x retrain.lr_factor
+    from detect.run_settings import read_record
+
+    record = read_record(run.root)  # the retrain's own settings.yaml
+    # the parent's recorded train.lr (0.003, given on its command line) x retrain.lr_factor
+    assert record["settings"]["train"]["lr"] == pytest.approx(0.003 * 0.5)
+    assert record["ppdet"]["LearningRate"]["base_lr"] == pytest.approx(0.003 * 0.5)
+    assert record["settings"]["train"]["epochs"] == 2 and record["settings"]["train"]["freeze"] == "backbone"
+    assert record["overrides"]["retrain"] == {"epochs": 2} and record["classes"] == list(DEFECT_CLASSES)
 
 
 def test_merged_data_replays_the_parent_and_keeps_the_class_order(parent, new_data, retrained):
     from detect.data.coco import class_names, load_coco
-    from detect.linespec import LineSpec
+    from detect.run_settings import load_run_spec
 
     data = retrained.run.root / "data"
     train, val, val_old = (load_coco(data / f"{n}.json") for n in ("train", "val", "val_old"))
-    parent_spec = LineSpec.load(parent.line_spec)
+    parent_spec = load_run_spec(parent.root)
     old_train, old_val = load_coco(parent_spec.paths.train), load_coco(parent_spec.paths.val)
     new_train, new_val = load_coco(new_data / "annotations/train.json"), load_coco(new_data / "annotations/val.json")
     assert class_names(train) == class_names(val) == class_names(val_old) == list(DEFECT_CLASSES)
@@ -122,7 +131,7 @@ def test_merged_data_replays_the_parent_and_keeps_the_class_order(parent, new_da
     names = {c["id"]: c["name"] for c in train["categories"]}
     assert sum(names[a["category_id"]] == "spurious_copper" for a in train["annotations"]) == \
         sum(a["category_id"] == 6 for a in new_train["annotations"])
-    spec = LineSpec.load(retrained.run.line_spec)
+    spec = load_run_spec(retrained.run.root)
     assert spec.paths.train == (data / "train.json").resolve() and spec.classes == list(DEFECT_CLASSES)
     record = json.loads((retrained.run.root / "retrain.json").read_text())
     assert record["new_classes"] == ["spurious_copper"] and record["retrain"]["replay"] == 1.0
@@ -131,14 +140,15 @@ def test_merged_data_replays_the_parent_and_keeps_the_class_order(parent, new_da
 
 def test_forgetting_verdict_is_computed_from_both_models_on_the_parents_val_set(parent, retrained):
     from detect.infer import evaluate_weights
-    from detect.linespec import LineSpec
+    from detect.run_settings import load_run_spec
 
     v = retrained.verdict
     record = json.loads((retrained.run.root / "retrain.json").read_text())
     assert record["status"] == ("passed" if v.passed else "refused")
     assert [c.name for c in v.classes] == OLD and list(v.new_classes) == ["spurious_copper"]
-    parent_eval = evaluate_weights(LineSpec.load(parent.line_spec), parent.best_weights,
-                                   LineSpec.load(parent.line_spec).paths.val, retrained.run.root / "eval" / "check")
+    parent_spec = load_run_spec(parent.root)
+    parent_eval = evaluate_weights(parent_spec, parent.best_weights, parent_spec.paths.val,
+                                   retrained.run.root / "eval" / "check")
     assert v.old_map_parent == pytest.approx(parent_eval.map50_95, abs=1e-4)
     assert v.old_map_parent > 0.5  # the base detector really detects the five old classes
     for c in v.classes:
@@ -197,11 +207,12 @@ def _cli(*args: str) -> tuple[int, str]:
 
 
 def test_bad_retrain_input_is_refused_with_the_fix(parent, new_data, tmp_path):
-    from detect.linespec import LineSpec
+    from dataclasses import replace
 
-    spec = LineSpec.load(parent.line_spec)
-    spec.classes = ["spurious_copper"] + OLD  # a new class inserted first: every old class id would move
-    spec.save(tmp_path / "reordered.yaml")
+    from detect.run_settings import load_run_spec
+
+    spec = load_run_spec(parent.root)
+    replace(spec, classes=["spurious_copper"] + OLD).save(tmp_path / "reordered.yaml")  # every old id would move
     code, err = _cli("--from", str(parent.root), "--add", str(new_data), "--spec", str(tmp_path / "reordered.yaml"))
     assert code == 2 and "must start with the parent model's classes" in err and "Append new defect classes" in err
     code, err = _cli("--from", str(parent.root), "--add", str(new_data))  # six-class data, five-class spec
@@ -210,9 +221,7 @@ def test_bad_retrain_input_is_refused_with_the_fix(parent, new_data, tmp_path):
     assert code == 2 and "--add DATA_FOLDER" in err
     code, err = _cli("--from", str(parent.root), "--add", str(tmp_path / "nowhere"))
     assert code == 2 and "no such folder" in err
-    other = LineSpec.load(parent.line_spec)
-    other.line = "other-line"
-    other.save(tmp_path / "other.yaml")
+    replace(spec, line="other-line").save(tmp_path / "other.yaml")
     code, err = _cli("--from", str(parent.root), "--add", str(new_data), "--spec", str(tmp_path / "other.yaml"))
     assert code == 2 and "not the parent run's line 'pcb-rt'" in err
     unfinished = tmp_path / "unfinished"

@@ -31,8 +31,8 @@ def test_early_stopping_ends_a_plateau_and_keeps_the_best_epochs_weights(tiny_sp
     from detect.checkpoints import list_checkpoints, read_pointer
     from detect.train import train
 
-    result = train(tiny_spec, tmp_path / "es", {**FAST, "epochs": 12, "lr": 0.002, "patience": 2, "visualdl": True},
-                   quiet=True)
+    spec = tiny_spec.with_cli({"train": {**FAST, "epochs": 12, "lr": 0.002, "patience": 2, "visualdl": True}})
+    result = train(spec, tmp_path / "es", quiet=True)
     metrics, run = result.metrics, result.run
     history = [json.loads(line) for line in run.history.read_text().splitlines()]
     maps = [h["map50_95"] for h in history]
@@ -57,21 +57,22 @@ def test_augment_preview_writes_a_grid_of_what_the_model_sees(tiny_spec, tmp_pat
 
     from detect.augment_preview import augment_preview, preview_samples
 
-    over = {"mosaic": 1.0, "mixup": 0.5, "close_mosaic": 1, "epochs": 3, "multiscale": True}
-    png = augment_preview(tiny_spec, tmp_path / "grid.png", n=6, overrides=over)
+    over = tiny_spec.with_cli({"train": {"mosaic": 1.0, "mixup": 0.5, "close_mosaic": 1, "epochs": 3,
+                                         "multiscale": True}})
+    png = augment_preview(over, tmp_path / "grid.png", n=6)
     image = cv2.imread(str(png))
     assert image is not None and image.shape[0] > 256 and image.shape[1] >= 512
-    a = preview_samples(tiny_spec, 4, over)
-    b = preview_samples(tiny_spec, 4, over)  # same seeds, same samples as the training loader draws
+    a = preview_samples(over, 4)
+    b = preview_samples(over, 4)  # same seeds, same samples as the training loader draws
     assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
     assert {x[0].shape[0] for x in a} <= {tiny_spec.image_size + d for d in (-64, -32, 0, 32, 64)}
     assert all(len(boxes) == len(labels) and (boxes[:, 2:] - boxes[:, :2] >= 2).all() for _, boxes, labels in a)
-    plain = preview_samples(tiny_spec, 2, {"hsv": [0, 0, 0], "flip": 0.0, "multiscale": False})
+    plain = preview_samples(tiny_spec.with_cli({"train": {"hsv": [0, 0, 0], "flip": 0.0, "multiscale": False}}), 2)
     assert all(img.shape[:2] == (tiny_spec.image_size, tiny_spec.image_size) and img.mean() > 20 for img, _, _ in plain)
-    last = preview_samples(tiny_spec, 2, over, epoch=2)  # the close_mosaic epoch: plain samples again
+    last = preview_samples(over, 2, epoch=2)  # the close_mosaic epoch: plain samples again
     assert not any(np.array_equal(x[0], y[0]) for x, y in zip(a, last))
     with pytest.raises(ConfigError, match="not an epoch of this run"):
-        augment_preview(tiny_spec, tmp_path / "x.png", overrides=over, epoch=3)
+        augment_preview(over, tmp_path / "x.png", epoch=3)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -85,18 +86,19 @@ def test_augment_preview_writes_a_grid_of_what_the_model_sees(tiny_spec, tmp_pat
 def test_bad_training_settings_are_refused_before_training(tiny_spec, tmp_path, overrides, message):
     from detect.train import train
 
-    with pytest.raises(ConfigError, match=message):
-        train(tiny_spec, tmp_path / "r", overrides)
+    with pytest.raises(ConfigError, match=message):  # refused where the command line is put on the spec
+        train(tiny_spec.with_cli({"train": overrides}), tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
 
 def test_pretrained_from_another_class_count_skips_the_head_and_says_so(tiny_spec, tiny_run, tmp_path):
-    from detect.linespec import LineSpec, resolve_settings
-    from detect.ppyoloe import RunPaths, activate, build_config
-    from detect.train import load_pretrained
+    from dataclasses import replace
 
-    three = LineSpec(**{**tiny_spec.__dict__, "classes": tiny_spec.classes[:3]})
-    activate(build_config(three, resolve_settings(three, "train"), resolve_settings(three, "export"), RunPaths(tmp_path)))
+    from detect.ppyoloe import RunPaths, activate, build_config
+    from detect.session import load_pretrained
+
+    three = replace(tiny_spec, classes=tiny_spec.classes[:3])
+    activate(build_config(three, RunPaths(tmp_path)))
     from ppdet.core.workspace import create
 
     skipped = load_pretrained(create("YOLOv3"), str(tiny_run.best_weights))
@@ -106,11 +108,12 @@ def test_pretrained_from_another_class_count_skips_the_head_and_says_so(tiny_spe
 
 
 def test_64_px_lines_train_the_static_assigner_fits_the_coarsest_level(tiny_spec):
-    from detect.linespec import resolve_settings
+    from dataclasses import replace
+
     from detect.ppyoloe import RunPaths, build_config
 
-    spec = type(tiny_spec)(**{**tiny_spec.__dict__, "image_size": 64})
-    cfg = build_config(spec, resolve_settings(spec, "train"), resolve_settings(spec, "export"), RunPaths(Path("x")))
+    spec = replace(tiny_spec, image_size=64)
+    cfg = build_config(spec, RunPaths(Path("x")))
     assert cfg["PPYOLOEHead"]["static_assigner"]["topk"] == 4  # 2 x 2 cells at stride 32
 
 
@@ -186,5 +189,6 @@ def test_batches_of_only_defect_free_images_train(tmp_path):
 
     spec = generate_line(tmp_path / "ok", line="mostly-ok", count=10, size=(96, 96), seed=5,
                          defect_free_fraction=0.8, val_fraction=0.2, progress=False)
-    result = train(spec, tmp_path / "run", {**FAST, "epochs": 1, "batch_size": 2, "lr": 0.01}, quiet=True)
+    result = train(spec.with_cli({"train": {**FAST, "epochs": 1, "batch_size": 2, "lr": 0.01}}), tmp_path / "run",
+                   quiet=True)
     assert result.metrics["epochs_run"] == 1
