@@ -149,8 +149,8 @@ def _sqlite_engine(url: str):
     from sqlalchemy import create_engine, event
 
     Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    eng = create_engine(url, connect_args={"timeout": 30.0, "check_same_thread": False}, pool_size=8,
-                        max_overflow=32, pool_timeout=60)
+    eng = create_engine(url, connect_args={"timeout": 30.0, "check_same_thread": False}, pool_size=16,
+                        max_overflow=64, pool_timeout=30)  # more than the 40 worker threads of the app
 
     @event.listens_for(eng, "connect")
     def _on_connect(dbapi_conn, record):  # noqa: ANN001 - DB-API connection
@@ -181,7 +181,7 @@ def engine(db: DbLocation):
                 require("psycopg", "fleet", "a PostgreSQL store")
                 from sqlalchemy import create_engine
 
-                eng = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_timeout=30,
+                eng = create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True, pool_timeout=30,
                                     connect_args={"connect_timeout": 5})
             _ENGINES[url] = eng
     return eng

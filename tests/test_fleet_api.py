@@ -61,6 +61,21 @@ def fleet(tmp_path_factory, request):
     c.stop()
 
 
+def _dashboard(url):
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Authorization": f"Bearer {ADMIN}"})
+        r = conn.getresponse()
+        assert r.status == 200
+        return r.read().decode()
+    finally:
+        conn.close()
+
+
 def target(f, dev, token=None):
     st, doc, _ = call(f["url"], "GET", f"/api/v1/devices/{dev}/target", token=token or f["tokens"][dev])
     if st != 200:
@@ -191,6 +206,10 @@ def test_canary_promotes_then_a_bad_version_rolls_back(fleet, capsys):
     assert "start" in out and "rolled_back canary box d2: update of 3.0.0 failed" in out
     st, body, _ = call(url, "GET", "/api/v1/lines/line-a/rollout", token=ADMIN)
     assert st == 200 and [d["action"] for d in body["decisions"]][0] == "start"
+    # the dashboard shows the same rollout state and the boxes' bundle versions
+    page = _dashboard(url)
+    assert "3.0.0 from 2.0.0: <strong>rolled_back</strong>" in page and "canary d2" in page
+    assert "rolled_back: canary box d2: update of 3.0.0 failed" in page and "active version: 2.0.0" in page
     assert body["decisions"][-1]["figures"]["canary"] == ["d2"]
     # the registry's own rollback: only to a version that passed its gates and was active
     st, body, _ = call(url, "POST", "/api/v1/lines/line-a/rollback", {"to": "3.0.0"}, ADMIN)

@@ -21,6 +21,7 @@ from fleet import store
 from fleet.api.deps import (AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, check_line, parse_json,
                             rate_limit, read_body)
 from fleet.validate import hard_example_problems, jpeg_problem
+from fleet.db import Conn
 from fleet.settings import CollectorSettings
 
 router = APIRouter(prefix="/api/v1/hard-examples", tags=["hard-examples"])
@@ -29,20 +30,20 @@ router = APIRouter(prefix="/api/v1/hard-examples", tags=["hard-examples"])
 QUOTA_WINDOW_S = 86400.0
 
 
-def _store(settings: CollectorSettings, meta: dict, image: bytes) -> tuple:
-    """(outcome, retry_after): ``inserted``, ``duplicate``, ``conflict`` (another device's id) or ``quota``."""
-    with store.session(path=settings.db) as conn:
-        owner = store.hard_example_owner(conn, hard_example_id=meta["id"])
-        if owner is not None:
-            return ("duplicate" if owner == meta["device_id"] else "conflict"), 0
-        now = time.time()
-        used, oldest = store.hard_example_bytes(conn, device=meta["device_id"], since=now - QUOTA_WINDOW_S)
-        if used + len(image) > settings.quota_bytes_per_day:
-            return "quota", max(1, int((oldest or now) + QUOTA_WINDOW_S - now) + 1)
-        path = settings.data_dir / meta["line"] / meta["device_id"] / f"{meta['id']}.jpg"
-        atomic_write_bytes(path, image)  # file first: a crash leaves an orphan file, never a row without image
-        return store.insert_hard_example(conn, meta=meta, image_path=str(path), received_at=now,
-                                         image_sha256=hashlib.sha256(image).hexdigest(), image_bytes=len(image)), 0
+def _store(settings: CollectorSettings, conn: Conn, meta: dict, image: bytes) -> tuple:
+    """(outcome, retry_after): ``inserted``, ``duplicate``, ``conflict`` (another device's id) or ``quota``.
+    On the request's own connection: a second one per request can exhaust the pool under load."""
+    owner = store.hard_example_owner(conn, hard_example_id=meta["id"])
+    if owner is not None:
+        return ("duplicate" if owner == meta["device_id"] else "conflict"), 0
+    now = time.time()
+    used, oldest = store.hard_example_bytes(conn, device=meta["device_id"], since=now - QUOTA_WINDOW_S)
+    if used + len(image) > settings.quota_bytes_per_day:
+        return "quota", max(1, int((oldest or now) + QUOTA_WINDOW_S - now) + 1)
+    path = settings.data_dir / meta["line"] / meta["device_id"] / f"{meta['id']}.jpg"
+    atomic_write_bytes(path, image)  # file first: a crash leaves an orphan file, never a row without image
+    return store.insert_hard_example(conn, meta=meta, image_path=str(path), received_at=now,
+                                     image_sha256=hashlib.sha256(image).hexdigest(), image_bytes=len(image)), 0
 
 
 @router.post("", status_code=201)
@@ -67,7 +68,7 @@ async def post_hard_example(request: Request, settings: SettingsDep, device: Cur
     problem = await run_in_threadpool(jpeg_problem, image, meta)
     if problem:
         raise HTTPException(status_code=422, detail=problem)
-    outcome, retry = await run_in_threadpool(_store, settings, meta, image)
+    outcome, retry = await run_in_threadpool(_store, settings, db, meta, image)
     if outcome == "conflict":
         raise HTTPException(status_code=409, detail=f"hard example id {meta['id']} is already used by another device")
     if outcome == "quota":

@@ -12,14 +12,8 @@ from fleet import store
 from fleet.api.deps import (AdminDep, CurrentDevice, DbDep, SettingsDep, check_claim, check_line, parse_json,
                             rate_limit, read_body)
 from fleet.validate import report_problems
-from fleet.settings import CollectorSettings
 
 router = APIRouter(prefix="/api/v1/reports", tags=["reports"])
-
-
-def _store(settings: CollectorSettings, report: dict) -> str:
-    with store.session(path=settings.db) as conn:
-        return store.insert_report(conn, report=report)
 
 
 @router.post("", status_code=201)
@@ -34,7 +28,7 @@ async def post_report(request: Request, settings: SettingsDep, device: CurrentDe
         raise HTTPException(status_code=422, detail=f"report does not follow {SCHEMA}: " + "; ".join(errs))
     check_claim(device, obj["device_id"], "report")
     check_line(db, device, obj["line"], "report")
-    outcome = await run_in_threadpool(_store, settings, obj)
+    outcome = await run_in_threadpool(lambda: store.insert_report(db, report=obj))  # the request's one connection
     if outcome == "conflict":
         raise HTTPException(status_code=409, detail=f"report id {obj['id']} is already used by another device")
     return JSONResponse({"id": obj["id"], "duplicate": outcome == "duplicate"},
