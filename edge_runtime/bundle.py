@@ -296,20 +296,24 @@ def signature_document(manifest_bytes: bytes, signature: bytes, public_key) -> b
 
 
 def _verify_signature(root: Path, manifest_bytes: bytes, public_key) -> None:
-    from cryptography.exceptions import InvalidSignature
-
     sig_path = root / SIGNATURE
     if not sig_path.is_file():
         raise BundleError(
             f"unsigned bundle refused: {root} has no {SIGNATURE}; build and sign it with 'defectkit bundle build --key ...'"
         )
+    _check_signature(sig_path.read_bytes(), manifest_bytes, public_key, sig_path)
+
+
+def _check_signature(sig_bytes: bytes, manifest_bytes: bytes, public_key, where) -> None:
+    from cryptography.exceptions import InvalidSignature
+
     try:
-        doc = json.loads(sig_path.read_bytes().decode("utf-8"))
+        doc = json.loads(sig_bytes.decode("utf-8"))
         if not isinstance(doc, dict) or doc.get("check") != _sig_check(doc) or doc.get("schema") != SIGNATURE_SCHEMA:
             raise ValueError("damaged")
         signature = base64.b64decode(doc["signature"], validate=True)
-    except (ValueError, UnicodeDecodeError, KeyError, binascii.Error):
-        raise BundleError(f"{SIGNATURE} is damaged or not a defectkit signature ({sig_path}): bundle refused") from None
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, binascii.Error):
+        raise BundleError(f"{SIGNATURE} is damaged or not a defectkit signature ({where}): bundle refused") from None
     if hashlib.sha256(manifest_bytes).hexdigest() != doc.get("manifest_sha256"):
         raise BundleError(f"{MANIFEST} was modified after signing (its sha256 differs from {SIGNATURE}): bundle refused")
     if doc.get("key_id") != key_id(public_key):
@@ -326,51 +330,196 @@ def _verify_signature(root: Path, manifest_bytes: bytes, public_key) -> None:
 # ------------------------------------------------------------------------------------------------ verification
 
 
-def safe_extract(archive: str | Path, dest: str | Path) -> Path:
-    """Extract a bundle ``.tar.gz``: regular files and directories only, no absolute paths, no ``..``."""
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps on what a bundle archive may unpack to, checked on the tar headers while the archive is read (before
+    anything is written) and again while writing. A real bundle holds a few models, golden images with their
+    expectations and a drift reference: tens of files, its archive's size or a little more unpacked."""
+
+    max_members: int = 4096
+    max_unpacked_bytes: int = 2 << 30  # the sum of the members' sizes
+    max_meta_bytes: int = 1 << 20  # manifest.json and manifest.sig are read into memory
+
+    def stream_cap(self) -> int:
+        """The most decompressed bytes a tar stream within these limits can have (headers, padding, end blocks)."""
+        return self.max_unpacked_bytes + (self.max_members + 2) * 2048 + 20 * 512
+
+
+class _CappedReader:
+    """A read-only stream that raises BundleError once more than ``cap`` bytes were read (a gzip bomb)."""
+
+    def __init__(self, raw, cap: int, where: Path) -> None:
+        self.raw, self.cap, self.where, self.count = raw, cap, where, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        room = self.cap + 1 - self.count  # >= 1: past the cap read() has raised already
+        data = self.raw.read(min(room, 1 << 20) if n is None or n < 0 else min(n, room))
+        self.count += len(data)
+        if self.count > self.cap:
+            raise BundleError(f"{self.where}: decompresses to more than {self.cap} bytes (a bundle within the limits "
+                              "cannot): archive refused")
+        return data
+
+
+class _Members:
+    """The checks every member gets, in both passes: a plain relative path, a file or directory, the count and
+    size caps, no name twice."""
+
+    def __init__(self, archive: Path, limits: ArchiveLimits) -> None:
+        self.archive, self.limits = archive, limits
+        self.count = self.total = 0
+        self.names: set[str] = set()
+
+    def check(self, m: tarfile.TarInfo) -> str:
+        self.count += 1
+        if self.count > self.limits.max_members:
+            raise BundleError(f"{self.archive}: more than {self.limits.max_members} members: archive refused")
+        p = PurePosixPath(m.name)
+        if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")):
+            raise BundleError(f"{self.archive}: member {m.name!r} points outside the bundle: archive refused")
+        if not (m.isfile() or m.isdir()) or m.issparse():
+            raise BundleError(f"{self.archive}: member {m.name!r} is a link or device: archive refused")
+        name = p.as_posix()
+        if name in ("", "."):
+            return "."
+        if name in self.names:
+            raise BundleError(f"{self.archive}: member {name} appears twice: archive refused")
+        self.names.add(name)
+        if m.isfile():
+            self.total += max(0, m.size)
+            if self.total > self.limits.max_unpacked_bytes:
+                raise BundleError(f"{self.archive}: members add up to more than {self.limits.max_unpacked_bytes} "
+                                  "bytes unpacked: archive refused")
+        return name
+
+
+def _open_stream(archive: Path, limits: ArchiveLimits):
+    raw = gzip.open(archive, "rb")
+    reader = _CappedReader(raw, limits.stream_cap(), archive)
+    return raw, reader, tarfile.open(fileobj=reader, mode="r|")
+
+
+def _drain(reader: _CappedReader) -> None:
+    """Read the stream to its end: gzip checks its CRC-32 and length there (a flipped byte in tar padding)."""
+    while reader.read(1 << 20):
+        pass
+
+
+def _scan(archive: Path, limits: ArchiveLimits) -> tuple[dict[str, int], dict[str, bytes]]:
+    """Pass 1, nothing written: every header checked, the regular files' names and sizes, and the bytes of
+    manifest.json and manifest.sig."""
+    files: dict[str, int] = {}
+    meta: dict[str, bytes] = {}
+    members = _Members(archive, limits)
+    raw, reader, tar = _open_stream(archive, limits)
+    with raw, tar:
+        for m in tar:
+            name = members.check(m)
+            if not m.isfile():
+                continue
+            files[name] = m.size
+            if name in (MANIFEST, SIGNATURE):
+                if m.size > limits.max_meta_bytes:
+                    raise BundleError(f"{archive}: {name} is {m.size} bytes (at most {limits.max_meta_bytes}): "
+                                      "archive refused")
+                meta[name] = tar.extractfile(m).read()
+        _drain(reader)
+    return files, meta
+
+
+def safe_extract(archive: str | Path, dest: str | Path, *, public_key: PublicKeyLike | None = None,
+                 limits: ArchiveLimits | None = None, fsync: bool = False) -> Path:
+    """Extract a bundle ``.tar.gz`` without trusting it.
+
+    Pass 1 reads the archive to its end writing nothing: regular files and directories only (no links, devices,
+    absolute paths or ``..``), at most ``limits.max_members`` members adding up to ``limits.max_unpacked_bytes``
+    (declared sizes; the decompressed stream itself is capped too, so a gzip bomb stops at the cap), no name
+    twice, a gzip stream that checks. With ``public_key`` the signature over manifest.json is verified next and
+    every regular file must be listed in the signed manifest: an unsigned, tampered or padded archive is refused
+    before a single byte is written. Pass 2 writes the files (``fsync``: each file and directory synced).
+    The caller still runs :func:`verify_bundle` on the result (every checksum)."""
     archive, dest = Path(archive), Path(dest)
+    limits = limits or ArchiveLimits()
+    from edge_runtime.crashpoints import crashpoint
+
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for m in members:
-                p = PurePosixPath(m.name)
-                if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")):
-                    raise BundleError(f"{archive}: member {m.name!r} points outside the bundle: archive refused")
-                if not (m.isfile() or m.isdir()):
-                    raise BundleError(f"{archive}: member {m.name!r} is a link or device: archive refused")
-            dest.mkdir(parents=True, exist_ok=True)
-            for m in members:
-                target = dest / m.name
+        files, meta = _scan(archive, limits)
+        if public_key is not None:
+            key = load_public_key(public_key)
+            if MANIFEST not in meta:
+                raise BundleError(f"{archive} has no {MANIFEST}: not a defectkit bundle")
+            if SIGNATURE not in meta:
+                raise BundleError(f"unsigned bundle refused: {archive} has no {SIGNATURE}; build and sign it with "
+                                  "'defectkit bundle build --key ...'")
+            _check_signature(meta[SIGNATURE], meta[MANIFEST], key, archive)
+            try:
+                listed = Manifest.from_dict(json.loads(meta[MANIFEST].decode("utf-8")),
+                                            source=f"{MANIFEST} in {archive}").files()
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise BundleError(f"{MANIFEST} in {archive} is signed but not valid JSON ({exc})") from None
+            for name in sorted(set(files) - set(listed) - {MANIFEST, SIGNATURE}):
+                raise BundleError(f"bundle {archive}: file {name} is not listed in {MANIFEST}: bundle refused")
+        dest.mkdir(parents=True, exist_ok=True)
+        members = _Members(archive, limits)
+        raw, reader, tar = _open_stream(archive, limits)
+        with raw, tar:
+            for m in tar:
+                name = members.check(m)
+                if name not in files and not m.isdir():
+                    raise BundleError(f"{archive}: member {name} was not there when the archive was checked: the "
+                                      "file changed while it was read; archive refused")
+                target = dest / name
                 if m.isdir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
+                if m.size != files[name]:
+                    raise BundleError(f"{archive}: member {name} changed size while the archive was read: refused")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src = tar.extractfile(m)
                 with src, open(target, "xb") as out:
+                    first = True
                     for chunk in iter(lambda: src.read(1 << 20), b""):
                         out.write(chunk)
+                        if first:
+                            first = False
+                            crashpoint(f"extract:{name}:partial")
+                    if fsync:
+                        out.flush()
+                        os.fsync(out.fileno())
+            _drain(reader)
+        if fsync:
+            from edge_runtime.fileio import fsync_tree
+
+            fsync_tree(dest)
     except FileExistsError as exc:
         raise BundleError(f"{archive}: member {exc.filename} appears twice: archive refused") from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise BundleError(f"{archive}: not a readable bundle archive ({exc}): the file is damaged") from None
+        raise BundleError(f"{archive}: not a readable bundle archive ({exc}): the file is damaged; refused") from None
+    except BundleError:
+        raise
     except OSError as exc:
-        raise BundleError(f"{archive}: cannot extract into {dest}: {exc}") from None
+        raise BundleError(f"{archive}: not a readable bundle archive or cannot extract into {dest}: {exc}; "
+                          "refused") from None
     return dest
 
 
-def verify_bundle(path: str | Path, public_key: PublicKeyLike, extract_to: str | Path | None = None) -> Manifest:
+def verify_bundle(path: str | Path, public_key: PublicKeyLike, extract_to: str | Path | None = None, *,
+                  limits: ArchiveLimits | None = None, fsync: bool = False) -> Manifest:
     """Verify a bundle directory or ``.tar.gz`` and return its manifest (``root`` set to the directory).
 
     Order: signature over manifest.json (refused when missing), then the manifest schema, then every listed
     file's sha256, then that no unlisted file or link is present. A ``.tar.gz`` is first extracted safely
-    into ``extract_to`` (default: a new temporary directory).
+    into ``extract_to`` (default: a new temporary directory) by :func:`safe_extract` with the key: its signature
+    and file list are checked before anything is written, with ``limits`` on members and unpacked size.
     """
     path = Path(path)
     key = load_public_key(public_key)
     if path.is_file():
         root = Path(extract_to) if extract_to else Path(tempfile.mkdtemp(prefix="defectkit-bundle-"))
         try:
-            safe_extract(path, root)
+            safe_extract(path, root, public_key=key, limits=limits, fsync=fsync)
         except BundleError:
             if extract_to is None:
                 shutil.rmtree(root, ignore_errors=True)

@@ -2,14 +2,21 @@
 
 State lives in ``state_dir`` (survives restarts)::
 
-    state.json            current / previous version, probation, crash count, last events
+    state.json            current / previous version, probation, crash count, events not yet acknowledged
     bundles/<version>/    the installed, verified copies (only current and previous are kept)
-    inbox/                drop a bundle (.tar.gz or directory) here, or let BundlePuller fetch one
+    bundles/.staging-*    an install in progress (removed at start: a process that died mid-install left it)
+    inbox/                drop a bundle (.tar.gz or directory) here by hand
     inbox/rejected/       bundles that failed, each with <name>.reason.txt
+    downloads/            archives fetched by the update channel (edge_runtime.update_channel), sha256-checked
 
-A new bundle is extracted into a staging folder, verified (signature, every checksum, no unlisted file),
-loaded with the chosen backend *beside* the running model and passed through the golden self-test; only
-then does the loop swap models between two frames. Any failure keeps the old model and is recorded as an
+A new bundle is checked before anything of it is written (archive caps, signature, its file list: see
+:func:`edge_runtime.bundle.safe_extract`), extracted into a staging folder, verified (every checksum), held to
+the box's rules (its line; a version greater than the running one unless the fleet registry signed a rollback;
+never a version reverted here), fsynced, renamed into ``bundles/<version>`` and the directory fsynced; it is
+then loaded with the chosen backend *beside* the running model and passed through the golden self-test; only
+then does the loop swap models between two frames, and only then does ``state.json`` (written atomically:
+temporary file, fsync, rename, directory fsync) point at it. A power cut or ``kill -9`` at any moment leaves
+the box on a complete bundle, the old or the new. Any failure keeps the old model and is recorded as an
 event that goes into the next report. After a swap the new bundle is on probation: if the process dies
 ``max_crashes`` times before the probation ends (systemd restarts it each time), the next start reverts to
 the previous bundle and marks the new one bad.
@@ -17,31 +24,46 @@ the previous bundle and marks the new one bad.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from edge_runtime.bundle import MANIFEST, Manifest, load_public_key, verify_bundle
+from edge_runtime.bundle import MANIFEST, ArchiveLimits, Manifest, load_public_key, verify_bundle
+from edge_runtime.crashpoints import crashpoint
 from edge_runtime.drift import DriftReference
 from edge_runtime.errors import BundleError, ConfigError, DefectkitError, UserInputError
-from edge_runtime.fileio import atomic_write_bytes, atomic_write_json
+from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, fsync_path, fsync_tree
 from edge_runtime.predict import Detector
 from edge_runtime.settings import EffectiveSettings, SettingsLayer
 from edge_runtime.selftest import SelfTestReport, Tolerance, bundle_detector, choose_model, self_test
 from edge_runtime.sources import is_temp_name
 
+if TYPE_CHECKING:
+    from edge_runtime.targets import TargetMetadata
+
 log = logging.getLogger("defectkit.bundle_manager")
 
 STATE_FILE = "state.json"
+EVENTS_KEPT = 100
+FAILED_KINDS = ("failed", "refused", "reverted")  # what the fleet's rollout reads as a failed update (docs/fleet.md)
+
+
+def version_key(version: str) -> tuple:
+    """Order of versions (docs/fleet.md, the registry's): parts split on ``.``, ``-``, ``+``; numbers compared as
+    numbers (``1.10.0`` > ``1.9.0``), a number before a word."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+-]", version))
+
+
+def is_newer(version: str, than: str) -> bool:
+    return version_key(version) > version_key(than)
 
 
 @dataclass
@@ -56,7 +78,10 @@ class UpdateState:
     seed: Optional[str] = None  # fingerprint of the --bundle last installed from the command line
     preparing: Optional[str] = None  # inbox item being loaded: if the process dies meanwhile, it is rejected
     bad: list = field(default_factory=list)  # versions reverted after a crash loop: never installed again
-    events: list = field(default_factory=list)  # the last 20: {"time", "kind", "version", "detail"}
+    events: list = field(default_factory=list)  # the last EVENTS_KEPT: {"seq", "time", "kind", "version", "detail"}
+    event_seq: int = 0  # the seq of the newest event
+    acked_seq: int = 0  # events up to this seq went out in a report the collector acknowledged
+    refused_targets: list = field(default_factory=list)  # {"sha256", "version", "reason"}: not fetched again
 
     @classmethod
     def load(cls, path: Path) -> "UpdateState":
@@ -97,31 +122,21 @@ def fingerprint(path: Path) -> str:
         raise BundleError(f"bundle {path} cannot be read ({exc.strerror}): pass a bundle directory or .tar.gz") from None
 
 
-def check_archive(path: Path) -> None:
-    """Read a .tar.gz to its end so gzip checks its CRC-32 and length: a flipped byte anywhere in the
-    compressed stream is refused, even in tar padding that extraction never reads (the signature and the
-    checksums already cover every byte of content)."""
-    import gzip
-    import zlib
-
-    try:
-        with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 20):
-                pass
-    except (OSError, EOFError, zlib.error) as exc:
-        raise BundleError(f"{path}: not a readable bundle archive ({exc}): the file is damaged; bundle refused") from None
-
-
 class BundleManager:
     """Installs, loads, self-tests and swaps bundles for one box (see the module docstring)."""
 
     def __init__(self, state_dir: str | Path, public_key: Any, *, backend: Optional[str] = None, threads: int = 2,
                  tolerance: Optional[Tolerance] = None, max_crashes: int = 3, selftest_all: bool = True,
-                 settings_layers: Sequence[SettingsLayer] = ()) -> None:
+                 settings_layers: Sequence[SettingsLayer] = (), line: Optional[str] = None,
+                 limits: Optional[ArchiveLimits] = None) -> None:
         self.dir = Path(state_dir)
         self.bundles, self.inbox = self.dir / "bundles", self.dir / "inbox"
-        for d in (self.bundles, self.inbox, self.inbox / "rejected"):
+        self.downloads = self.dir / "downloads"
+        for d in (self.bundles, self.inbox, self.inbox / "rejected", self.downloads):
             d.mkdir(parents=True, exist_ok=True)
+        self.line_option = line  # --line; else the line of the bundle the box runs
+        self.limits = limits or ArchiveLimits()
+        self._running_line: Optional[str] = None
         self.key = load_public_key(public_key)
         self.backend, self.threads, self.tolerance = backend, threads, tolerance or Tolerance()
         self.max_crashes, self.selftest_all = max_crashes, selftest_all
@@ -129,15 +144,23 @@ class BundleManager:
         self.state_path = self.dir / STATE_FILE
         self.state = UpdateState.load(self.state_path)
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()  # the main loop (inbox) and the update channel both start workers
         self._worker: Optional[threading.Thread] = None
         self._ready: Optional[tuple[Path, LoadedModel]] = None
+
+    @property
+    def line(self) -> Optional[str]:
+        """The box's line: ``--line``, else the line of the bundle it runs (None before the first one is loaded)."""
+        return self.line_option or self._running_line
 
     # ------------------------------------------------------------------------------------------ events
     def event(self, kind: str, version: Optional[str], detail: str) -> dict:
         ev = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kind": kind, "version": version,
               "detail": detail[:500]}
         with self._lock:
-            self.state.events = (self.state.events + [ev])[-20:]
+            self.state.event_seq += 1
+            ev["seq"] = self.state.event_seq
+            self.state.events = (self.state.events + [ev])[-EVENTS_KEPT:]
             self.state.save(self.state_path)
         (log.info if kind in ("installed", "swapped", "confirmed") else log.error)("update %s %s: %s", kind, version, detail)
         return ev
@@ -145,31 +168,103 @@ class BundleManager:
     def last_event(self) -> Optional[dict]:
         return self.state.events[-1] if self.state.events else None
 
+    def pending_events(self) -> list:
+        """Events not yet in a report the collector acknowledged, oldest first (they go into every report until
+        one carrying them is acknowledged: a later event never hides an earlier failure)."""
+        with self._lock:
+            return [e for e in self.state.events if e.get("seq", 0) > self.state.acked_seq]
+
+    def ack_events(self, upto_seq: int) -> None:
+        """A report holding the events up to ``upto_seq`` was acknowledged by the collector."""
+        with self._lock:
+            if upto_seq > self.state.acked_seq:
+                self.state.acked_seq = upto_seq
+                self.state.save(self.state_path)
+
     # ------------------------------------------------------------------------------------------ install + load
-    def install(self, source: Path) -> Manifest:
-        """Copy or extract ``source`` into bundles/<version> through a verified staging folder."""
+    def install(self, source: Path, target: "Optional[TargetMetadata]" = None, *, operator: bool = False) -> Manifest:
+        """Check, extract or copy ``source`` into bundles/<version> through a staging folder; durable on return.
+
+        ``target``: the signed target metadata the archive was downloaded for (its sha256 already checked).
+        ``operator``: the --bundle of the command line (the box's owner chose it: no version rule)."""
         source = Path(source)
         stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.bundles))
+        crashpoint("install:staging")
         try:
             if source.is_dir():
+                self._check_tree(source)
+                verify_bundle(source, self.key)  # signature and checksums where it lies: nothing copied before
                 shutil.copytree(source, stage / "b", symlinks=True)
+                fsync_tree(stage / "b")
                 manifest = verify_bundle(stage / "b", self.key)
             else:
-                check_archive(source)
-                manifest = verify_bundle(source, self.key, extract_to=stage / "b")
-            if manifest.version in self.state.bad:
-                raise BundleError(f"bundle {manifest.version} was reverted after a crash loop on this box: refused "
-                                  "(build a new version)")
+                manifest = verify_bundle(source, self.key, extract_to=stage / "b", limits=self._limits_for(target),
+                                         fsync=True)
+            crashpoint("install:verified")
+            self.check_candidate(manifest, target, operator=operator)
             final = self.bundles / manifest.version
-            if final.exists():
+            if manifest.version in (self.state.current, self.state.previous) and final.is_dir():
                 if (final / MANIFEST).read_bytes() != (stage / "b" / MANIFEST).read_bytes():
                     raise BundleError(f"version {manifest.version} is already installed with other content: bundles "
                                       "are immutable, build a new version")
                 return verify_bundle(final, self.key)
+            if final.exists():  # left by an install or a removal that did not finish: never current, replace it
+                self._discard(final)
             os.rename(stage / "b", final)
+            crashpoint("install:renamed")
+            fsync_path(self.bundles)
+            crashpoint("install:synced")
             return verify_bundle(final, self.key)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+    def _limits_for(self, target: "Optional[TargetMetadata]") -> ArchiveLimits:
+        """A downloaded archive may unpack to at most 16 times its signed length (at least 64 MiB)."""
+        if target is None:
+            return self.limits
+        cap = min(self.limits.max_unpacked_bytes, max(64 << 20, 16 * target.length))
+        return ArchiveLimits(self.limits.max_members, cap, self.limits.max_meta_bytes)
+
+    def _check_tree(self, source: Path) -> None:
+        """A bundle directory dropped into the inbox: the same caps as an archive, regular files only."""
+        count = total = 0
+        for dirpath, dirnames, filenames in os.walk(source):
+            for name in dirnames + filenames:
+                full = Path(dirpath) / name
+                st = full.lstat()
+                count += 1
+                if count > self.limits.max_members:
+                    raise BundleError(f"bundle {source}: more than {self.limits.max_members} entries: refused")
+                import stat as _stat
+
+                if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISDIR(st.st_mode)):
+                    raise BundleError(f"bundle {source}: {full.relative_to(source)} is a link or device: refused")
+                total += st.st_size if _stat.S_ISREG(st.st_mode) else 0
+                if total > self.limits.max_unpacked_bytes:
+                    raise BundleError(f"bundle {source}: more than {self.limits.max_unpacked_bytes} bytes: refused")
+
+    def check_candidate(self, manifest: Manifest, target: "Optional[TargetMetadata]" = None, *,
+                        operator: bool = False) -> None:
+        """The box's rules for a verified bundle: never a version reverted here, the box's line, the signed
+        target's version and line, and a version greater than the running one unless the registry signed a
+        rollback (or the operator gave it on the command line). The running version itself passes (no-op)."""
+        st = self.state
+        if manifest.version in st.bad:
+            raise BundleError(f"bundle {manifest.version} was reverted after a crash loop on this box: refused "
+                              "(build a new version)")
+        line = self.line
+        if line and manifest.line != line:
+            raise BundleError(f"bundle {manifest.line} {manifest.version} is for line {manifest.line!r}, this box "
+                              f"runs line {line!r}: refused")
+        if target is not None and (manifest.line, manifest.version) != (target.line, target.version):
+            raise BundleError(f"the archive holds {manifest.line} {manifest.version}, the signed target metadata "
+                              f"names {target.line} {target.version}: refused")
+        if operator or st.current is None or manifest.version == st.current:
+            return
+        if not is_newer(manifest.version, st.current) and not (target is not None and target.rollback):
+            raise BundleError(f"bundle {manifest.version} is not newer than the running {st.current}: refused (a "
+                              "downgrade or a replayed old bundle; only a rollback signed by the fleet registry may "
+                              "go back)")
 
     def load(self, version: str) -> LoadedModel:
         """Verify an installed bundle again, load its model beside whatever runs, run the golden self-test."""
@@ -207,17 +302,46 @@ class BundleManager:
             raise error(f"bundle {manifest.version}: runtime.class_thresholds from {source}: {exc}") from None
         return eff
 
-    def prepare(self, source: Path) -> LoadedModel:
+    def prepare(self, source: Path, *, operator: bool = False) -> LoadedModel:
         """install + load; on failure the installed copy is removed (unless it is current or previous)."""
-        return self._load_new(self.install(source))
+        return self._load_new(self.install(source, operator=operator))
 
     def _load_new(self, manifest: Manifest) -> LoadedModel:
         try:
-            return self.load(manifest.version)
+            loaded = self.load(manifest.version)
         except BaseException:
             if manifest.version not in (self.state.current, self.state.previous):
-                shutil.rmtree(self.bundles / manifest.version, ignore_errors=True)
+                self._discard(self.bundles / manifest.version)
             raise
+        crashpoint("candidate:loaded")
+        return loaded
+
+    def _discard(self, path: Path) -> None:
+        """Remove an installed folder: renamed aside first (atomic), so no torn copy stays under a version's name."""
+        if not path.exists():
+            return
+        trash = path.parent / f".trash-{path.name}-{os.urandom(4).hex()}"
+        try:
+            os.rename(path, trash)
+        except OSError as exc:
+            log.warning("cannot move %s aside (%s)", path, exc)
+            trash = path
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_stale(self) -> list[str]:
+        """At start: staging and trash folders and downloads left by a process that died (never current)."""
+        removed = []
+        for d in list(self.bundles.iterdir()):
+            if d.name.startswith((".staging-", ".trash-")):
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink()
+                removed.append(d.name)
+        for f in list(self.downloads.iterdir()):
+            _remove(f)
+            removed.append(f"downloads/{f.name}")
+        if removed:
+            log.warning("removed what an interrupted install left: %s", ", ".join(sorted(removed)))
+            fsync_path(self.bundles)
+        return removed
 
     # ------------------------------------------------------------------------------------------ start
     def start(self, cli_bundle: Optional[Path]) -> LoadedModel:
@@ -232,11 +356,16 @@ class BundleManager:
                 st.bad = (st.bad + [bad])[-20:]
                 st.current, st.previous, st.probation, st.crashes = st.previous, None, False, 0
                 self.event("reverted", bad, f"crashed {self.max_crashes} times after the swap: back to {st.current}")
+        self.clean_stale()
         if st.last_exit == "running" and st.preparing:
-            culprit = self.inbox / st.preparing
-            st.preparing = None
-            if culprit.exists():
-                self.reject(culprit, "the runtime died while loading this bundle beside the running one")
+            label, st.preparing = st.preparing, None
+            why = "the runtime died while loading this bundle beside the running one"
+            if label.startswith("channel:"):
+                _, version, sha = (label.split(":", 2) + ["", ""])[:3]
+                self._remember_refused(sha, version, why)
+                self.event("refused", version or None, f"target {version} ({sha[:12]}): {why}")
+            elif (self.inbox / label).exists():
+                self.reject(self.inbox / label, why)
         st.last_exit = "running"
         st.save(self.state_path)
         loaded = None
@@ -244,6 +373,10 @@ class BundleManager:
             loaded = self._start_from_cli(Path(cli_bundle))
         if loaded is None:
             loaded = self._load_current()
+        if self.line_option and loaded.manifest.line != self.line_option:
+            raise ConfigError(f"this box runs line {self.line_option!r} (--line), but its bundle {loaded.version} is "
+                              f"for line {loaded.manifest.line!r}: give the line's bundle with --bundle, or fix --line")
+        self._running_line = loaded.manifest.line
         self._prune()
         return loaded
 
@@ -252,7 +385,7 @@ class BundleManager:
         if seed == self.state.seed and self.state.current:
             return None  # the same --bundle as before: the installed current one (maybe an update) runs
         try:
-            loaded = self.prepare(path)
+            loaded = self.prepare(path, operator=True)
         except DefectkitError as exc:
             self.event("refused", None, f"--bundle {path}: {exc}")
             if not self.state.current:
@@ -280,17 +413,22 @@ class BundleManager:
             st.current, st.previous, st.probation, st.crashes = st.previous, None, False, 0
             st.save(self.state_path)
             loaded = self.load(st.current)
+            self._running_line = loaded.manifest.line
             self.event("reverted", failed, f"back to {st.current}")
             return loaded
 
     def commit(self, loaded: LoadedModel, probation: bool = True) -> None:
-        """Record a swap: the new version is current, the old one previous, probation starts."""
+        """Record a swap: the new version is current, the old one previous, probation starts. The bundle's files
+        and its directory were fsynced when it was installed; the state file is replaced atomically."""
+        crashpoint("commit:before-state")
         with self._lock:
             st = self.state
             if st.current != loaded.version:
                 st.previous, st.current = st.current, loaded.version
             st.probation, st.crashes = probation and st.previous is not None, 0
             st.save(self.state_path)
+        self._running_line = loaded.manifest.line
+        crashpoint("commit:after-state")
         self.event("installed" if not probation else "swapped", loaded.version,
                    f"{loaded.backend}; {loaded.selftest.line()}")
 
@@ -309,9 +447,9 @@ class BundleManager:
 
     def _prune(self) -> None:
         keep = {self.state.current, self.state.previous}
-        for d in self.bundles.iterdir():
+        for d in list(self.bundles.iterdir()):
             if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+                self._discard(d)
 
     # ------------------------------------------------------------------------------------------ inbox
     def inbox_items(self, settle_s: float = 1.0) -> list[Path]:
@@ -331,29 +469,66 @@ class BundleManager:
                 continue
         return [p for _, p in sorted(out)]
 
+    def busy(self) -> bool:
+        return (self._worker is not None and self._worker.is_alive()) or self._ready is not None
+
     def poll(self) -> None:
         """Start preparing the next inbox bundle in a background thread (inspection goes on meanwhile)."""
-        if (self._worker is not None and self._worker.is_alive()) or self._ready is not None:
-            return
-        items = self.inbox_items()
-        if items:
-            self._worker = threading.Thread(target=self._prepare_inbox, args=(items[0],), name="defectkit-update",
-                                            daemon=True)
-            self._worker.start()
+        with self._start_lock:
+            if self.busy():
+                return
+            items = self.inbox_items()
+            if items:
+                self._start_worker(items[0], None)
 
-    def _prepare_inbox(self, path: Path) -> None:
+    def submit(self, path: Path, target: "TargetMetadata") -> bool:
+        """The update channel hands over a downloaded archive whose sha256 matched ``target``: prepare it in the
+        background like an inbox bundle (False: busy with another candidate, try again later)."""
+        with self._start_lock:
+            if self.busy():
+                return False
+            self._start_worker(Path(path), target)
+            return True
+
+    def _start_worker(self, path: Path, target: "Optional[TargetMetadata]") -> None:
+        self._worker = threading.Thread(target=self._prepare_item, args=(path, target), name="defectkit-update",
+                                        daemon=True)
+        self._worker.start()
+
+    def is_refused_target(self, sha256: str) -> bool:
+        return any(r.get("sha256") == sha256 for r in self.state.refused_targets)
+
+    def _remember_refused(self, sha256: str, version: str, reason: str) -> None:
         with self._lock:
-            self.state.preparing = path.name
+            self.state.refused_targets = (self.state.refused_targets +
+                                          [{"sha256": sha256, "version": version, "reason": reason[:300]}])[-20:]
+            self.state.save(self.state_path)
+
+    def refuse_target(self, target: "TargetMetadata", reason: str, *, remember: bool = True) -> None:
+        """A target the box will not run: an event for the next report; ``remember``: not fetched again."""
+        if remember:
+            self._remember_refused(target.sha256, target.version, reason)
+        self.event("refused", target.version, f"target {target.line} {target.version} ({target.sha256[:12]}): {reason}")
+
+    def _prepare_item(self, path: Path, target: "Optional[TargetMetadata]") -> None:
+        label = path.name if target is None else f"channel:{target.version}:{target.sha256}"
+        with self._lock:
+            self.state.preparing = label
             self.state.save(self.state_path)
         try:
-            manifest = self.install(path)
+            manifest = self.install(path, target)
             if manifest.version == self.state.current:
-                log.info("inbox bundle %s is version %s, which already runs: removed", path.name, manifest.version)
+                log.info("bundle %s is version %s, which already runs: removed", path.name, manifest.version)
                 _remove(path)
                 return
             loaded = self._load_new(manifest)
         except Exception as exc:  # anything that goes wrong with a candidate keeps the old model running
-            self.reject(path, f"{type(exc).__name__}: {exc}" if not isinstance(exc, DefectkitError) else str(exc))
+            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DefectkitError) else str(exc)
+            if target is None:
+                self.reject(path, reason)
+            else:
+                _remove(path)
+                self.refuse_target(target, reason)
             return
         finally:
             with self._lock:
@@ -397,65 +572,3 @@ def _remove(path: Path) -> None:
             path.unlink()
     except OSError as exc:
         log.warning("cannot remove %s (%s)", path, exc)
-
-
-class BundlePuller:
-    """Fetches a bundle archive from a URL (the collector or a registry) into the inbox when it changed.
-
-    GET with the device's bearer token and ``If-None-Match``: 304 or 404 mean nothing new; a 200 body is
-    saved under a temporary name, then renamed into the inbox, where the manager verifies it like any other.
-    Never raises: a failure is logged and retried at the next poll."""
-
-    def __init__(self, url: str, token: str, inbox: Path, timeout: float = 30.0, max_bytes: int = 1 << 30) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserInputError(f"update URL {url!r} is not usable: give http(s)://HOST[:PORT]/path/to/bundle.tar.gz")
-        self.url, self.token, self.inbox, self.timeout, self.max_bytes = url, token, Path(inbox), timeout, max_bytes
-        self._parts = parts
-        self.etag: Optional[str] = None
-        self.last_digest: Optional[str] = None
-        self.last_error: Optional[str] = None
-
-    def pull(self) -> Optional[Path]:
-        p = self._parts
-        cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
-        conn = cls(p.hostname, p.port, timeout=self.timeout)
-        headers = {"Authorization": f"Bearer {self.token}"}
-        if self.etag:
-            headers["If-None-Match"] = self.etag
-        tmp = None
-        try:
-            conn.request("GET", (p.path or "/") + (f"?{p.query}" if p.query else ""), headers=headers)
-            resp = conn.getresponse()
-            if resp.status in (304, 404):
-                resp.read()
-                return None
-            if resp.status != 200:
-                raise OSError(f"HTTP {resp.status}")
-            fd, tmp = tempfile.mkstemp(prefix=".pull-", suffix=".tmp", dir=self.inbox)
-            digest, size = hashlib.sha256(), 0
-            with os.fdopen(fd, "wb") as fh:
-                for chunk in iter(lambda: resp.read(1 << 20), b""):
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise OSError(f"bundle larger than {self.max_bytes} bytes")
-                    digest.update(chunk)
-                    fh.write(chunk)
-            self.etag = resp.getheader("ETag") or self.etag
-            if digest.hexdigest() == self.last_digest:
-                return None  # the same archive as last time (a server without ETag)
-            self.last_digest = digest.hexdigest()
-            dest = self.inbox / f"pulled-{digest.hexdigest()[:16]}.tar.gz"
-            os.replace(tmp, dest)
-            os.utime(dest, (time.time() - 5, time.time() - 5))  # complete: no need to wait for it to settle
-            tmp = None
-            self.last_error = None
-            return dest
-        except (OSError, http.client.HTTPException) as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("pulling a bundle from %s failed (%s); retrying later", self.url, self.last_error)
-            return None
-        finally:
-            conn.close()
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)

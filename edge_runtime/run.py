@@ -31,7 +31,8 @@ from edge_runtime.settings import BoxSettings
 from edge_runtime.metrics_server import MetricsServer, RuntimeMetrics
 from edge_runtime.sources import Frame, Source, open_source
 from edge_runtime.spool import Spool, SpoolError
-from edge_runtime.bundle_manager import BundleManager, BundlePuller, LoadedModel
+from edge_runtime.bundle_manager import FAILED_KINDS, BundleManager, LoadedModel
+from edge_runtime.update_channel import UpdateChannel
 from edge_runtime.uplink import Uplink, UplinkThread
 
 log = logging.getLogger("defectkit.run")
@@ -104,12 +105,16 @@ class Inspector:
         self.uplink: Optional[Uplink] = None
         self._uplink_thread: Optional[UplinkThread] = None
         self._server: Optional[MetricsServer] = None
-        self._puller_thread: Optional[threading.Thread] = None
+        self.channel: Optional[UpdateChannel] = None
+        self._channel_thread: Optional[threading.Thread] = None
         self._rl = _RateLimitedLog()
         self._frames_in_window = 0
+        self._inflight_events: dict[str, int] = {}  # report id -> newest update-event seq it carried
+        self._inflight_lock = threading.Lock()
         self.manager = BundleManager(options.state_dir, options.public_key, backend=options.backend,
                                      threads=options.threads, max_crashes=options.max_crashes,
-                                     selftest_all=options.selftest_all, settings_layers=options.settings_layers)
+                                     selftest_all=options.selftest_all, settings_layers=options.settings_layers,
+                                     line=options.line, limits=options.archive_limits)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -131,12 +136,17 @@ class Inspector:
             # short timeouts: a hung collector delays only the uplink thread, and shutdown by a few seconds
             self.uplink = Uplink(o.collector, o.device_id, o.token or "", self.spool, connect_timeout=3.0,
                                  read_timeout=5.0)
+            self.uplink.on_ack = self._report_acknowledged
             self._uplink_thread = UplinkThread(self.uplink, interval_s=o.uplink_interval_s).start()
-        if o.update_url:
-            puller = BundlePuller(o.update_url, o.token or "", self.manager.inbox)
-            self._puller_thread = threading.Thread(target=self._pull_loop, args=(puller,), name="defectkit-pull",
-                                                   daemon=True)
-            self._puller_thread.start()
+        if o.collector and o.targets_public_key:
+            self.channel = UpdateChannel(o.collector, o.device_id, o.token or "", o.targets_public_key, self.manager,
+                                         hardware_target=o.hardware_target, max_length=o.archive_limits_download)
+            self._channel_thread = threading.Thread(target=self._channel_loop, name="defectkit-update-channel",
+                                                    daemon=True)
+            self._channel_thread.start()
+        elif o.collector:
+            log.warning("update channel off: give --targets-public-key (the fleet's targets key) to take updates "
+                        "from %s; bundles dropped into %s are still installed", o.collector, self.manager.inbox)
         kwargs = {} if o.capture_factory is None else {"capture_factory": o.capture_factory}
         self.source = open_source(o.source, watch=o.watch, exclude=o.out_dir, settle_ms=o.settle_ms,
                                   after=o.watch_after, **kwargs)
@@ -175,9 +185,18 @@ class Inspector:
         except OSError as exc:
             self._rl.warning("settings", "cannot write %s (%s)", EFFECTIVE_SETTINGS, exc)
 
-    def _pull_loop(self, puller: BundlePuller) -> None:
-        while not self.stop_event.wait(self.opts.update_poll_s):
-            puller.pull()
+    def _channel_loop(self) -> None:
+        while not self.stop_event.is_set():
+            self.channel.poll()
+            if self.stop_event.wait(self.opts.update_poll_s):
+                break
+
+    def _report_acknowledged(self, item) -> None:
+        """The collector has a report: the update events it carried need not go out again."""
+        with self._inflight_lock:
+            seq = self._inflight_events.pop(item.key, None)
+        if seq is not None:
+            self.manager.ack_events(seq)
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> RunSummary:
@@ -311,9 +330,7 @@ class Inspector:
             m.set(uplink_failures=us.failures, uplink_sent_total=us.sent_total)
             m.flag(uplink_last_error=us.last_error)
         m.set(output_write_errors=self.outputs.write_errors, spool_errors=self.summary.spool_errors)
-        ev = self.manager.last_event()
-        if ev:
-            m.flag(update_event=f"{ev['time']} {ev['kind']} {ev.get('version') or ''}: {ev['detail']}"[:300])
+        m.flag(**self._update_health())
 
     def _health_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"backend": self.model.backend if self.model else "",
@@ -326,10 +343,28 @@ class Inspector:
                     extra[f"camera_{key}"] = getattr(self.source, key)
         if self.uplink is not None:
             extra["uplink_failures"] = self.uplink.state.failures
-        ev = self.manager.last_event()
-        if ev:
-            extra["update_event"] = f"{ev['time']} {ev['kind']} {ev.get('version') or ''}: {ev['detail']}"[:300]
+        extra.update(self._update_health())
         return extra
+
+    def _update_health(self) -> dict[str, Any]:
+        """What the fleet's rollout reads (docs/fleet.md): ``update_event`` = the newest failed / refused / reverted
+        event not yet in an acknowledged report (else the newest event), so a later install or confirm never hides
+        an earlier failure; ``update_event_2..4`` the next ones, ``update_events`` how many are pending,
+        ``selftest`` of the running bundle, ``update_channel`` the last poll (a freeze shows here)."""
+        pending = self.manager.pending_events()
+        failures = [e for e in reversed(pending) if e["kind"] in FAILED_KINDS]
+        ordered = failures + [e for e in reversed(pending) if e["kind"] not in FAILED_KINDS]
+        out: dict[str, Any] = {"update_events": len(pending)}
+        main = ordered[0] if ordered else self.manager.last_event()
+        if main:
+            out["update_event"] = _event_text(main)
+        for i, ev in enumerate(ordered[1:4], 2):
+            out[f"update_event_{i}"] = _event_text(ev)
+        if self.model is not None:
+            out["selftest"] = "passed" if self.model.selftest.ok else "failed"
+        if self.channel is not None:
+            out["update_channel"] = _clean(self.channel.status)
+        return out
 
     def _send_report(self) -> None:
         """Close the report window and spool the report (the uplink thread sends it; an alarm wakes it)."""
@@ -337,7 +372,11 @@ class Inspector:
         self._frames_in_window = 0
         try:
             snap = self.monitor.snapshot() if self.monitor else {"features": {}}
+            pending = self.manager.pending_events()
             report = self.builder.build(drift=snap["features"], spool=self.spool, health_extra=self._health_extra())
+            if pending:
+                with self._inflight_lock:
+                    self._inflight_events[report.id] = max(e.get("seq", 0) for e in pending)
             self.spool.put("report", report.to_dict(), alarm=report.alarm)
         except SpoolError as exc:
             self._spool_failed(exc)
@@ -374,7 +413,7 @@ class Inspector:
         if hasattr(self, "outputs"):
             self.outputs.close(self.model.version if self.model else "", self._drift_state if self.model else "none")
             self.summary.predictions = self.outputs.current_jsonl()
-        self.stop_event.set()  # ends the pull loop
+        self.stop_event.set()  # ends the update channel's loop
         if self._uplink_thread is not None:
             self._uplink_thread.stop(timeout=2.0)
             res = self.uplink.flush(deadline=self.uplink._clock() + 2.0)  # one last, bounded try
@@ -387,6 +426,16 @@ class Inspector:
             self._server.stop()
         self.manager.clean_exit()
         self.metrics.state = "stopped"
+
+
+def _clean(text: str, limit: int = 256) -> str:
+    """A health string the collector accepts: no control characters, at most 256 characters."""
+    return "".join(ch if ch.isprintable() else " " for ch in text)[:limit]
+
+
+def _event_text(ev: dict) -> str:
+    """``"<time> <kind> <version>: <detail>"``: the form the fleet's rollout parses."""
+    return _clean(f"{ev['time']} {ev['kind']} {ev.get('version') or ''}: {ev['detail']}")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -44,7 +44,11 @@ class RunOptions:
     metrics_port: int = 9108  # -1 = no metrics server, 0 = any free port
     max_frames: Optional[int] = None
     update_poll_s: float = 5.0
-    update_url: Optional[str] = None
+    line: Optional[str] = None  # the box's line; default: the line of the bundle it runs
+    targets_public_key: Optional[Path] = None  # the fleet's targets key: with --collector, the update channel is on
+    hardware_target: Optional[str] = None  # onnx | x86 | arm; default: from the backend (paddlelite: this machine)
+    max_bundle_mb: float = 1024.0  # the largest archive the box downloads (a larger signed length is refused)
+    max_bundle_files: int = 4096  # members of an archive / entries of a bundle folder
     confirm_after_s: float = 300.0
     confirm_after_frames: int = 100
     max_crashes: int = 3
@@ -61,6 +65,16 @@ class RunOptions:
             raise UserInputError("--collector needs the device's token: pass --token-file FILE")
         if self.threads < 1:
             raise UserInputError(f"threads must be at least 1, got {self.threads}")
+        if self.targets_public_key is not None and not self.collector:
+            raise UserInputError("--targets-public-key is for the update channel of --collector: give --collector URL")
+        if self.line is not None and not NAME_RE.match(str(self.line)):
+            raise UserInputError(f"line {self.line!r} is not usable: use 1-64 letters, digits, '.', '_' or '-'")
+        if self.hardware_target is None:
+            self.hardware_target = _default_hardware_target(self.backend)
+        if self.hardware_target not in ("onnx", "x86", "arm"):
+            raise UserInputError(f"hardware target {self.hardware_target!r} is not one of onnx, x86, arm")
+        if not self.max_bundle_mb > 0 or self.max_bundle_files < 1:
+            raise UserInputError("--max-bundle-mb and --max-bundle-files must be positive")
         self.out_dir = Path(self.out_dir)
         self.state_dir = Path(self.state_dir) if self.state_dir else self.out_dir / "state"
         # read and check the override layers now: an unknown key stops the start before any bundle is loaded
@@ -68,6 +82,27 @@ class RunOptions:
         if self.overrides:
             layers.append(SettingsLayer.checked(self.overrides, "command line"))
         self.settings_layers: tuple[SettingsLayer, ...] = tuple(layers)
+
+    @property
+    def archive_limits_download(self) -> int:
+        """The cap on a signed target's length (bytes)."""
+        return int(self.max_bundle_mb * 2**20)
+
+    @property
+    def archive_limits(self):
+        """Caps on what a bundle may unpack to: --max-bundle-files members, twice --max-bundle-mb."""
+        from edge_runtime.bundle import ArchiveLimits
+
+        return ArchiveLimits(max_members=self.max_bundle_files, max_unpacked_bytes=2 * self.archive_limits_download)
+
+
+def _default_hardware_target(backend: Optional[str]) -> str:
+    """``onnx`` unless the box runs Paddle Lite: then ``arm`` or ``x86`` by this machine."""
+    if backend == "paddlelite":
+        import platform
+
+        return "arm" if platform.machine().lower() in ("aarch64", "arm64", "armv7l", "armv8l") else "x86"
+    return "onnx"
 
 
 RUN_DEFAULTS = {f.name: field_default(f) for f in fields(RunOptions) if f.default is not MISSING or f.default_factory is not MISSING}
@@ -116,9 +151,21 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     a("--metrics-port", type=int, default=None,
       help=f"port of /healthz and /metrics; 0 = any free, -1 = off {_d('metrics_port')}")
     a("--max-frames", type=int, default=None, help="stop after this many frames (tests, benchmarks)")
-    a("--update-url", default=None, help="poll this URL for a new bundle archive (bearer token, ETag)")
+    a("--targets-public-key", type=Path, default=None,
+      help="the fleet's targets public key (.pub.pem; the collector's --targets-key pair, not the bundle signer's): "
+      "with --collector, the box polls /api/v1/devices/ID/target for signed target metadata and installs what it "
+      "names (both signatures checked); without it, no updates from the collector")
+    a("--line", default=None, help="this box's line: updates for another line are refused (default: the line of the "
+      "bundle it runs)")
+    a("--hardware-target", choices=("onnx", "x86", "arm"), default=None,
+      help="the artifact this box takes (default: onnx; paddlelite: arm or x86 by this machine)")
+    a("--max-bundle-mb", type=float, default=None,
+      help=f"largest bundle archive taken; a larger signed length is refused; twice it unpacked {_d('max_bundle_mb')}")
+    a("--max-bundle-files", type=int, default=None,
+      help=f"most members of a bundle archive or folder {_d('max_bundle_files')}")
     a("--update-poll", type=float, default=None,
-      help=f"seconds between looks into the update inbox / URL {_d('update_poll_s')}")
+      help=f"seconds between polls of the target route and looks into the update inbox {_d('update_poll_s')}")
+    a("--update-url", default=None, help=argparse.SUPPRESS)  # gone (its /api/v1/bundles/latest is 410): warned, ignored
     a("--no-ng-images", action="store_true", default=None, help="do not save annotated NG images")
     a("--keep-days", type=int, default=None, help=f"days of predictions, NG images and summaries kept {_d('keep_days')}")
     return parser
@@ -133,9 +180,17 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         "out_dir": args.out, "state_dir": args.state_dir, "collector": args.collector, "backend": args.backend,
         "threads": args.threads, "watch": args.watch, "settle_ms": args.settle_ms, "watch_after": args.watch_after,
         "metrics_host": args.metrics_host, "metrics_port": args.metrics_port, "max_frames": args.max_frames,
-        "update_poll_s": args.update_poll, "update_url": args.update_url, "keep_days": args.keep_days,
+        "update_poll_s": args.update_poll, "keep_days": args.keep_days, "line": args.line,
+        "targets_public_key": args.targets_public_key, "hardware_target": args.hardware_target,
+        "max_bundle_mb": args.max_bundle_mb, "max_bundle_files": args.max_bundle_files,
         "save_ng": False if args.no_ng_images else None, "settings_override": args.settings_override,
     }
+    if getattr(args, "update_url", None):
+        import logging
+
+        logging.getLogger("defectkit.run").warning(
+            "--update-url is gone and ignored (the collector answers 410 there): updates come from the target route "
+            "of --collector; give --targets-public-key FILE")
     return RunOptions(
         bundle=args.bundle, public_key=args.public_key, source=args.source, device_id=args.device_id,
         token=read_token(args.token_file) if args.token_file else None, overrides=flags.sections,

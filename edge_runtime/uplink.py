@@ -109,6 +109,9 @@ class Uplink:
         self._rng = rng or random.Random(f"uplink:{device_id}")
         self.state = UplinkState()
         self._flush_lock = threading.Lock()
+        # called (in the sending thread) with each item the collector acknowledged: the box clears the update
+        # events that report carried (edge_runtime.run)
+        self.on_ack: Optional[Callable[[SpoolItem], None]] = None
 
     # ------------------------------------------------------------------------------------------ sending
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
@@ -206,6 +209,11 @@ class Uplink:
                     outcome, reason = self.classify(status, data, item.key)
                 if outcome in ("ack", "duplicate"):
                     self.spool.ack(item.id)
+                    if self.on_ack is not None:
+                        try:
+                            self.on_ack(item)
+                        except Exception:  # bookkeeping of the box must not stop delivery
+                            log.exception("uplink: the acknowledgement hook failed")
                     res.sent += outcome == "ack"
                     res.duplicates += outcome == "duplicate"
                     self.state.sent_total += outcome == "ack"

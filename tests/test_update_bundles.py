@@ -11,14 +11,13 @@ import sys
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from edge_runtime.errors import BundleError
 from edge_runtime.run import Inspector
 from edge_runtime.runconfig import RunOptions
-from edge_runtime.bundle_manager import BundleManager, BundlePuller
+from edge_runtime.bundle_manager import BundleManager
 from tests.runkit import FakeCameraFactory, FakeCapture, archive_of, make_bundle, make_keys, red_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -223,50 +222,3 @@ def test_a_crash_loop_after_a_swap_reverts_to_the_previous_bundle(kit, tmp_path)
     assert proc.returncode == 0, err[-2000:]
     state = json.loads((tmp_path / "out" / "state" / "state.json").read_text())
     assert (state["current"], state["bad"], state["last_exit"]) == ("1.0.0", ["1.0.1"], "clean")
-
-
-class _Bundles(BaseHTTPRequestHandler):
-    body, etag, status = b"", '"v2"', 200
-
-    def do_GET(self):  # noqa: N802
-        auth = self.headers.get("Authorization")
-        if auth != "Bearer tok-123456789012345":
-            self.send_response(401)
-            self.end_headers()
-            return
-        if self.headers.get("If-None-Match") == self.etag:
-            self.send_response(304)
-            self.end_headers()
-            return
-        self.send_response(self.status)
-        self.send_header("ETag", self.etag)
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_puller_fetches_a_new_archive_once_into_the_inbox(kit, tmp_path):
-    handler = type("H", (_Bundles,), {"body": archive_of(kit["v2"]).read_bytes()})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/api/v1/bundles/test-line/latest.tar.gz"
-        inbox = tmp_path / "inbox"
-        inbox.mkdir()
-        puller = BundlePuller(url, "tok-123456789012345", inbox)
-        got = puller.pull()
-        assert got is not None and got.read_bytes() == archive_of(kit["v2"]).read_bytes()
-        assert puller.pull() is None  # ETag unchanged: 304
-        assert [p.name for p in inbox.iterdir()] == [got.name]
-        manager = BundleManager(tmp_path / "state", kit["keys"].public)
-        manager.inbox = inbox
-        assert manager.inbox_items() == [got]  # complete at once: the manager may take it
-        assert BundlePuller(url, "wrong-token-000000000", inbox).pull() is None
-    finally:
-        server.shutdown()
-        server.server_close()
-    with pytest.raises(Exception, match="update URL 'ftp://x' is not usable"):
-        BundlePuller("ftp://x", "t", inbox)
