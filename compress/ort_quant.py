@@ -206,12 +206,13 @@ def _mismatches(reference, model: Path, images: Sequence[Path], tol, classes: Se
     """(calibration images whose detections differ from FP32 beyond ``tol``, OK/NG verdict flips)."""
     import cv2
 
-    from edge_runtime.decision import RuntimeConfig, decide
+    from edge_runtime.decision import decide
+    from edge_runtime.settings import RuntimeSettings
     from edge_runtime.predict import Detector
     from edge_runtime.selftest import compare
 
     det = Detector.from_model(model, backend="onnxruntime")
-    cfg = RuntimeConfig()
+    cfg = RuntimeSettings()
     bad = flips = 0
     for path in images:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)

@@ -6,8 +6,6 @@ The tiny model's scores sit at the NMS floor, so accuracy is checked on raw outp
 parent, never on absolute mAP (the base-detector tests in test_compress_ort_int8.py cover detections)."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -21,7 +19,7 @@ STRICT = {"golden_score_tol": 0.0, "golden_box_px": 0.0, "golden_box_rel": 0.0, 
 
 @pytest.fixture(scope="module")
 def int8(tiny_spec, tiny_export, tmp_path_factory):
-    spec = dataclasses.replace(tiny_spec, compress={**tiny_spec.compress, **STRICT})
+    spec = tiny_spec.with_cli({"compress": STRICT})
     calib = calibration_images(spec, 4)
     out = tmp_path_factory.mktemp("ortq") / "ort-int8"
     return spec, calib, quantize_onnx(spec, tiny_export.directory, out, calib, max_excluded=4, progress=False)
