@@ -3,15 +3,20 @@
 # with the reason. `make test` calls this; nothing else of the kit installs on the host.
 #   ffmpeg       serves a real MJPEG camera stream on loopback (tests/test_sources_stream.py)
 #   debootstrap  builds the edge-box root filesystem (scripts/edge_box.sh; Paddle Lite has no Python 3.11 wheel)
+#                and the training container's base (scripts/container.sh)
+#   podman       builds and runs the training container (tests/test_container.py; Docker's engine does not run here)
+#   runc         the OCI runtime podman runs it with (the default crun cannot set RLIMIT_NOFILE in this sandbox)
 #   postgresql   the collector's store tests on PostgreSQL: tests/pgserver.py runs initdb + pg_ctl on loopback
 set -euo pipefail
 declare -A WHY=(
   [ffmpeg]="serves a real MJPEG camera stream on loopback for the stream-source tests"
-  [debootstrap]="builds the edge-box root filesystem (Debian bullseye, Python 3.9, Paddle Lite)"
+  [debootstrap]="builds the edge-box root filesystem (Debian bullseye, Python 3.9, Paddle Lite) and the training container's base"
+  [podman]="builds and runs the training container for tests/test_container.py (scripts/container.sh)"
+  [runc]="the OCI runtime scripts/container.sh runs podman with (crun cannot set RLIMIT_NOFILE here)"
   [postgresql]="a real PostgreSQL server on loopback for the collector's store tests (tests/pgserver.py)"
 )
 missing=()
-for pkg in ffmpeg debootstrap; do
+for pkg in ffmpeg debootstrap podman runc; do
   command -v "$pkg" >/dev/null || missing+=("$pkg")
 done
 # packages whose programs are not on PATH: checked by a file they install
