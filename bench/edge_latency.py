@@ -26,6 +26,7 @@ at 2 threads (goal 0.5).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -122,7 +123,7 @@ def build(work: Path, quick: bool) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     spec = generate_line(work / "line", line="pcb-latency", count=24, seed=11, val_fraction=0.25, progress=False)
-    spec.model_size, spec.image_size = "s", 320
+    spec = dataclasses.replace(spec, model_size="s", image_size=320)
     spec.save(spec.source)
     paddle = paddle_stack().paddle
     paddle.seed(0)

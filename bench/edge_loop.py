@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -154,7 +154,7 @@ def measure(args: argparse.Namespace) -> int:
     import logging
 
     from edge_runtime.run import Inspector
-    from edge_runtime.runconfig import ReportSettings, RunOptions, Settings, read_token
+    from edge_runtime.runconfig import RunOptions, read_token
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rss_before = rss_mb()
@@ -164,7 +164,7 @@ def measure(args: argparse.Namespace) -> int:
         out_dir=Path(args.run_dir), collector=args.collector,
         token=read_token(Path(args.token_file)) if args.token_file else None, backend=args.backend,
         threads=args.threads, metrics_port=0, capture_factory=LoopingCapture,
-        settings=Settings(report=ReportSettings(interval_s=args.report_interval)), uplink_interval_s=1.0,
+        overrides={"report": {"interval_s": args.report_interval}}, uplink_interval_s=1.0,
     )
     inspector = Inspector(opts)
     rec = Recorder(inspector, args.seconds)
@@ -243,7 +243,7 @@ def build_kit(work: Path, lite: bool) -> Kit:
     import cv2
 
     from compress.bundle import ModelFile, build_bundle
-    from compress.bundle_from_run import drift_reference
+    from compress.bundle_from_run import box_settings, drift_reference
     from compress.keys import PRIVATE_NAME, PUBLIC_NAME, init_keys, load_private_key
     from detect.data.synth import generate_line
     from detect.export import export
@@ -255,8 +255,9 @@ def build_kit(work: Path, lite: bool) -> Kit:
     t0 = time.time()
     print("building the bench kit: synthetic line, export of the base detector, drift reference, bundle", flush=True)
     spec = generate_line(work / "line", line=LINE, count=64, seed=21, val_fraction=0.25, progress=False)
-    spec.model_size, spec.image_size = "tiny", 320  # the base weights' model
+    spec = replace(spec, model_size="tiny", image_size=320)  # the base weights' model
     spec.save(spec.source)
+    settings = box_settings(spec, str(spec.source))  # the line's runtime/drift/report, shipped in the manifest
     stream = generate_line(work / "stream", line="stream", count=120, seed=4021, val_fraction=0.5, progress=False)
     exp = work / "export"
     export(spec, BASE_WEIGHTS, exp, formats=["paddle_nonms", "onnx_nonms"], meta={"note": "bench: base weights"})
@@ -275,7 +276,7 @@ def build_kit(work: Path, lite: bool) -> Kit:
         models.append(ModelFile(nb.path, "paddlelite", "x86", "fp32", "host", nb.version))
     models.append(ModelFile(exp / "model_nonms.pdmodel", "paddle", "any", "fp32", "host", None,
                             params=exp / "model_nonms.pdiparams"))
-    ref = drift_reference(spec, onnx, work / "drift_reference.json", progress=False)
+    ref = drift_reference(spec, onnx, work / "drift_reference.json", progress=False, runtime=settings.runtime)
     det = Detector.from_model(onnx, backend="onnxruntime", threads=2)
     val = json.loads(spec.paths.val.read_text())["images"][:3]
     golden = []
@@ -286,7 +287,7 @@ def build_kit(work: Path, lite: bool) -> Kit:
         init_keys(work / "keys")
     bundle_dir = build_bundle(work / "store", LINE, "1.0.0", None, models, deploy.input, deploy.postprocess,
                               deploy.classes, {}, {"method": "none", "note": "base weights, not trained; bench"},
-                              golden, ref, load_private_key(work / "keys" / PRIVATE_NAME))
+                              golden, ref, load_private_key(work / "keys" / PRIVATE_NAME), settings=settings)
     video, n = _write_video(sorted((stream.paths.images).glob("*.jpg")), work / "stream.avi")
     token = secrets.token_urlsafe(24)
     tokens = work / "tokens.json"
