@@ -139,20 +139,20 @@ def test_corrupt_latest_falls_back_and_extending_epochs_continues_the_history(ti
     weights = latest.path / "model.pdparams"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated on disk
     with pytest.warns(CheckpointWarning, match="e0004.*falling back"):
-        result = resume(run_dir, {"train": {"epochs": 5}}, tiny_spec, quiet=True)
+        result = resume(run_dir, {"train": {"epochs": 8}}, tiny_spec, quiet=True)
     history = [json.loads(line)["epoch"] for line in result.run.history.read_text().splitlines()]
-    assert history == [1, 2, 3, 4, 5]  # epoch 4 redone from epoch 3's checkpoint, then extended
-    assert json.loads(result.run.metrics.read_text())["epochs"] == 5
+    assert history == list(range(1, 9))  # epoch 4 redone from epoch 3's checkpoint, then extended
+    assert json.loads(result.run.metrics.read_text())["epochs"] == 8
     from detect.run_settings import read_record
 
     record = read_record(run_dir)  # the resume's override went through with_cli and is recorded
-    assert record["settings"]["train"]["epochs"] == 5 and record["overrides"]["train"]["epochs"] == 5
+    assert record["settings"]["train"]["epochs"] == 8 and record["overrides"]["train"]["epochs"] == 8
     assert record["overrides"]["train"]["lr"] == RECIPE["lr"]  # the first command's overrides are kept
-    # the ATSS->TaskAligned switch stays where the 4-epoch run put it (max(1, 4 // 4)), not 5 // 4
-    assert record["ppdet"]["PPYOLOEHead"]["static_assigner_epoch"] == 1
+    # the ATSS->TaskAligned switch stays where the 4-epoch run put it (4 // 4), not where 8 epochs would (8 // 4)
+    assert record["ppdet"]["PPYOLOEHead"]["static_assigner_epoch"] == 1 and record["ppdet"]["epoch"] == 8
     resumes = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
-    assert resumes[-1]["epochs"] == 5 and resumes[-1]["overrides"]["train"]["epochs"] == 5
-    assert [c.epoch for c in list_checkpoints(run_dir / "checkpoints")][-1] == 5
+    assert resumes[-1]["epochs"] == 8 and resumes[-1]["overrides"]["train"]["epochs"] == 8
+    assert [c.epoch for c in list_checkpoints(run_dir / "checkpoints")][-1] == 8
 
 
 @pytest.mark.timeout(120)
