@@ -49,7 +49,9 @@ def start_collectors(db: str, n: int, work: Path, tokens: Path):
         for line in p.stdout:
             m = re.search(r"collector listening on (http://\S+)", line)
             if m:
-                threading.Thread(target=p.stdout.read, daemon=True).start()
+                log = open(work / f"collector-{i}.log", "w")
+                threading.Thread(target=lambda p=p, log=log: [log.write(x) or log.flush() for x in p.stdout],
+                                 daemon=True).start()
                 urls.append(m.group(1))
                 break
         else:
@@ -196,7 +198,10 @@ def main() -> int:
         print(json.dumps(res))
         return 0 if lost == 0 and dup_rows == 0 and extra == 0 else 1
     finally:
-        for p in procs:
+        for i, p in enumerate(procs):
+            if p.poll() is not None:
+                print(f"collector {i} exited with {p.returncode} during the run; its log: {work}/collector-{i}.log",
+                      file=sys.stderr)
             p.terminate()
             p.wait(timeout=30)
         db.dispose_all()

@@ -112,6 +112,8 @@ def _export_hard_examples(args: argparse.Namespace) -> int:
     with store.session(path=args.db) as conn:
         done = export_hard_examples(conn, line=args.line, out=args.out, classes=classes, min_score=args.min_score,
                                     device=args.device)
+    if done.skipped:
+        print(f"skipped {done.skipped} stored image(s) that do not decode")
     print(f"{done.images} hard examples, {done.boxes} pre-labelled boxes ({', '.join(done.classes) or 'no class'}) "
           f"-> {done.root}\nreview them in a labelling tool, then: defectkit retrain --from RUN --add {done.root}")
     return 0

@@ -260,14 +260,16 @@ def _qmark(sql: str, params: Sequence[Any]):
 
 
 class Conn:
-    """One pooled connection. Statements outside :func:`tx` commit on their own (autocommit, like the
-    ``sqlite3`` connection this replaces)."""
+    """A handle on the store. It holds no database connection between statements: each statement outside
+    :func:`tx` takes a pooled connection, runs in its own transaction (autocommit, like the ``sqlite3``
+    connection this replaces) and gives the connection back; a :func:`tx` holds one for its duration. So a
+    request that awaits its body or a worker thread never sits on a connection another request needs."""
 
     def __init__(self, db: DbLocation) -> None:
         self.db = db
         self.engine = engine(db)
         self.dialect = self.engine.dialect.name
-        self._c = self.engine.connect()
+        self._c = None
         self._tx = None
 
     @property
@@ -284,45 +286,49 @@ class Conn:
         else:
             stmt, binds = sql, params
         if self._tx is not None:
-            return self._run(stmt, binds)
-        with self._c.begin():
-            return self._run(stmt, binds)
+            return self._run(self._c, stmt, binds)
+        with self.engine.connect() as c, c.begin():
+            return self._run(c, stmt, binds)
 
-    def _run(self, stmt: Any, binds: Any) -> Cursor:
-        res = self._c.execute(stmt, binds) if binds else self._c.execute(stmt)
+    @staticmethod
+    def _run(c: Any, stmt: Any, binds: Any) -> Cursor:
+        res = c.execute(stmt, binds) if binds else c.execute(stmt)
         if res.returns_rows:
             keys = list(res.keys())
             return Cursor([Record(keys, r) for r in res.fetchall()], res.rowcount)
         return Cursor([], res.rowcount)
 
     def close(self) -> None:
-        self._c.close()
+        """Nothing to give back (connections return to the pool after each statement or transaction)."""
 
 
 @contextmanager
 def tx(conn: Conn, *, serialize: bool = True) -> Iterator[Conn]:
-    """One write transaction; a ``tx`` inside a ``tx`` joins the outer one."""
+    """One write transaction on one pooled connection; a ``tx`` inside a ``tx`` joins the outer one."""
     if conn._tx is not None:
         yield conn
         return
-    if conn.dialect == "sqlite":
-        conn._c.info["immediate"] = True  # SQLite has one writer anyway; immediate avoids upgrade deadlocks
-    t = conn._c.begin()
-    conn._tx = t
+    c = conn.engine.connect()
     try:
-        if conn.postgres and serialize:
-            from sqlalchemy import text
+        if conn.dialect == "sqlite":
+            c.info["immediate"] = True  # SQLite has one writer anyway; immediate avoids upgrade deadlocks
+        t = c.begin()
+        conn._c, conn._tx = c, t
+        try:
+            if conn.postgres and serialize:
+                from sqlalchemy import text
 
-            conn._c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-        yield conn
-        t.commit()
-    except BaseException:
-        if t.is_active:
-            t.rollback()
-        raise
+                c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+            yield conn
+            t.commit()
+        except BaseException:
+            if t.is_active:
+                t.rollback()
+            raise
     finally:
-        conn._tx = None
-        conn._c.info.pop("immediate", None)
+        conn._c = conn._tx = None
+        c.info.pop("immediate", None)
+        c.close()
 
 
 # --------------------------------------------------------------------------------------------------- migrations

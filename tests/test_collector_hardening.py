@@ -238,3 +238,25 @@ def test_a_seeded_stream_of_hostile_bodies_gets_no_500(collector):
     assert st == 200 and body["count"] >= 1
     st, body, _ = call(url, "GET", "/api/v1/hard-examples?limit=1000", token=ADMIN)
     assert st == 200
+
+
+def test_export_skips_rows_stored_before_the_checks(tmp_path):
+    """Rows an older collector accepted (an HTML 'image', a reversed or non-numeric box) no longer abort the
+    export of the whole line: the bad image and the bad boxes are left out and counted."""
+    from fleet.labelling import export_hard_examples
+
+    good, html, bad_box = hard_example(), hard_example(), hard_example()
+    bad_box["meta"]["detections"] = [{"class": "scratch", "score": 0.9, "box": [9.0, 9.0, 1.0, "x"]},
+                                     {"class": "dent", "score": 0.9, "box": [1.0, 1.0, 5.0, 5.0]}]
+    with store.session(path=tmp_path / "c.db") as conn:
+        for he, data in ((good, JPEG), (html, b"\xff\xd8<html></html>"), (bad_box, JPEG)):
+            path = tmp_path / f"{he['meta']['id']}.jpg"
+            path.write_bytes(data)
+            store.insert_hard_example(conn, meta=he["meta"], image_path=str(path), image_sha256="0" * 64,
+                                      image_bytes=len(data))
+        done = export_hard_examples(conn, line="line-a", out=tmp_path / "out", classes=["scratch", "dent"])
+    assert (done.images, done.skipped, done.boxes) == (2, 1, 2)  # good: 1 box; bad_box: only its valid box
+    coco = json.loads((tmp_path / "out" / "annotations" / "all.json").read_text())
+    assert sorted(im["file_name"] for im in coco["images"]) == sorted(
+        f"{he['meta']['id']}.jpg" for he in (good, bad_box))
+    assert not (tmp_path / "out" / "images" / f"{html['meta']['id']}.jpg").exists()
