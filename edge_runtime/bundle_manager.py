@@ -147,6 +147,7 @@ class BundleManager:
         self._start_lock = threading.Lock()  # the main loop (inbox) and the update channel both start workers
         self._worker: Optional[threading.Thread] = None
         self._ready: Optional[tuple[Path, LoadedModel]] = None
+        self._swapping = False  # between take_ready() and commit()
 
     @property
     def line(self) -> Optional[str]:
@@ -198,7 +199,8 @@ class BundleManager:
                 fsync_tree(stage / "b")
                 manifest = verify_bundle(stage / "b", self.key)
             else:
-                manifest = verify_bundle(source, self.key, extract_to=stage / "b", limits=self._limits_for(target),
+                size = target.length if target is not None else source.stat().st_size
+                manifest = verify_bundle(source, self.key, extract_to=stage / "b", limits=self._limits_for(size),
                                          fsync=True)
             crashpoint("install:verified")
             self.check_candidate(manifest, target, operator=operator)
@@ -218,11 +220,10 @@ class BundleManager:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    def _limits_for(self, target: "Optional[TargetMetadata]") -> ArchiveLimits:
-        """A downloaded archive may unpack to at most 16 times its signed length (at least 64 MiB)."""
-        if target is None:
-            return self.limits
-        cap = min(self.limits.max_unpacked_bytes, max(64 << 20, 16 * target.length))
+    def _limits_for(self, archive_bytes: int) -> ArchiveLimits:
+        """An archive may unpack to at most 16 times its size (the signed length of a download), at least 64 MiB,
+        at most the box's cap: a 0.5 MB gzip bomb is refused on its first header, before anything is written."""
+        cap = min(self.limits.max_unpacked_bytes, max(64 << 20, 16 * archive_bytes))
         return ArchiveLimits(self.limits.max_members, cap, self.limits.max_meta_bytes)
 
     def _check_tree(self, source: Path) -> None:
@@ -427,6 +428,7 @@ class BundleManager:
                 st.previous, st.current = st.current, loaded.version
             st.probation, st.crashes = probation and st.previous is not None, 0
             st.save(self.state_path)
+            self._swapping = False
         self._running_line = loaded.manifest.line
         crashpoint("commit:after-state")
         self.event("installed" if not probation else "swapped", loaded.version,
@@ -470,7 +472,9 @@ class BundleManager:
         return [p for _, p in sorted(out)]
 
     def busy(self) -> bool:
-        return (self._worker is not None and self._worker.is_alive()) or self._ready is not None
+        """A candidate is being prepared, is ready, or was taken by the loop and not committed yet: no other
+        install may start (it could replace the folder of the version being swapped in)."""
+        return (self._worker is not None and self._worker.is_alive()) or self._ready is not None or self._swapping
 
     def poll(self) -> None:
         """Start preparing the next inbox bundle in a background thread (inspection goes on meanwhile)."""
@@ -541,6 +545,7 @@ class BundleManager:
         """The candidate that passed, if any (the loop swaps to it between two frames, then calls commit)."""
         with self._lock:
             ready, self._ready = self._ready, None
+            self._swapping = ready is not None
         if ready is None:
             return None
         path, loaded = ready

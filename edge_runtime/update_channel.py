@@ -74,6 +74,9 @@ class UpdateChannel:
         self.offered: Optional[str] = None  # the version the last verified metadata named
         self._last_problem: Optional[tuple] = None  # the refusal recorded last: not again until something changes
         self._bad_downloads: set[str] = set()  # sha256 whose download was refused in this process
+        self.polls = 0
+        self.bytes_downloaded = 0  # every archive byte read from the network by this channel
+        self.last: Optional[PollResult] = None
 
     # ------------------------------------------------------------------------------------------ HTTP
     def _conn(self) -> http.client.HTTPConnection:
@@ -97,6 +100,8 @@ class UpdateChannel:
         if res.outcome == "error":
             log.warning("update channel: %s", res.detail)
         self.status = f"{res.outcome}{': ' + res.detail if res.detail else ''}"[:250]
+        self.last = res
+        self.polls += 1
         if res.outcome not in ("refused", "freeze", "error", "busy"):
             self._last_problem = None
         return res
@@ -171,7 +176,9 @@ class UpdateChannel:
         path, got, problem = self._download(meta)
         if problem:
             self._bad_downloads.add(meta.sha256)
-            return self._problem("refused", key + ("download",), meta.version, problem, meta)
+            res = self._problem("refused", key + ("download",), meta.version, problem, meta)
+            res.downloaded = got
+            return res
         if path is None:
             return PollResult("error", f"download of {meta.version} failed or ended early ({got} of {meta.length} "
                                        "bytes); retrying at the next poll", meta.version, got)
@@ -189,7 +196,7 @@ class UpdateChannel:
         dest = self.manager.downloads / f"{meta.sha256}.tar.gz"
         tmp = self.manager.downloads / f".{meta.sha256}.part"
         conn = self._conn()
-        got, digest = 0, hashlib.sha256()
+        got, digest, declared = 0, hashlib.sha256(), None
         try:
             conn.request("GET", self._prefix + meta.url, headers=self._headers())
             resp = conn.getresponse()
@@ -206,6 +213,7 @@ class UpdateChannel:
                     if not chunk:
                         break
                     got += len(chunk)
+                    self.bytes_downloaded += len(chunk)
                     if got > meta.length:
                         break
                     digest.update(chunk)
@@ -223,7 +231,10 @@ class UpdateChannel:
                                f"stopped at {got} bytes and refused")
         if got < meta.length:
             _unlink(tmp)
-            return None, got, None
+            if declared is not None and declared.isdigit() and got == int(declared):  # complete, and short
+                return None, got, (f"the server sent a complete body of {got} bytes, the signed length is "
+                                   f"{meta.length}: refused before opening the archive")
+            return None, got, None  # the connection broke: try again at the next poll
         if digest.hexdigest() != meta.sha256:
             _unlink(tmp)
             return None, got, (f"the downloaded {got} bytes have sha256 {digest.hexdigest()[:16]}…, the signed "
