@@ -122,7 +122,7 @@ def test_the_command_line_with_the_example_env_parses_and_lands_in_the_state_dir
     assert used <= set(env), f"the example edge.env does not set {sorted(used - set(env))}"
     args = run_subparser().parse_args(_expand(tokens, env)[4:])
     assert args.device_id == env["DEFECTKIT_DEVICE_ID"] and args.source == env["DEFECTKIT_SOURCE"]
-    assert args.collector.startswith("https://") and args.threads == 2 and args.update_url
+    assert args.collector.startswith("https://") and args.threads == 2 and args.targets_public_key
     assert str(args.state_dir).startswith(STATE) and str(args.out).startswith(STATE)
     assert str(args.token_file).startswith("/run/credentials/")
     assert one(unit, "Service", "StateDirectory") == "defectkit-edge"
