@@ -176,6 +176,8 @@ class LineSpec:
         }
         for name, values in self.settings.to_dict().items():
             diff = {k: v for k, v in values.items() if defaults[name].get(k) != v}
+            if diff.get("pretrained"):  # relative to the spec file, as from_dict reads it (the two can move together)
+                diff["pretrained"] = relative_weights(diff["pretrained"], base_dir)
             if diff:
                 out[name] = diff
         return out
@@ -194,6 +196,13 @@ def absolute_weights(pretrained: str, base_dir: Path) -> str:
     """A relative ``train.pretrained`` path is relative to the file that names it; URLs stay as they are."""
     if pretrained and "://" not in pretrained and not Path(pretrained).is_absolute():
         return str((base_dir / pretrained).resolve())
+    return pretrained
+
+
+def relative_weights(pretrained: str, base_dir: Path) -> str:
+    """The inverse of :func:`absolute_weights` for writing a spec file: a local path relative to ``base_dir``."""
+    if pretrained and "://" not in pretrained and Path(pretrained).is_absolute():
+        return os.path.relpath(pretrained, Path(base_dir).resolve())
     return pretrained
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from detect.linespec import LineSpec
-from edge_runtime.errors import DataError
+from edge_runtime.errors import ConfigError, DataError
 
 
 def check_class_contract(spec: LineSpec, ann_file: Path) -> int:
@@ -69,3 +69,66 @@ def check_data(spec: LineSpec) -> int:
         raise DataError(f"{n_train} training images but batch_size {batch}: lower "
                         f"train.batch_size in {spec.source or 'the line spec'} or add images.")
     return n_train
+
+
+CLASS_HEAD = "yolo_head.pred_cls."  # the only tensors that may differ from pretrained weights (class count)
+
+
+def weights_file(path_or_url: str) -> Path:
+    """The ``.pdparams`` file a local ``train.pretrained`` names (a file, a stem, or a checkpoint folder)."""
+    path = Path(path_or_url)
+    if path.is_dir():  # a checkpoint directory: its evaluated (EMA) weights, else the raw ones
+        file = path / "ema.pdparams"
+        return file if file.is_file() else path / "model.pdparams"
+    return path if str(path).endswith(".pdparams") else Path(f"{path}.pdparams")
+
+
+def weights_model_size(stored) -> tuple[float | None, str | None]:
+    """(width multiplier, model size) of PP-YOLOE+ weights, read from the stem's last conv (64 x width outputs)."""
+    from detect.ppyoloe import MODEL_MULTIPLIERS
+
+    stem = stored.get("backbone.stem.conv3.conv.weight")
+    if stem is None:
+        return None, None
+    width = round(int(stem.shape[0]) / 64.0, 4)
+    size = next((name for name, (_, w) in MODEL_MULTIPLIERS.items() if abs(w - width) < 1e-6), None)
+    return width, size
+
+
+def pretrained_mismatch(spec: LineSpec, file: Path, stored, bad: list[str], total: int) -> str:
+    """The refusal of weights that do not fit the spec's model beyond its class head, with the fix."""
+    from detect.ppyoloe import MODEL_MULTIPLIERS
+
+    width, size = weights_model_size(stored)
+    where = spec.source or f"the line spec of '{spec.line}'"
+    what = (f"a {size} model (width {width:g})" if size else
+            f"a model of width {width:g}" if width else "not a PP-YOLOE+ CSPResNet model")
+    fix = (f"set model_size: {size} in {where} (or pass weights of a {spec.model_size} model)" if size else
+           f"pass weights of a {spec.model_size} model")
+    return (f"pretrained weights '{file}' are {what}, the spec says model_size {spec.model_size} "
+            f"(width {MODEL_MULTIPLIERS[spec.model_size][1]:g}): {len(bad)} of {total} tensors do not fit "
+            f"beyond the class head (e.g. {', '.join(bad[:3])}), so training would start from random "
+            f"initialisation. Fix: {fix}, or train without them (--set pretrained='').")
+
+
+def check_pretrained(spec: LineSpec) -> None:
+    """Refuse, before anything is built, local ``train.pretrained`` weights made for another model size.
+
+    Only the class head may differ (another class count); URLs are checked after download, when loaded
+    (:func:`detect.session.load_pretrained` refuses the same way)."""
+    from detect.ppyoloe import MODEL_MULTIPLIERS
+
+    pretrained = spec.settings.train.pretrained
+    if not pretrained or "://" in pretrained:
+        return
+    file = weights_file(pretrained)
+    if not file.is_file():
+        raise ConfigError(f"pretrained weights '{file}' do not exist (train.pretrained in "
+                          f"{spec.source or 'the line spec'}). Give a .pdparams path, a checkpoint directory or a URL.")
+    from detect.heavy import paddle_stack
+
+    stored = paddle_stack().paddle.load(str(file))
+    width, size = weights_model_size(stored)
+    if width is not None and abs(width - MODEL_MULTIPLIERS[spec.model_size][1]) > 1e-6:
+        bad = [k for k in stored if not k.startswith(CLASS_HEAD)]
+        raise ConfigError(pretrained_mismatch(spec, file, stored, bad, len(stored)))

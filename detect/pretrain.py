@@ -68,7 +68,8 @@ def pretrain(recipe: PretrainRecipe, work_dir: Path, out_dir: Path = BASE_WEIGHT
     spec_path = corpus / f"{recipe.name}.yaml"
     if not spec_path.is_file():
         generate_line(corpus, line=recipe.name, count=recipe.count, size=(recipe.image_size, recipe.image_size),
-                      seed=recipe.seed, val_fraction=0.1, style=recipe.style)
+                      seed=recipe.seed, val_fraction=0.1, style=recipe.style,
+                      pretrained=False)  # the base is trained from random initialisation
     spec = replace(LineSpec.load(spec_path), image_size=recipe.image_size, model_size=recipe.model_size)
     spec = spec.with_cli({"train": recipe.train_overrides()})  # the recipe is this verb's command line
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -85,10 +85,12 @@ def route_ppdet_logs(log_file: Path) -> None:
         logger.addHandler(handler)
 
 
-def load_pretrained(model, path_or_url: str) -> list[str]:
-    """Load weights, skipping tensors whose shape differs (e.g. a head for another class count).
+def load_pretrained(model, path_or_url: str, spec: LineSpec | None = None) -> list[str]:
+    """Load weights, skipping the class head's tensors when their shape differs (another class count).
 
-    Returns the names of the skipped tensors; ppdet's ``load_pretrain_weight`` does the loading.
+    Returns the names of the skipped tensors; ppdet's ``load_pretrain_weight`` does the loading. Weights of
+    which more than the class head would be skipped (another model size) are refused before anything is
+    loaded: ppdet would skip them silently and the run would train from random initialisation.
     """
     from detect.heavy import paddle_stack
 
@@ -96,13 +98,12 @@ def load_pretrained(model, path_or_url: str) -> list[str]:
     from ppdet.utils.checkpoint import load_pretrain_weight
     from ppdet.utils.download import get_weights_path
 
+    from detect.preflight import CLASS_HEAD, pretrained_mismatch, weights_file
+
     path = path_or_url
     if path_or_url.startswith(("http://", "https://")):
         path = get_weights_path(path_or_url)  # downloads into ~/.cache/paddle/weights
-    file = Path(path if str(path).endswith(".pdparams") else f"{path}.pdparams")
-    if Path(path).is_dir():  # a checkpoint directory: its evaluated (EMA) weights, else the raw ones
-        file = Path(path) / "ema.pdparams"
-        file = file if file.is_file() else Path(path) / "model.pdparams"
+    file = weights_file(str(path))
     if not file.is_file():
         raise ConfigError(f"pretrained weights '{file}' do not exist. Give a .pdparams path, a checkpoint "
                           f"directory or a URL.")
@@ -112,6 +113,12 @@ def load_pretrained(model, path_or_url: str) -> list[str]:
     missing = [k for k in own if k not in stored]
     if len(missing) == len(own):
         raise ConfigError(f"pretrained weights '{file}' share no tensor with this model: not a PP-YOLOE+ file?")
+    bad = [k for k in skipped + missing if not k.startswith(CLASS_HEAD)]
+    if bad:
+        if spec is not None:
+            raise ConfigError(pretrained_mismatch(spec, file, stored, bad, len(own)))
+        raise ConfigError(f"pretrained weights '{file}' do not fit this model beyond the class head: {len(bad)} of "
+                          f"{len(own)} tensors would be skipped (e.g. {', '.join(bad[:3])}): another model size?")
     load_pretrain_weight(model, str(file)[: -len(".pdparams")])
     return skipped + missing
 
@@ -195,7 +202,7 @@ def build_session(spec: LineSpec, run: RunPaths, fresh: bool = True,
         trainer = Trainer(live, mode="train")
     loader = install_seeded_loader(trainer, train.seed, train.workers, min_box_side(train))
     preflight_reader(loader)
-    skipped = load_pretrained(trainer.model, train.pretrained) if fresh and train.pretrained else []
+    skipped = load_pretrained(trainer.model, train.pretrained, spec) if fresh and train.pretrained else []
     freeze = apply_freeze(trainer.model, parse_freeze(train.freeze))
     ns = types.SimpleNamespace(
         progress=cb.ProgressBar(trainer, train.epochs),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from detect.linespec import LineSpec
 from detect.ppyoloe import RunPaths
-from detect.preflight import check_data, check_settings
+from detect.preflight import check_data, check_pretrained, check_settings
 from detect.session import TrainResult, build_session, process_rank, run_session
 from detect.settings import Layer
 from edge_runtime.errors import ConfigError
@@ -31,6 +31,7 @@ def train(spec: LineSpec, run_dir: Path | None = None, quiet: bool = False) -> T
     from detect.checkpoints import list_checkpoints
 
     check_settings(spec)
+    check_pretrained(spec)  # weights of another model size: refused with the fix, before anything is built
     check_data(spec)
     run = RunPaths(Path(run_dir) if run_dir else default_run_dir(spec))
     if run.metrics.exists():

@@ -180,3 +180,147 @@ def test_import_errors_name_the_fix(truth, tmp_path: Path) -> None:
     (tmp_path / "c.json").write_text(json.dumps(broken))
     with pytest.raises(DataError, match="nowhere.png"):
         import_dataset("coco", tmp_path / "c.json", CLASSES, tmp_path / "out2", images_dir=root / "images")
+
+
+def _write_voc(root: Path, coco: dict, dst: Path, images: list[dict]) -> None:
+    (dst / "Annotations").mkdir(parents=True)
+    (dst / "JPEGImages").mkdir()
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    for im in images:
+        shutil.copy(root / "images" / im["file_name"], dst / "JPEGImages" / im["file_name"])
+        objs = "".join(
+            f"<object><name>{names[a['category_id']]}</name><bndbox><xmin>{a['bbox'][0] + 1}</xmin>"
+            f"<ymin>{a['bbox'][1] + 1}</ymin><xmax>{a['bbox'][0] + a['bbox'][2]}</xmax>"
+            f"<ymax>{a['bbox'][1] + a['bbox'][3]}</ymax></bndbox></object>"
+            for a in coco["annotations"] if a["image_id"] == im["id"])
+        (dst / "Annotations" / (Path(im["file_name"]).stem + ".xml")).write_text(
+            f"<annotation><filename>{im['file_name']}</filename><size><width>{im['width']}</width>"
+            f"<height>{im['height']}</height></size>{objs}</annotation>")
+
+
+def _write_labelme(root: Path, coco: dict, dst: Path, images: list[dict]) -> None:
+    dst.mkdir(parents=True)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    for im in images:
+        shutil.copy(root / "images" / im["file_name"], dst / im["file_name"])
+        shapes = [{"label": names[a["category_id"]], "shape_type": "rectangle",
+                   "points": [[a["bbox"][0], a["bbox"][1]], [a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]]}
+                  for a in coco["annotations"] if a["image_id"] == im["id"]]
+        (dst / (Path(im["file_name"]).stem + ".json")).write_text(json.dumps(
+            {"shapes": shapes, "imagePath": im["file_name"], "imageHeight": im["height"], "imageWidth": im["width"]}))
+
+
+def _write_source(fmt: str, root: Path, coco: dict, dst: Path, images: list[dict]) -> Path:
+    """``images`` of the truth set in ``fmt`` under ``dst``; returns what to pass as the source."""
+    if fmt == "coco":
+        dst.mkdir(parents=True)
+        ids = {im["id"] for im in images}
+        part = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+        (dst / "labels.json").write_text(json.dumps(part))
+        shutil.copytree(root / "images", dst / "images")
+        return dst / "labels.json"
+    if fmt == "voc":
+        _write_voc(root, coco, dst, images)
+    elif fmt == "yolo":
+        ids = {im["id"] for im in images}
+        _write_yolo(root, {**coco, "images": images,
+                           "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}, dst)
+    else:
+        _write_labelme(root, coco, dst, images)
+    return dst
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc", "yolo", "labelme"])
+def test_own_train_val_split_from_two_sources_or_val_from_in_every_format(truth, tmp_path: Path, fmt: str) -> None:
+    root, coco = truth
+    train_ims, val_ims = coco["images"][:4], coco["images"][4:]
+    train_src = _write_source(fmt, root, coco, tmp_path / "train", train_ims)
+    val_src = _write_source(fmt, root, coco, tmp_path / "val", val_ims)
+    common = ["--format", fmt, "--classes", ",".join(CLASSES)]
+    assert main(["data", "import", str(train_src), str(val_src), *common, "--out", str(tmp_path / "two")]) == 0
+    assert main(["data", "import", str(train_src), "--val-from", str(val_src), *common,
+                 "--out", str(tmp_path / "valfrom")]) == 0
+    want_val = sorted(im["file_name"] for im in val_ims)
+    for out in (tmp_path / "two", tmp_path / "valfrom"):
+        val = json.loads((out / "annotations" / "val.json").read_text())
+        train = json.loads((out / "annotations" / "train.json").read_text())
+        assert sorted(im["file_name"] for im in val["images"]) == want_val
+        assert sorted(im["file_name"] for im in train["images"]) == sorted(im["file_name"] for im in train_ims)
+        val_boxes = sum(1 for a in coco["annotations"] if a["image_id"] in {im["id"] for im in val_ims})
+        assert len(val["annotations"]) == val_boxes
+        assert check_target(out / f"{out.name}.yaml").ok
+
+
+def test_val_from_a_list_file_and_a_yolo_split_folder(truth, tmp_path: Path, capsys) -> None:
+    root, coco = truth
+    voc = tmp_path / "voc"
+    _write_voc(root, coco, voc, coco["images"])
+    listed = [Path(im["file_name"]).stem for im in coco["images"][:2]]  # VOC's ImageSets/Main/val.txt: stems
+    (tmp_path / "val.txt").write_text("\n".join(listed) + "\n")
+    assert main(["data", "import", str(voc), "--format", "voc", "--classes", ",".join(CLASSES),
+                 "--val-from", str(tmp_path / "val.txt"), "--out", str(tmp_path / "a")]) == 0
+    val = json.loads((tmp_path / "a" / "annotations" / "val.json").read_text())
+    assert sorted(Path(im["file_name"]).stem for im in val["images"]) == sorted(listed)
+    # a YOLO folder with images/train + images/val: each split given as its own source
+    yolo = tmp_path / "yolo"
+    _write_yolo(root, {**coco, "images": coco["images"][:4]}, yolo, "train")
+    _write_yolo(root, {**coco, "images": coco["images"][4:]}, yolo, "val")
+    assert main(["data", "import", str(yolo / "images" / "train"), str(yolo / "images" / "val"), "--format", "yolo",
+                 "--classes", ",".join(CLASSES), "--out", str(tmp_path / "y")]) == 0
+    got = json.loads((tmp_path / "y" / "annotations" / "val.json").read_text())
+    ids = {im["id"] for im in coco["images"][4:]}
+    assert len(got["annotations"]) == sum(1 for a in coco["annotations"] if a["image_id"] in ids) > 0
+
+
+def test_a_class_only_in_validation_is_warned_with_counts(truth, tmp_path: Path, capsys) -> None:
+    root, coco = truth
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    per_image = {im["id"]: {names[a["category_id"]] for a in coco["annotations"] if a["image_id"] == im["id"]}
+                 for im in coco["images"]}
+    target = names[coco["annotations"][0]["category_id"]]
+    val_ims = [im for im in coco["images"] if target in per_image[im["id"]]]
+    train_ims = [im for im in coco["images"] if target not in per_image[im["id"]]]
+    n_boxes = sum(1 for a in coco["annotations"] if names[a["category_id"]] == target)
+    train_src = _write_source("coco", root, coco, tmp_path / "t", train_ims)
+    val_src = _write_source("coco", root, coco, tmp_path / "v", val_ims)
+    assert main(["data", "import", str(train_src), str(val_src), "--format", "coco", "--classes", ",".join(CLASSES),
+                 "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert f"class '{target}' is only in validation ({n_boxes} box(es), 0 in training)" in err
+
+
+def test_a_refused_import_writes_nothing(truth, tmp_path: Path, capsys) -> None:
+    root, coco = truth
+    src = root / "annotations" / "all.json"
+    common = ["--format", "coco", "--classes", ",".join(CLASSES)]
+    # refused after the images were copied (the split): the half-built folder is removed
+    assert main(["data", "import", str(src), *common, "--val", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "val fraction must be between 0 and 1" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "list.txt").write_text("no_such_image\n")
+    assert main(["data", "import", str(src), *common, "--val-from", str(tmp_path / "list.txt"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "match no image of the source: no_such_image" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["data", "import", str(src), *common, "--out", str(tmp_path / "full")]) == 2
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["keep.txt"]
+
+
+def test_import_spec_starts_from_the_shipped_base_unless_told_otherwise(truth, tmp_path: Path) -> None:
+    import yaml
+
+    root, coco = truth
+    src = root / "annotations" / "all.json"
+    assert main(["data", "import", str(src), "--format", "coco", "--classes", ",".join(CLASSES),
+                 "--out", str(tmp_path / "d" / "line7")]) == 0
+    spec = LineSpec.load(tmp_path / "d" / "line7" / "line7.yaml")
+    base = Path(__file__).resolve().parents[1] / "base_weights" / "pcb-base-tiny-320.pdparams"
+    assert (spec.model_size, spec.image_size, spec.settings.train.pretrained) == ("tiny", 320, str(base))
+    raw = yaml.safe_load((tmp_path / "d" / "line7" / "line7.yaml").read_text())
+    assert not Path(raw["train"]["pretrained"]).is_absolute()
+    assert main(["data", "import", str(src), "--format", "coco", "--classes", ",".join(CLASSES),
+                 "--out", str(tmp_path / "e"), "--model-size", "s", "--image-size", "256", "--no-pretrained"]) == 0
+    other = LineSpec.load(tmp_path / "e" / "e.yaml")
+    assert (other.model_size, other.image_size, other.settings.train.pretrained) == ("s", 256, "")

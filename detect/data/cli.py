@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg", help="image format")
     p.add_argument("--defect-free", type=float, default=0.12, help="share of boards without defects (0.12)")
     p.add_argument("--val", type=float, help="validation share of the split (default: data.val_fraction)")
+    _base_flags(p)
     p.set_defaults(func=_synth)
 
     data = subparsers.add_parser("data", help="import, check, split and describe a line's data set")
@@ -28,7 +29,9 @@ def register(subparsers) -> None:
     sub.required = True
 
     imp = sub.add_parser("import", help="convert COCO / VOC / YOLO / LabelMe labels into the kit's layout")
-    imp.add_argument("src", type=Path, help="folder (VOC, YOLO, LabelMe) or COCO JSON file / folder")
+    imp.add_argument("src", type=Path, nargs="+", metavar="SRC",
+                     help="folder (VOC, YOLO, LabelMe) or COCO JSON file / folder; two sources = your own "
+                          "train and val split (same as SRC --val-from VAL)")
     imp.add_argument("--format", dest="src_format", required=True, choices=("coco", "voc", "yolo", "labelme"))
     imp.add_argument("--classes", help="comma-separated class names in contract order")
     imp.add_argument("--spec", type=Path, help="line spec whose classes to use (instead of --classes)")
@@ -38,6 +41,10 @@ def register(subparsers) -> None:
     imp.add_argument("--drop-unknown", action="store_true", help="drop boxes of classes not in the list")
     imp.add_argument("--val", type=float, help="validation share of the split (default: data.val_fraction)")
     imp.add_argument("--seed", type=int, help="split seed (default: data.split_seed)")
+    imp.add_argument("--val-from", type=Path, metavar="FILE_OR_FOLDER",
+                     help="your own validation split: a source in the same format (COCO file/folder, VOC, YOLO or "
+                          "LabelMe folder), or a .txt listing SRC's validation images (names or stems, one a line)")
+    _base_flags(imp)
     imp.set_defaults(func=_import)
 
     chk = sub.add_parser("check", help="report every fault of a data set (exit code 2 if any)")
@@ -57,12 +64,25 @@ def register(subparsers) -> None:
     sp.set_defaults(func=_split)
 
 
+def _base_flags(p) -> None:
+    """What the written line spec starts from: the kit's shipped base model unless told otherwise."""
+    from detect.linespec import MODEL_SIZES
+
+    p.add_argument("--model-size", choices=MODEL_SIZES,
+                   help="model size of the line spec (default: the shipped base's, tiny)")
+    p.add_argument("--image-size", type=int, help="network input size (default: the shipped base's, 320; synth: "
+                                                  "the frame size)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                   help="do not start from the shipped base weights (train.pretrained stays empty)")
+
+
 def _synth(args: argparse.Namespace) -> int:
     from .synth import generate_line
 
     spec = generate_line(
         args.out, line=args.line, count=args.count, size=tuple(args.size), seed=args.seed,
         defect_free_fraction=args.defect_free, val_fraction=args.val, image_format=args.image_format,
+        image_size=args.image_size, model_size=args.model_size, pretrained=args.pretrained,
     )
     print(spec.source)
     return 0
@@ -71,10 +91,17 @@ def _synth(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from .importers import import_dataset, resolve_classes
 
-    classes, base = resolve_classes(args.classes, args.spec, args.src_format, args.src)
+    if len(args.src) > 2 or (len(args.src) == 2 and args.val_from):
+        raise UserInputError("data import takes one source, or two (train and val): not more, and not two "
+                             "sources with --val-from.")
+    src, val_from = args.src[0], (args.src[1] if len(args.src) == 2 else args.val_from)
+    if val_from is not None and (args.val is not None or args.seed is not None):
+        raise UserInputError("--val and --seed split the data; with your own validation split leave them out.")
+    classes, base = resolve_classes(args.classes, args.spec, args.src_format, src)
     spec = import_dataset(
-        args.src_format, args.src, classes, args.out, line=args.line, images_dir=args.images,
+        args.src_format, src, classes, args.out, line=args.line, images_dir=args.images,
         drop_unknown=args.drop_unknown, val_fraction=args.val, seed=args.seed, base_spec=base,
+        val_from=val_from, image_size=args.image_size, model_size=args.model_size, pretrained=args.pretrained,
     )
     print(spec.source)
     return 0

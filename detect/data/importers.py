@@ -7,6 +7,7 @@ Images are copied (never moved) with unique file names; train/val are split righ
 from __future__ import annotations
 
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ from edge_runtime.errors import ConfigError, DataError, UserInputError
 from detect.linespec import LineSpec
 from detect.settings import DataSettings
 
-from .coco import Layout, box_annotation, make_coco, write_coco
+from .coco import Layout, box_annotation, make_coco, subset, write_coco
 from .linefile import write_line_spec
 from .readers import Record, read_coco, read_labelme, read_voc, read_yolo, yolo_class_names
 from .split import stratified_split
@@ -71,6 +72,64 @@ def _unique_names(records: list[Record]) -> list[str]:
     return out
 
 
+def read_val_source(src_format: str, val_from: Path, classes: Sequence[str], records: list[Record],
+                     images_dir: Path | None = None) -> tuple[list[Record], list[Record]]:
+    """(train, val) records for a user's own split.
+
+    ``val_from`` is either a second source in the same format (a COCO file or folder, a VOC, YOLO or LabelMe
+    folder) holding the validation images, or a text file (``.txt``, e.g. VOC's ImageSets/Main/val.txt) that
+    lists which images of the first source are validation images, one file name, path or stem per line."""
+    val_from = Path(val_from)
+    if not val_from.exists():
+        raise UserInputError(f"import: --val-from '{val_from}' does not exist.")
+    if val_from.is_file() and val_from.suffix.lower() == ".txt":
+        wanted = [ln.strip() for ln in val_from.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        keys = {}
+        for i, rec in enumerate(records):
+            for key in (rec.image.name, rec.image.stem, str(rec.image)):
+                keys.setdefault(key, set()).add(i)
+        unknown = [w for w in wanted if w not in keys and Path(w).name not in keys]
+        if unknown:
+            raise DataError(f"import: {len(unknown)} name(s) in '{val_from}' match no image of the source: "
+                            f"{', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else "")
+                            + ". List image file names or stems, one per line.")
+        chosen = set().union(*(keys.get(w) or keys[Path(w).name] for w in wanted)) if wanted else set()
+        val = [r for i, r in enumerate(records) if i in chosen]
+        train = [r for i, r in enumerate(records) if i not in chosen]
+    else:
+        train, val = records, read_records(src_format, val_from, classes, images_dir)
+    if not val:
+        raise DataError(f"import: --val-from '{val_from}' gives no validation image.")
+    if not train:
+        raise DataError(f"import: every image is a validation image (--val-from '{val_from}'); nothing to train on.")
+    return train, val
+
+
+def split_warnings(train: list[dict], val: list[dict], anns: list[dict], classes: Sequence[str]) -> list[str]:
+    """Classes that only one side of a user's split has, with the box counts per side."""
+    side = {im["id"]: "train" for im in train} | {im["id"]: "val" for im in val}
+    counts = {name: Counter() for name in classes}
+    for a in anns:
+        counts[classes[a["category_id"] - 1]][side[a["image_id"]]] += 1
+    out = []
+    for name, c in counts.items():
+        if c["val"] and not c["train"]:
+            out.append(f"class '{name}' is only in validation ({c['val']} box(es), 0 in training): the model cannot "
+                       "learn it from this split")
+        elif c["train"] and not c["val"]:
+            out.append(f"class '{name}' is only in training ({c['train']} box(es), 0 in validation): its AP will "
+                       "not be measured")
+    return out
+
+
+def _building_dir(out_dir: Path) -> Path:
+    """A fresh temporary folder beside ``out_dir`` (same parent: relative paths from it are the same)."""
+    import tempfile
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
+
+
 def import_dataset(
     src_format: str,
     src: str | Path,
@@ -82,19 +141,34 @@ def import_dataset(
     val_fraction: float | None = None,
     seed: int | None = None,
     base_spec: LineSpec | None = None,
+    val_from: str | Path | None = None,
+    image_size: int | None = None,
+    model_size: str | None = None,
+    pretrained: bool = True,
+    warn=None,
 ) -> LineSpec:
     """Convert ``src`` into ``out_dir`` (images/, annotations/{all,train,val}.json, <line>.yaml).
 
-    The split takes ``val_fraction`` and ``seed`` when given, else the base spec's ``data`` section (the table's
-    defaults without one)."""
+    The split is the user's own when ``val_from`` is given (see :func:`read_val_source`), else stratified with
+    ``val_fraction`` and ``seed`` when given, else the base spec's ``data`` section (the table's defaults
+    without one). Without a base spec the line spec starts from the kit's shipped base model
+    (:func:`detect.data.linefile.write_line_spec`). Everything is built in a folder beside ``out_dir`` and
+    renamed at the end: a refused import leaves nothing behind."""
     data = base_spec.settings.data if base_spec is not None else DataSettings()
     val_fraction = data.val_fraction if val_fraction is None else val_fraction
     seed = data.split_seed if seed is None else seed
     out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserInputError(f"import: '{out_dir}' already exists and is not empty; choose a new folder.")
     classes = list(classes)
-    records = read_records(src_format, Path(src), classes, Path(images_dir) if images_dir else None)
+    images_dir = Path(images_dir) if images_dir else None
+    records = read_records(src_format, Path(src), classes, images_dir)
     if not records:
         raise DataError(f"import: no images found in '{src}'.")
+    n_train = len(records)
+    if val_from is not None:
+        train_recs, val_recs = read_val_source(src_format, Path(val_from), classes, records, images_dir)
+        records, n_train = train_recs + val_recs, len(train_recs)
     missing = [str(r.image) for r in records if not r.image.is_file()]
     if missing:
         raise DataError(f"import: {len(missing)} image(s) listed in the labels do not exist: {', '.join(missing[:10])}"
@@ -107,9 +181,24 @@ def import_dataset(
             + ", ".join(f"'{n}' ({c} box(es))" for n, c in sorted(unknown.items()))
             + f", e.g. in {', '.join(where)}. Add them to --classes / the line spec, or pass --drop-unknown."
         )
-    layout = Layout(out_dir)
-    if layout.all.exists():
-        raise UserInputError(f"import: '{out_dir}' already holds a data set ({layout.all}); choose a new folder.")
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    build = _building_dir(out_dir)
+    try:
+        spec = _write_layout(build, out_dir, src_format, src, records, n_train, val_from is not None, classes,
+                             val_fraction, seed, line, base_spec, image_size, model_size, pretrained, warn)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above); rename needs the name free
+        build.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return LineSpec.load(out_dir / spec.source.name)
+
+
+def _write_layout(build: Path, out_dir: Path, src_format: str, src, records: list[Record], n_train: int,
+                  own_split: bool, classes: list[str], val_fraction: float, seed: int, line, base_spec,
+                  image_size, model_size, pretrained: bool, warn) -> LineSpec:
+    layout = Layout(build)
     layout.images.mkdir(parents=True, exist_ok=True)
     cat_id = {name: i + 1 for i, name in enumerate(classes)}
     images, anns = [], []
@@ -121,8 +210,17 @@ def import_dataset(
                 anns.append(box_annotation(len(anns) + 1, i, cat_id[cls], (x, y, w, h)))
     coco = make_coco(images, anns, classes, f"imported from {src_format} '{src}'")
     write_coco(layout.all, coco)
-    if len(images) >= 2:
+    if own_split:
+        train_ids = {im["id"] for im in images[:n_train]}
+        train = subset(coco, train_ids)
+        val = subset(coco, [im["id"] for im in images[n_train:]])
+        for message in split_warnings(train["images"], val["images"], anns, classes):
+            warn(f"warning: {message}")
+        write_coco(layout.train, train)
+        write_coco(layout.val, val)
+    elif len(images) >= 2:
         train, val = stratified_split(coco, val_fraction, seed)
         write_coco(layout.train, train)
         write_coco(layout.val, val)
-    return write_line_spec(out_dir, classes, line=line, base=base_spec)
+    return write_line_spec(build, classes, line=line, base=base_spec, image_size=image_size,
+                           model_size=model_size, pretrained=pretrained, final_dir=out_dir)

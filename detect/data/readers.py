@@ -131,9 +131,13 @@ def yolo_class_names(src: Path) -> list[str] | None:
 
 
 def read_yolo(src: Path, index_names: Sequence[str]) -> list[Record]:
-    """YOLO: ``images/**`` + ``labels/**`` (same relative path, .txt) with ``cls cx cy w h`` normalised."""
+    """YOLO: ``images/**`` + ``labels/**`` (same relative path, .txt) with ``cls cx cy w h`` normalised; or
+    one split, ``<root>/images/<split>`` with its labels in ``<root>/labels/<split>``."""
     img_root = src / "images" if (src / "images").is_dir() else src
     lbl_root = src / "labels" if (src / "labels").is_dir() else img_root
+    # one split of a YOLO folder given directly (images/val): its labels are in labels/val
+    if src.parent.name == "images" and (src.parent.parent / "labels" / src.name).is_dir():
+        lbl_root = src.parent.parent / "labels" / src.name
     images = sorted(p for p in img_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"YOLO import: no images under '{img_root}'.")

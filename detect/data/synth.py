@@ -24,6 +24,7 @@ from detect.settings import DataSettings
 from .board import draw_board, render
 from .coco import Layout, box_annotation, make_coco, write_coco
 from .defects import DEFECT_CLASSES, add_defects
+from .linefile import new_line_settings
 from .split import stratified_split
 
 IMAGE_FORMATS = ("jpg", "png")
@@ -127,10 +128,16 @@ def generate_line(
     progress: bool = True,
     style: str = "green",
     classes: tuple[str, ...] = DEFECT_CLASSES,
+    image_size: int | None = None,
+    model_size: str | None = None,
+    pretrained: bool = True,
 ) -> LineSpec:
     """Write a synthetic PCB line into ``out_dir`` (normalised layout + ``<line>.yaml``) and return its spec.
 
-    ``classes``: a subset of the drawable defects, in contract order (a line that has not met the others yet)."""
+    ``classes``: a subset of the drawable defects, in contract order (a line that has not met the others yet).
+    The spec starts from the kit's shipped base model (its model size, ``train.pretrained``) unless
+    ``model_size`` or ``pretrained=False`` say otherwise; ``image_size`` defaults to the frame size rounded to
+    32 (the default 320 x 320 frames: the base's input size)."""
     val_fraction = DataSettings.val_fraction if val_fraction is None else val_fraction  # None: the table's
     _check_args(count, size, defect_free_fraction, val_fraction, image_format)
     unknown = [c for c in classes if c not in DEFECT_CLASSES]
@@ -148,14 +155,15 @@ def generate_line(
     train, val = stratified_split(coco, val_fraction, seed)
     write_coco(layout.train, train)
     write_coco(layout.val, val)
-    image_size = max(64, int(round(max(size) / 32.0)) * 32)
+    frame_size = max(64, int(round(max(size) / 32.0)) * 32)
+    image_size, model_size, train = new_line_settings(out_dir, image_size or frame_size, model_size, pretrained)
     data = {}
     if val_fraction != DataSettings.val_fraction:
         data["val_fraction"] = val_fraction
     if seed:
         data["split_seed"] = seed
-    raw = {"line": line, "classes": list(classes), "image_size": image_size, "model_size": "tiny",
-           "paths": {"root": "."}, "data": data}
+    raw = {"line": line, "classes": list(classes), "image_size": image_size, "model_size": model_size,
+           "paths": {"root": "."}, "data": data, "train": train}
     spec = LineSpec.from_dict(raw, out_dir.resolve(), where=f"synth line '{line}'")
     path = spec.save(out_dir / f"{line}.yaml")
     return replace(spec, source=path.resolve())
