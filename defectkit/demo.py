@@ -92,8 +92,11 @@ def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
 
         run = RunPaths(run_dir)
     else:
-        result = train(spec, run_dir, overrides or {})
+        result = train(spec.with_cli({"train": dict(overrides or {})}), run_dir)  # the command line, once
         metrics, run = result.metrics, result.run
+    from detect.run_settings import load_run_spec
+
+    spec = load_run_spec(run.root)  # every later stage works on what the run used (its settings.yaml)
     times["train"] = time.time() - t
 
     t = _step("3/6 export paddle inference + ONNX")
@@ -144,7 +147,7 @@ def _demo_spec(spec_path: Path) -> Path:
     raw = yaml.safe_load(spec_path.read_text())
     if recipe.is_file():
         ref = yaml.safe_load(recipe.read_text())
-        for key in ("image_size", "model_size", "train", "export", "compress", "runtime", "drift"):
+        for key in ("image_size", "model_size", "data", "train", "export", "compress", "runtime", "drift", "report"):
             if key in ref:
                 raw[key] = ref[key]
         pretrained = (raw.get("train") or {}).get("pretrained")

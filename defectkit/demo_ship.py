@@ -27,10 +27,11 @@ def compress_and_bundle(out: Path, run_dir: Path, lite: bool = False,
     """PTQ (ONNX Runtime INT8 + PaddleSlim INT8), gate, table; bundle the INT8 ONNX if it passed, else FP32."""
     from compress.bundle_from_run import bundle_from_run
     from compress.keys import PRIVATE_NAME, PUBLIC_NAME, init_keys
-    from compress.pipeline import compress_run
+    from compress.pipeline import compress_layer, compress_run, load_run
     from compress.variants import list_variants
 
-    result = compress_run(run_dir, "ptq", overrides or {}, lite=lite)
+    spec = load_run(run_dir)[0].with_cli(compress_layer({"compress": overrides or {}}))  # as `compress --set`
+    result = compress_run(run_dir, "ptq", spec, lite=lite)
     for msg in result.messages:
         print(msg)
     variants = {v.name: v for v in list_variants(run_dir)}
@@ -47,9 +48,9 @@ def compress_and_bundle(out: Path, run_dir: Path, lite: bool = False,
     return ShipResult(result.table.markdown, summary, shipped, bundle, keys / PUBLIC_NAME, result.messages)
 
 
-def edge_run(out: Path, bundle: Path, public_key: Path, images: Path, line_runtime: Optional[dict] = None
-             ) -> dict[str, Any]:
-    """``edge_runtime run`` on the held-back boards, reporting to a collector this process starts itself."""
+def edge_run(out: Path, bundle: Path, public_key: Path, images: Path) -> dict[str, Any]:
+    """``edge_runtime run`` on the held-back boards, reporting to a collector this process starts itself; the box
+    runs on the line's settings from the bundle manifest."""
     from edge_runtime.run import Inspector
     from edge_runtime.runconfig import RunOptions
     from fleet.collector import CollectorThread
