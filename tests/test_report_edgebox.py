@@ -29,12 +29,20 @@ for i in range(4):
     r = b.build(drift={{"brightness": {{"state": "alarm" if i == 3 else "none", "psi": 0.3, "ks_p": 0.01}}}}, spool=spool)
     spool.put("report", r.to_dict(), alarm=r.alarm)
     ids.append(r.id)
-he = HardExampleSampler(0.3, 0.7, 10).offer(spool, image=b"\\xff\\xd8box-jpeg", device_id="press-01", line="line-a",
+he = HardExampleSampler(0.3, 0.7, 10).offer(spool, image={jpeg!r}, device_id="press-01", line="line-a",
     bundle_version="1.0.0", detections=[{{"class": "scratch", "score": 0.5, "box": [0, 0, 5, 5]}}])
 res = Uplink({url!r}, "press-01", {token!r}, spool).flush()
 print(json.dumps({{"python": sys.version.split()[0], "ids": ids, "he": he, "sent": res.sent,
                   "pending": spool.stats().pending, "numpy_free": "numpy" not in sys.modules}}))
 """
+
+
+def _jpeg() -> bytes:
+    """A real JPEG (made on the host: the box has no numpy here); the collector decodes what it stores."""
+    import cv2
+    import numpy as np
+
+    return cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
 
 
 def test_edge_box_spools_and_reports_to_the_host_collector(tmp_path):
@@ -43,7 +51,7 @@ def test_edge_box_spools_and_reports_to_the_host_collector(tmp_path):
     c = CollectorThread(CollectorSettings(db=tmp_path / "c.db", port=0, tokens_file=tmp_path / "tokens.json")).start()
     try:
         out = box_json(BOX_CODE.format(root=str(ROOT), spool=str(tmp_path / "spool.db"), dir=str(tmp_path),
-                                       url=c.url, token=TOKEN), [tmp_path])
+                                       url=c.url, token=TOKEN, jpeg=_jpeg()), [tmp_path])
     finally:
         c.stop()
     assert out["python"].startswith("3.9.") and out["sent"] == 5 and out["pending"] == 0
