@@ -117,6 +117,24 @@ def _scalar(errs: List[str], path: str, v: Any) -> None:
                     f"got {type(v).__name__}")
 
 
+# drift.features.<categorical>: the category shares of the window and of the reference, one level deep
+# (edge_runtime/drift/monitor.py writes them; the dashboard charts them)
+SHARE_MAPS = ("window_shares", "ref_shares")
+
+
+def _share_map(errs: List[str], path: str, v: Any) -> None:
+    """A category -> share mapping: at most MAX_CLASSES + 1 keys (classes and 'none'), shares in [0, 1]."""
+    if v is None:
+        return
+    if not isinstance(v, dict) or len(v) > MAX_CLASSES + 1:
+        errs.append(f"{path} must be an object of at most {MAX_CLASSES + 1} category shares, got {_s(v)}")
+        return
+    for k, share in v.items():
+        _name(errs, f"{path} key {_s(k)}", k, KEY_RE, "a category name of 1-64 characters")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            errs.append(f"{path}[{_s(k)}] must be a share in [0, 1], got {_s(share)}")
+
+
 def _extras(errs: List[str], path: str, obj: dict, fixed: Tuple[str, ...]) -> None:
     extra = [k for k in obj if k not in fixed]
     if len(extra) > MAX_EXTRAS:
@@ -166,7 +184,10 @@ def report_problems(obj: Any) -> List[str]:
     else:
         for name, f in feats.items():
             _name(errs, f"drift.features key {_s(name)}", name, KEY_RE, "a feature name of 1-64 characters")
-            _extras(errs, f"drift.features[{_s(name)}]", f, ("state",))
+            _extras(errs, f"drift.features[{_s(name)}]", f, ("state",) + SHARE_MAPS)
+            for key in SHARE_MAPS:
+                if key in f:
+                    _share_map(errs, f"drift.features[{_s(name)}].{key}", f[key])
     _extras(errs, "health", obj["health"], ())
     return errs
 

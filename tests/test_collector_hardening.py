@@ -260,3 +260,27 @@ def test_export_skips_rows_stored_before_the_checks(tmp_path):
     assert sorted(im["file_name"] for im in coco["images"]) == sorted(
         f"{he['meta']['id']}.jpg" for he in (good, bad_box))
     assert not (tmp_path / "out" / "images" / f"{html['meta']['id']}.jpg").exists()
+
+
+def test_a_box_report_with_scored_categorical_drift_passes_the_collectors_checks():
+    """The contract both ways: what the box's drift monitor puts in a report (categorical features carry their
+    window/reference category shares, one level deep) is accepted; deeper nesting or a share out of [0, 1] is not."""
+    from edge_runtime.drift import DriftMonitor, build_reference
+    from edge_runtime.drift.synthetic import feature_dicts
+    from edge_runtime.wire_report import Counts, Drift, Report, Window, utc_iso
+    from fleet.validate import report_problems
+
+    monitor = DriftMonitor(build_reference(feature_dicts(400, seed=1)))
+    for frame in feature_dicts(150, seed=2):
+        monitor.update(frame)
+    features = monitor.snapshot()["features"]
+    assert features["class_mix"]["window_shares"], "the categorical feature was not scored"
+    report = Report(device_id="box-1", line="line-a", bundle_version="1.0.0",
+                    window=Window(utc_iso(0), utc_iso(60)), counts=Counts(frames=150, ok=100, ng=50),
+                    drift=Drift.from_features(features)).to_dict()
+    assert report_problems(report) == []
+    bad = json.loads(json.dumps(report))
+    bad["drift"]["features"]["class_mix"]["window_shares"] = {"a": {"b": 1}}
+    assert any("window_shares" in p for p in report_problems(bad))
+    bad["drift"]["features"]["class_mix"]["window_shares"] = {"a": 1.5}
+    assert any("share in [0, 1]" in p for p in report_problems(bad))
