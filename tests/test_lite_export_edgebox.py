@@ -73,6 +73,15 @@ def test_int8_nb_is_made_from_the_ptq_model_and_its_agreement_recorded(tiny_spec
     fp32_nb = (tiny_export.directory / "model_nonms.pdiparams").stat().st_size
     assert (v.export_dir / "model_nonms_arm.nb").stat().st_size < 0.5 * fp32_nb  # int8 weights survive opt
     agreement = verify_lite_x86(v.export_dir, calib)
-    assert agreement.images == 2
-    print(f"\nPTQ rounds {v.recipe['rounds']}; INT8 x86 .nb vs INT8 paddle.inference (tiny): {agreement.summary()}; "
-          f"within 1e-3: {agreement.ok(1e-3, 1e-3)}")
+    assert agreement.images == 2 and agreement.matched > 0
+    # measured: Paddle Lite x86 runs the PaddleSlim INT8 program far from INT8 paddle.inference (score diff 0.6,
+    # boxes hundreds of px apart; STACK.md: Lite x86 INT8 lost half the AP), so it must not pass as a match
+    assert not agreement.ok(1e-3, 1e-3) and agreement.max_score_abs > 0.1, agreement.summary()
+    # what compress records from it keeps that .nb out of every bundle (the ARM one ships as converted)
+    from compress.bundle_from_run import variant_models
+    from compress.pipeline import add_lite
+
+    messages = add_lite(v, calib)
+    assert v.recipe["lite"]["x86_matches"] is False and "x86 .nb vs paddle.inference" in messages[0]
+    shipped = [m.path.name for m in variant_models(v, prefix=False)]
+    assert "model_nonms_x86.nb" not in shipped and "model_nonms_arm.nb" in shipped
