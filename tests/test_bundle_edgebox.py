@@ -57,4 +57,4 @@ def test_edgebox_verifies_host_bundle_and_refuses_a_flipped_byte(tmp_path):
     assert res["settings"]["drift"]["window"] == 120 and res["settings"] == json.loads(
         (out / "manifest.json").read_text())["settings"]
     assert "file golden/00-img.png does not match its sha256" in res["refused"]
-    assert json.loads((out / "manifest.json").read_text())["schema"] == "defectkit.bundle/1"
+    assert json.loads((out / "manifest.json").read_text())["schema"] == "defectkit.bundle/2"
