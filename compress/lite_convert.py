@@ -134,6 +134,24 @@ def rewrite_for_lite(src_model_dir: str | Path, dst_dir: str | Path) -> RewriteR
 # ------------------------------------------------------------------------------------------------- edge box
 
 
+def edgebox_unavailable() -> str | None:
+    """Why Paddle Lite steps cannot run here (one line), or None when the edge box is built and usable.
+
+    The Lite converter and runtime exist only inside the edge box (no Python 3.11 wheel): without it the
+    Lite step is skipped and said so, and everything else a command made is kept."""
+    import os
+
+    if not EDGE_BOX_SCRIPT.is_file():
+        return f"{EDGE_BOX_SCRIPT} is missing (Paddle Lite steps need the kit's checkout)"
+    if os.geteuid() != 0:
+        return "the edge box needs root (chroot, mount); run as root or build the .nb on a machine that can"
+    proc = subprocess.run(["bash", str(EDGE_BOX_SCRIPT), "path"], capture_output=True, text=True)
+    root = Path(proc.stdout.strip())
+    if proc.returncode != 0 or not (root / ".defectkit-edgebox-recipe").is_file():
+        return f"no edge box at {root}: build it once with `bash scripts/edge_box.sh build` (about 2 minutes)"
+    return None
+
+
 def edgebox_run(cmd: Sequence[str], binds: Sequence[str | Path] = (), timeout: float = 600,
                 check: bool = True) -> subprocess.CompletedProcess:
     """Run ``cmd`` inside the edge box (``scripts/edge_box.sh run``) with ``binds`` visible at the same paths."""

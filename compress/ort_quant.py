@@ -41,6 +41,7 @@ from compress.variants import Variant
 from detect.linespec import LineSpec
 from edge_runtime.errors import ModelError, UserInputError
 from edge_runtime.modelspec import ModelEntry, ModelSpec, file_sha256
+from edge_runtime.settings import RuntimeSettings
 
 log = logging.getLogger("defectkit.ort_quant")
 
@@ -202,17 +203,18 @@ def output_sqnr_db(fp32: Path, model: Path, feeds: list[dict[str, np.ndarray]]) 
     return round(min(min(float(sqnr(f[n], q[n])), 60.0) for n in f), 2)
 
 
-def _mismatches(reference, model: Path, images: Sequence[Path], tol, classes: Sequence[str]) -> tuple[int, int]:
-    """(calibration images whose detections differ from FP32 beyond ``tol``, OK/NG verdict flips)."""
+def _mismatches(reference, model: Path, images: Sequence[Path], tol, classes: Sequence[str],
+                runtime: RuntimeSettings) -> tuple[int, int]:
+    """(calibration images whose detections differ from FP32 beyond ``tol``, OK/NG verdict flips under the line's
+    own decision settings: the ones the gate, the golden set and the box use)."""
     import cv2
 
     from edge_runtime.decision import decide
-    from edge_runtime.settings import RuntimeSettings
     from edge_runtime.predict import Detector
     from edge_runtime.selftest import compare
 
     det = Detector.from_model(model, backend="onnxruntime")
-    cfg = RuntimeSettings()
+    cfg = runtime
     bad = flips = 0
     for path in images:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -286,7 +288,7 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
     input_names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
     # the edge runtime's own pre-processing; an empty or incomplete set is refused naming the image directory
     feeds = calibration_feeds(calib_images, deploy, input_names, spec.paths.images, progress)
-    max_drop, tol, _ = gate_settings(spec)
+    max_drop, tol, runtime = gate_settings(spec)
     reference = Detector.from_model(src, backend="onnxruntime")
     out_dir.mkdir(parents=True, exist_ok=True)
     calib_ann = calibration_annotations(spec, calib_images, out_dir / ".calibration.json")
@@ -307,7 +309,7 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
             excluded = fixed + ([n for n in sorted(lost, key=lost.get, reverse=True) if n not in fixed][:k] if k else [])
             _quantize(pre, out_dir / "model_nonms.onnx", feeds, excluded)
             cand = _write_candidate(src, out_dir, deploy, meta)
-            bad, flips = _mismatches(reference, cand, calib_images, tol, deploy.classes)
+            bad, flips = _mismatches(reference, cand, calib_images, tol, deploy.classes, runtime)
             drop = 0.0 if fp32_map is None else round((fp32_map - evaluate_model(
                 cand, spec, calib_ann, backend="onnxruntime", progress=False).map50_95) * 100, 3)
             out_db = output_sqnr_db(src, cand, feeds)

@@ -26,7 +26,7 @@ from compress.variants import (COMPRESS_DIR, PARENT, Variant, list_variants, mod
 from detect.linespec import LineSpec
 from detect.ppyoloe import RunPaths
 from detect.run_settings import load_run_spec, settings_path
-from edge_runtime.errors import ConfigError, DataError, UserInputError
+from edge_runtime.errors import ConfigError, DataError, ModelError, UserInputError
 from edge_runtime.fileio import atomic_write_json
 from edge_runtime.modelspec import ModelSpec
 
@@ -274,6 +274,13 @@ def compress_run(run_dir: str | Path, method: str, spec: LineSpec | None = None,
     parent = ensure_parent(spec, run, threads, progress)
     golden = golden_images(spec, run, parent, c.golden_images)
     messages = []
+    if lite:
+        from compress.lite_convert import edgebox_unavailable
+
+        why = edgebox_unavailable()
+        if why:
+            messages.append(f"warning: Paddle Lite step skipped ({why}); every other result is kept")
+            lite = False
     made = METHOD_RUNNERS[method](spec, run, parent, progress)
     for v in made:
         measure(v, spec, golden or calibration_images(spec, 4), threads, progress)
@@ -282,9 +289,10 @@ def compress_run(run_dir: str | Path, method: str, spec: LineSpec | None = None,
         v.gate = result.to_dict()
         if v.gflops is None:
             v.gflops, v.params_m = parent.gflops, parent.params_m  # quantization keeps the graph's FLOPs
+        v.save(run.root)  # saved before the Lite step: a Lite failure cannot lose the variant
         if lite:
             messages += add_lite(v, golden)
-        v.save(run.root)
+            v.save(run.root)
         messages.append(result.line())
     if lite and not any(e.format == "paddlelite" for e in ModelSpec.load(parent.deploy_json).models):
         messages += add_lite(parent, golden)
@@ -300,8 +308,13 @@ def add_lite(v: Variant, images: list[Path]) -> list[str]:
         return []
     from compress.lite_variants import add_lite_models, verify_lite_x86
 
-    entries = add_lite_models(v.export_dir)
-    agreement = verify_lite_x86(v.export_dir, images)
+    try:
+        entries = add_lite_models(v.export_dir)
+        agreement = verify_lite_x86(v.export_dir, images)
+    except (ModelError, UserInputError) as exc:  # the variant stands without .nb files; say why, keep going
+        first = str(exc).splitlines()[0]
+        v.recipe["lite"] = {"error": first}
+        return [f"warning: {v.name}: Paddle Lite step failed ({first}); the variant is kept without .nb files"]
     v.recipe["lite"] = {"files": [e.file for e in entries], "x86_vs_paddle": agreement.summary(),
                         "x86_matches": agreement.ok(box_rel_tol=1e-3, score_tol=1e-3)}
     return [f"{v.name}: Paddle Lite {', '.join(e.file for e in entries)}; x86 .nb vs paddle.inference: "
