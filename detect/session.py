@@ -219,6 +219,9 @@ def build_session(spec: LineSpec, run: RunPaths, fresh: bool = True,
     trainer._callbacks = [c for c in trainer._callbacks if not isinstance(c, Checkpointer)]
     trainer.register_callbacks([cb.ScalarLossStats(trainer), ns.seeder, ns.unfreezer, ns.progress, ns.history,
                                 ns.early, ns.budget, ns.saver, ns.checkpointing])  # Checkpointing last
+    from detect.distill import install_retrain_terms
+
+    install_retrain_terms(session)  # a retrain's run (retrain.json): the parent as teacher, EWC, inside the loss
     return session
 
 
