@@ -208,6 +208,11 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
         metrics["old_classes_map_drop_pts"] = float(f.get("drop_points", 0.0))
         recipe["retrain"] = {"parent_run": retrained["parent"]["run"], "new_classes": retrained["new_classes"],
                              "status": retrained["status"], "replay": retrained["retrain"]["replay"]}
+        if retrained.get("lineage"):  # data version, sources and reviews, parent chain (detect.retrain_lineage)
+            from detect.retrain_lineage import summary
+
+            recipe["retrain"]["lineage"] = summary(retrained["lineage"])
+            recipe["retrain"]["policy"] = retrained.get("policy")
     if any(m.format == "paddlelite" and m.target == "arm" for m in models):
         recipe["arm_note"] = "ARM .nb converted by paddle_lite_opt but not run: no ARM CPU on the build machine"
     return build_bundle(store, spec.line, version, parent_version, models, deploy.input, deploy.postprocess,

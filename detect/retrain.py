@@ -5,8 +5,11 @@
    (:mod:`detect.retrain_data`); new defect classes are appended to the class list, never inserted;
 2. grows the parent's classification head to the new class count, keeping every old row
    (:mod:`detect.head_surgery`), and starts from it with the backbone frozen (``retrain.freeze``) at a
-   lower learning rate (``retrain.lr_factor``) for ``retrain.epochs``: a normal training run of the kit, so
-   early stopping, checkpoints, kill -9 and ``--resume`` behave as in ``defectkit train``;
+   lower learning rate (``retrain.lr_factor``) for ``retrain.epochs`` (0: from the new data's share,
+   :func:`epochs_for_share`), early-stopped on the merged val set: a normal training run of the kit, so
+   checkpoints, kill -9 and ``--resume`` behave as in ``defectkit train``. The parent stays beside the
+   student as a frozen teacher (:mod:`detect.distill`), optionally with an EWC penalty (:mod:`detect.ewc`);
+   ``retrain.json`` records the data version and parent chain (:mod:`detect.retrain_lineage`);
 3. judges forgetting (:mod:`detect.forgetting`) and writes ``retrain.json``, ``retrain.md``, ``retrain.png``.
 
 ``retrain.json`` is written before training starts (status "training") so ``resume_retrain`` knows the parent.
@@ -52,13 +55,48 @@ def read_record(run_dir: Path | str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def retrain_choices(spec: LineSpec, parent: Parent, init: Path) -> LineSpec:
-    """``spec`` with the retrain's own training choices: ``retrain.epochs`` and ``retrain.freeze``, the parent's
-    recorded ``train.lr`` x ``retrain.lr_factor`` (a ``--lr`` given when the parent trained carries over), and
-    the grown parent weights. A train setting given on this command line (``--set lr=...``) wins."""
+EPOCH_RULE: tuple[tuple[float, int], ...] = ((0.10, 3), (0.30, 5), (0.50, 8), (float("inf"), 10))
+"""(share of new images in the merged training set below which, epochs): the rule of ``retrain.epochs: 0``."""
+
+
+def epochs_for_share(share: float) -> tuple[int, str]:
+    """Epochs of a retrain whose merged training set holds ``share`` new images, and why (for retrain.json)."""
+    lower = 0.0
+    for limit, epochs in EPOCH_RULE:
+        if share < limit:
+            span = f"under {limit:.0%}" if lower == 0.0 else (f"{lower:.0%}-{limit:.0%}" if limit != float("inf")
+                                                             else f"over {lower:.0%}")
+            return epochs, f"new data {share:.1%} of the merged training set ({span}: {epochs} epochs)"
+        lower = limit
+    raise AssertionError("unreachable: the rule ends at infinity")
+
+
+def retrain_policy(spec: LineSpec, parent: Parent, added: int, total: int) -> dict[str, Any]:
+    """The retrain's epochs (``retrain.epochs``, else from the new data's share), lr and early stopping, with why."""
+    r = spec.settings.retrain
+    share = added / total if total else 0.0
+    given = set((spec.cli or {}).get("train", {}))
+    if "epochs" in given:
+        epochs, why = spec.settings.train.epochs, "given (train.epochs on the command line)"
+    elif r.epochs > 0:
+        epochs, why = r.epochs, "given (retrain.epochs)"
+    else:
+        epochs, why = epochs_for_share(share)
+    lr = spec.settings.train.lr if "lr" in given else parent.spec.settings.train.lr * r.lr_factor
+    return {"epochs": epochs, "why": why, "new_images": added, "train_images": total, "new_share": round(share, 4),
+            "rule": "retrain.epochs 0: " + "; ".join(f"share < {lim:g}: {e}" for lim, e in EPOCH_RULE),
+            "lr": lr, "lr_why": ("given (train.lr)" if "lr" in given else
+                                 f"parent's train.lr {parent.spec.settings.train.lr:g} x retrain.lr_factor {r.lr_factor:g}"),
+            "patience": spec.settings.train.patience if "patience" in given else r.patience,
+            "early_stopping": "mAP50-95 on the merged val set"}
+
+
+def retrain_choices(spec: LineSpec, policy: dict[str, Any], init: Path) -> LineSpec:
+    """``spec`` with the retrain's own training choices: the policy's epochs, lr and patience, ``retrain.freeze``
+    and the grown parent weights. A train setting given on this command line (``--set lr=...``) wins."""
     r = spec.settings.retrain
     given = set((spec.cli or {}).get("train", {}))
-    choices = {"epochs": r.epochs, "lr": parent.spec.settings.train.lr * r.lr_factor, "freeze": r.freeze}
+    choices = {"epochs": policy["epochs"], "lr": policy["lr"], "freeze": r.freeze, "patience": policy["patience"]}
     choices = {k: v for k, v in choices.items() if k not in given}
     return spec.with_settings(spec.settings.with_values("train", **choices, pretrained=str(init)))
 
@@ -71,6 +109,7 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
     line's layer, retrain and train sections) on top, once."""
     from detect.checkpoints import list_checkpoints
     from detect.head_surgery import write_grown_weights
+    from detect.retrain_lineage import build_lineage
     from detect.train import default_run_dir, train
 
     parent = load_parent(parent_dir)
@@ -82,25 +121,48 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
         raise ConfigError(f"run '{run.root}' already exists: continue it with `defectkit retrain --resume "
                           f"{run.root}` or choose another --name.")
     init = run.root / "init.pdparams"
-    base = retrain_choices(base, parent, init)
     r = base.settings.retrain
     created = not run.root.exists()
+    notes: list[str] = []
     try:  # a refusal while preparing leaves no half-made run behind
         merged = merge_data(parent, adds, base.classes, run.root / "data", r.replay, base.settings.train.seed)
-        rspec = retrain_spec(base, merged)
+        policy = retrain_policy(base, parent, *merged.new_share)
+        rspec = retrain_spec(retrain_choices(base, policy, init), merged)
         write_grown_weights(parent.weights, len(parent.spec.classes), len(rspec.classes), init)
+        lineage = build_lineage(parent, merged, run.root)
+        ewc = None
+        if r.ewc > 0:
+            from detect.ewc import ensure_fisher
+
+            fisher, note = ensure_fisher(parent, r.ewc_batches, quiet)
+            ewc = {"fisher": str(fisher), "weight": r.ewc, "note": note}
+            notes.append(f"EWC: {note}")
     except BaseException:
         if created:
             shutil.rmtree(run.root, ignore_errors=True)
         raise
+    dups = sum(s.get("duplicates", 0) for s in merged.sources if s["tag"] != "parent")
+    if dups:
+        notes.append(f"{dups} image(s) of the new data are already in the parent's data (same content): merged once, "
+                     f"their new labels used")
     record = {
         "status": "training",
         "parent": {"run": str(parent.run.root.resolve()), "classes": parent.spec.classes,
                    "weights": str(parent.weights.resolve())},
         "classes": rspec.classes, "new_classes": added, "data": merged.sources, "retrain": section_dict(r),
+        "policy": policy,
+        "teacher": {"weights": str(init), "old_classes": len(parent.spec.classes),
+                    "parent_weights": str(parent.weights.resolve()), "distill": r.distill,
+                    "distill_dfl": r.distill_dfl, "temperature": r.distill_temperature},
+        "ewc": ewc, "lineage": lineage, "notes": notes,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(record_path(run), record)
+    if not quiet:
+        print(f"retrain: {policy['epochs']} epochs ({policy['why']}), lr {policy['lr']:g}; teacher distillation "
+              f"{'on' if r.distill > 0 or r.distill_dfl > 0 else 'off'}, EWC {'on' if r.ewc > 0 else 'off'}")
+        for note in notes:
+            print(f"note: {note}")
     result = train(rspec, run.root, quiet=quiet)
     return finish_retrain(run, parent, rspec, result.metrics, quiet)
 

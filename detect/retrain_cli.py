@@ -7,7 +7,7 @@ from pathlib import Path
 from detect.cli import parse_sets
 from edge_runtime.errors import UserInputError
 
-RETRAIN_FLAGS = {"epochs": int, "replay": float, "lr_factor": float, "freeze": str}
+RETRAIN_FLAGS = {"epochs": int, "replay": float, "lr_factor": float, "freeze": str, "distill": float, "ewc": float}
 EXIT_REFUSED = 6  # the retrained model forgot old classes (or did not learn a new one): kept, not fit to ship
 
 
@@ -31,6 +31,23 @@ def register(subparsers) -> None:
                    help="any setting, e.g. --set max_class_drop=2 --set batch_size=4 --set train.seed=3; a key "
                         "without a section is retrain.* if that section has it, else train.* (repeatable)")
     p.set_defaults(func=_retrain)
+    lin = subparsers.add_parser(
+        "lineage", help="what a model was trained on: data version, sources, reviews, parent models",
+        description="Print a run's lineage: the data version its retrain trained on (content hashes of images and "
+                    "annotations per source, duplicates, who reviewed hard examples where the export says so) and "
+                    "its chain of parent models back to the line's first fine-tune.")
+    lin.add_argument("run", type=Path, metavar="RUN_DIR")
+    lin.add_argument("--json", action="store_true", help="the lineage record as JSON")
+    lin.set_defaults(func=_lineage)
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    from detect.retrain_lineage import describe, lineage_json
+
+    if not (args.run / "settings.yaml").is_file():
+        raise UserInputError(f"'{args.run}' is not a run of the kit (no settings.yaml): give runs/<line>/<run>.")
+    print(lineage_json(args.run) if args.json else describe(args.run))
+    return 0
 
 
 def retrain_layer(args: argparse.Namespace) -> dict[str, dict]:

@@ -103,6 +103,14 @@ class Merged:
     val_old: Path  # the parent's val set, categories renumbered to the new class list: the forgetting gate's set
     images: Path
     sources: list[dict[str, Any]] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)  # merged image file name -> sha256 of its content
+
+    @property
+    def new_share(self) -> tuple[int, int]:
+        """(new training images, merged training images): added images that were not already merged count."""
+        added = sum(s["images"] - s["duplicates"] for s in self.sources if s["split"] == "train" and s["tag"] != "parent")
+        total = sum(s["images"] - s["duplicates"] for s in self.sources if s["split"] == "train")
+        return added, total
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -115,8 +123,14 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _remap(part: Part, classes: Sequence[str], images_out: Path, coco: dict[str, Any], out_images: list,
-           out_anns: list, seen: dict[Path, int]) -> dict[str, Any]:
-    """Append ``coco``'s images (linked into ``images_out``) and boxes to the merged lists, categories by name."""
+           out_anns: list, seen: dict[str, tuple[int, str]], hashes: dict[str, str]) -> dict[str, Any]:
+    """Append ``coco``'s images (linked into ``images_out``) and boxes to the merged lists, categories by name.
+
+    Images are recognised by content (sha256): an image already merged (the same file given twice, or a copy of a
+    parent image among the new data) is not added again; its later labels replace the earlier ones and it is
+    counted under ``duplicates``."""
+    from detect.retrain_lineage import file_sha256, review_of
+
     if unreviewed_prelabels(coco):
         raise DataError(f"'{part.ann}' holds model pre-labels nobody has reviewed (info.reviewed is false): "
                         f"correct them in a labelling tool and re-export, or set info.reviewed to true.")
@@ -127,34 +141,50 @@ def _remap(part: Part, classes: Sequence[str], images_out: Path, coco: dict[str,
                         f"the end of 'classes' in the line spec (new defect classes), or fix their names.")
     cat_id = {cid: classes.index(name) + 1 for cid, name in names.items()}
     new_id: dict[int, int] = {}
+    own: list[str] = []
+    duplicates: dict[str, int] = {}
     for im in coco["images"]:
         src = (part.images / im["file_name"]).resolve()
         if not src.is_file():
             raise DataError(f"'{part.ann}': image id={im['id']} file_name={im['file_name']!r} not found at {src}. "
                             f"Run `defectkit data check {part.ann.parent.parent}`.")
-        if src in seen:  # the same image given twice (e.g. a relabelled hard example): the later labels win
-            drop = seen[src]
+        digest = file_sha256(src)
+        own.append(digest)
+        if digest in seen:  # the same image given twice (e.g. a relabelled hard example): the later labels win
+            drop, where = seen[digest]
+            duplicates[where] = duplicates.get(where, 0) + 1
             out_anns[:] = [a for a in out_anns if a["image_id"] != drop]
             new_id[im["id"]] = drop
             continue
         name = f"{part.tag}-{im['file_name'].replace('/', '_').replace(os.sep, '_')}"
         _link(src, images_out / name)
+        hashes[name] = digest
         new_id[im["id"]] = len(out_images) + 1
-        seen[src] = new_id[im["id"]]
+        seen[digest] = (new_id[im["id"]], part.tag)
         out_images.append({"id": new_id[im["id"]], "file_name": name, "width": im["width"], "height": im["height"]})
     for a in coco["annotations"]:
         out_anns.append({**a, "id": len(out_anns) + 1, "image_id": new_id[a["image_id"]],
                          "category_id": cat_id[a["category_id"]]})
-    return {"annotations": str(part.ann), "images": len(coco["images"]), "boxes": len(coco["annotations"]),
-            "classes": sorted(set(names.values()))}
+    import hashlib
+
+    source = {"annotations": str(part.ann), "tag": part.tag, "images": len(coco["images"]),
+              "boxes": len(coco["annotations"]), "classes": sorted(set(names.values())),
+              "annotations_sha256": file_sha256(part.ann) if part.ann.is_file() else None,
+              "images_sha256": hashlib.sha256("\n".join(sorted(own)).encode()).hexdigest(),
+              "duplicates": sum(duplicates.values()), "duplicates_of": duplicates}
+    review = review_of(coco)
+    if review:
+        source["review"] = review
+    return source
 
 
 def _merge(parts: list[tuple[Part, dict[str, Any]]], classes: Sequence[str], images_out: Path, dst: Path,
-           description: str) -> tuple[Path, list[dict[str, Any]]]:
+           description: str, hashes: dict[str, str] | None = None) -> tuple[Path, list[dict[str, Any]]]:
     images: list = []
     anns: list = []
-    seen: dict[Path, int] = {}
-    sources = [_remap(p, classes, images_out, coco, images, anns, seen) for p, coco in parts]
+    seen: dict[str, tuple[int, str]] = {}
+    hashes = {} if hashes is None else hashes
+    sources = [_remap(p, classes, images_out, coco, images, anns, seen, hashes) for p, coco in parts]
     for i, a in enumerate(anns, 1):
         a["id"] = i
     return write_coco(dst, make_coco(images, anns, classes, description)), sources
@@ -194,13 +224,17 @@ def merge_data(parent: Parent, adds: Sequence[Path | str], classes: Sequence[str
         if va is not None:
             val_parts.append((va, load_coco(va.ann)))
     desc = f"defectkit retrain of {parent.run.root.name}"
-    train, sources = _merge(train_parts, classes, images_out, out / "train.json", desc)
-    val, val_sources = _merge(val_parts, classes, images_out, out / "val.json", desc + " (val)")
+    hashes: dict[str, str] = {}
+    train, sources = _merge(train_parts, classes, images_out, out / "train.json", desc, hashes)
+    val, val_sources = _merge(val_parts, classes, images_out, out / "val.json", desc + " (val)", hashes)
     val_old, _ = _merge(val_parts[:1], classes, images_out, out / "val_old.json", desc + " (parent's val)")
     for s, role in zip(sources + val_sources, ["train"] * len(sources) + ["val"] * len(val_sources)):
         s["split"] = role
     sources[0]["replay"] = replay
-    return Merged(train, val, val_old, images_out, sources + val_sources)
+    if sum(s["images"] for s in sources[1:]) == 0:
+        raise DataError(f"the new data ({', '.join(str(a) for a in adds)}) holds no training image: an empty "
+                        f"increment. Give data folders with new images or labelled hard examples (--add).")
+    return Merged(train, val, val_old, images_out, sources + val_sources, hashes)
 
 
 def retrain_spec(spec: LineSpec, merged: Merged) -> LineSpec:

@@ -98,21 +98,38 @@ class TrainSettings:
 class RetrainSettings:
     """``retrain``: an incremental retrain from the line's current model, and its forgetting gate."""
 
-    epochs: int = 12
-    lr_factor: float = 0.5
+    epochs: int = 0
+    lr_factor: float = 0.2
     freeze: str = "backbone"
     replay: float = 1.0
+    patience: int = 2
+    distill: float = 1.0
+    distill_dfl: float = 0.5
+    distill_temperature: float = 2.0
+    ewc: float = 0.0
+    ewc_batches: int = 16
     max_class_drop: float = 5.0
     max_map_drop: float = 1.0
     min_new_class_ap50: float = 0.5
 
     def validate(self, where: str) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"{where}: retrain.epochs must be at least 1, got {self.epochs}.")
-        if not 0.0 < self.lr_factor <= 1.0:
-            raise ConfigError(f"{where}: retrain.lr_factor must be in (0, 1], got {self.lr_factor}.")
+        if self.epochs < 0:
+            raise ConfigError(f"{where}: retrain.epochs must be at least 1 (or 0: chosen from the new data's share), "
+                              f"got {self.epochs}.")
+        if not 0.02 <= self.lr_factor <= 0.5:
+            raise ConfigError(f"{where}: retrain.lr_factor must be in [0.02, 0.5] (a retrain starts from a converged "
+                              f"model: 0.1-0.2 of the first fine-tune's lr), got {self.lr_factor}.")
         if not 0.0 <= self.replay <= 1.0:
             raise ConfigError(f"{where}: retrain.replay is a share in [0, 1], got {self.replay}.")
+        if self.patience < 0:
+            raise ConfigError(f"{where}: retrain.patience must be >= 0 (0 = off), got {self.patience}.")
+        for key in ("distill", "distill_dfl", "ewc"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}: retrain.{key} is a loss weight >= 0 (0 = off), got {getattr(self, key)}.")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"{where}: retrain.distill_temperature must be > 0, got {self.distill_temperature}.")
+        if self.ewc_batches < 1:
+            raise ConfigError(f"{where}: retrain.ewc_batches must be >= 1, got {self.ewc_batches}.")
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,8 @@ def test_retrain_adds_a_class_from_the_parent_weights(parent, retrained):
 
     record = read_record(run.root)  # the retrain's own settings.yaml
     # the parent's recorded train.lr (0.003, given on its command line) x retrain.lr_factor
-    assert record["settings"]["train"]["lr"] == pytest.approx(0.003 * 0.5)
-    assert record["ppdet"]["LearningRate"]["base_lr"] == pytest.approx(0.003 * 0.5)
+    assert record["settings"]["train"]["lr"] == pytest.approx(0.003 * 0.2)
+    assert record["ppdet"]["LearningRate"]["base_lr"] == pytest.approx(0.003 * 0.2)
     assert record["settings"]["train"]["epochs"] == 2 and record["settings"]["train"]["freeze"] == "backbone"
     assert record["overrides"]["retrain"] == {"epochs": 2} and record["classes"] == list(DEFECT_CLASSES)
 
