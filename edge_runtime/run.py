@@ -135,12 +135,13 @@ class Inspector:
         if o.collector:
             # short timeouts: a hung collector delays only the uplink thread, and shutdown by a few seconds
             self.uplink = Uplink(o.collector, o.device_id, o.token or "", self.spool, connect_timeout=3.0,
-                                 read_timeout=5.0)
+                                 read_timeout=5.0, ca_file=o.ca_file, insecure_http=o.insecure_http)
             self.uplink.on_ack = self._report_acknowledged
             self._uplink_thread = UplinkThread(self.uplink, interval_s=o.uplink_interval_s).start()
         if o.collector and o.targets_public_key:
             self.channel = UpdateChannel(o.collector, o.device_id, o.token or "", o.targets_public_key, self.manager,
-                                         hardware_target=o.hardware_target, max_length=o.archive_limits_download)
+                                         hardware_target=o.hardware_target, max_length=o.archive_limits_download,
+                                         ca_file=o.ca_file, insecure_http=o.insecure_http)
             self._channel_thread = threading.Thread(target=self._channel_loop, name="defectkit-update-channel",
                                                     daemon=True)
             self._channel_thread.start()

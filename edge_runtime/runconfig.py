@@ -33,6 +33,8 @@ class RunOptions:
     state_dir: Optional[Path] = None  # default: <out_dir>/state
     collector: Optional[str] = None
     token: Optional[str] = None
+    insecure_http: bool = False  # accept http:// to a host that is not loopback (the token travels in clear)
+    ca_file: Optional[Path] = None  # verify the collector's https certificate against this CA only (else system CAs)
     backend: Optional[str] = None
     threads: int = 2
     settings_override: Optional[Path] = None
@@ -63,6 +65,12 @@ class RunOptions:
             raise UserInputError(f"device id {self.device_id!r} is not usable: use 1-64 letters, digits, '.', '_' or '-'")
         if self.collector and not self.token:
             raise UserInputError("--collector needs the device's token: pass --token-file FILE")
+        if self.collector:
+            from edge_runtime.uplink import collector_tls
+
+            collector_tls(self.collector, insecure_http=self.insecure_http, ca_file=self.ca_file)  # refuses at start
+        elif self.ca_file is not None or self.insecure_http:
+            raise UserInputError("--ca-file and --insecure-http are about --collector: give --collector URL")
         if self.threads < 1:
             raise UserInputError(f"threads must be at least 1, got {self.threads}")
         if self.targets_public_key is not None and not self.collector:
@@ -138,6 +146,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     a("--device-id", required=True, help="this box's id (letters, digits, . _ -)")
     a("--collector", default=None, metavar="URL", help="collector base URL; without it reports stay in the spool")
     a("--token-file", type=Path, default=None, help="file holding this device's bearer token")
+    a("--ca-file", type=Path, default=None, metavar="PEM",
+      help="verify the https:// collector's certificate against this CA (default: the system's CAs)")
+    a("--insecure-http", action="store_true", default=None,
+      help="accept an http:// collector that is not on loopback (the token and reports travel in clear)")
     a("--out", type=Path, default=None, help=f"outputs: predictions/, ng/, summary/ {_d('out_dir')}")
     a("--state-dir", type=Path, default=None, help="installed bundles, update inbox, spool (default: OUT/state)")
     a("--backend", default=None, help="force a backend (onnxruntime, paddlelite, paddle); default: by bundle and install")
@@ -178,6 +190,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
                                 report={"interval_s": args.report_interval, "spool_max_mb": args.spool_max_mb})
     given = {
         "out_dir": args.out, "state_dir": args.state_dir, "collector": args.collector, "backend": args.backend,
+        "insecure_http": args.insecure_http, "ca_file": args.ca_file,
         "threads": args.threads, "watch": args.watch, "settle_ms": args.settle_ms, "watch_after": args.watch_after,
         "metrics_host": args.metrics_host, "metrics_port": args.metrics_port, "max_frames": args.max_frames,
         "update_poll_s": args.update_poll, "keep_days": args.keep_days, "line": args.line,

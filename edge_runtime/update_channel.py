@@ -21,7 +21,6 @@ import http.client
 import json
 import logging
 import os
-import ssl
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,12 +52,13 @@ class UpdateChannel:
 
     def __init__(self, base_url: str, device_id: str, token: str, targets_public_key, manager: BundleManager, *,
                  hardware_target: str = "onnx", max_length: int = DEFAULT_MAX_LENGTH, timeout: float = 30.0,
-                 ca_file: Optional[str] = None, clock: Optional[Callable[[], datetime]] = None) -> None:
+                 ca_file: Optional[str] = None, insecure_http: bool = False,
+                 clock: Optional[Callable[[], datetime]] = None) -> None:
         from edge_runtime.bundle import load_public_key
+        from edge_runtime.uplink import collector_tls
 
+        context = collector_tls(base_url, insecure_http=insecure_http, ca_file=ca_file, what="target URL")
         parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserInputError(f"collector URL {base_url!r} is not usable: give http://HOST:PORT or https://HOST")
         if hardware_target not in HARDWARE_TARGETS:
             raise UserInputError(f"hardware target {hardware_target!r} is not one of {', '.join(HARDWARE_TARGETS)}")
         if max_length <= 0:
@@ -68,7 +68,7 @@ class UpdateChannel:
         self._prefix = parts.path.rstrip("/")
         self.device_id, self._token, self.manager = device_id, token, manager
         self.hardware_target, self.max_length, self.timeout = hardware_target, max_length, timeout
-        self._ssl = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None
+        self._ssl = context  # https: system CAs or --ca-file, host name checked; http: loopback or --insecure-http
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self.status = "not polled yet"  # health.update_channel
         self.offered: Optional[str] = None  # the version the last verified metadata named

@@ -24,6 +24,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -60,6 +61,45 @@ class UplinkState:
     history: List[Tuple[float, str]] = field(default_factory=list)
 
 
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): traffic that never leaves this machine."""
+    import ipaddress
+
+    host = (host or "").strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def collector_tls(base_url: str, *, insecure_http: bool = False, ca_file=None, what: str = "collector URL"):
+    """Check a collector / target URL the way the box accepts it and return the TLS context to use (None for http).
+
+    ``http://`` only to loopback unless ``insecure_http`` (a sniffed device token would impersonate the box);
+    ``https://`` is verified against the system CAs, or only against ``ca_file`` when given (like requests'
+    ``verify=``), with the host name checked."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserInputError(f"{what} {base_url!r} is not usable: give http://HOST:PORT or https://HOST")
+    if parts.scheme == "http":
+        if not insecure_http and not is_loopback_host(parts.hostname):
+            raise UserInputError(f"{what} {base_url!r} is plain HTTP to {parts.hostname}, not loopback: the device "
+                                 "token and the reports would travel in clear; use https:// (the collector's "
+                                 "--tls-cert/--tls-key), or pass --insecure-http to accept it on a trusted network")
+        if ca_file is not None:
+            raise UserInputError(f"--ca-file is for an https:// {what}; {base_url!r} is plain HTTP")
+        return None
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise UserInputError(f"--ca-file {ca_file} does not exist or is not a file (the PEM of the CA that signed "
+                             "the collector's certificate)")
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise UserInputError(f"--ca-file {ca_file} cannot be loaded as PEM certificates ({exc})") from None
+
+
 class _Conn(http.client.HTTPConnection):
     """HTTP connection with a connect timeout separate from the read timeout."""
 
@@ -89,11 +129,10 @@ class Uplink:
 
     def __init__(self, base_url: str, device_id: str, token: str, spool: Spool, *, connect_timeout: float = 3.0,
                  read_timeout: float = 10.0, backoff_base: float = 1.0, backoff_cap: float = 300.0,
-                 ca_file: Optional[str] = None, clock: Callable[[], float] = time.monotonic,
-                 rng: Optional[random.Random] = None) -> None:
+                 ca_file: Optional[str] = None, insecure_http: bool = False,
+                 clock: Callable[[], float] = time.monotonic, rng: Optional[random.Random] = None) -> None:
+        context = collector_tls(base_url, insecure_http=insecure_http, ca_file=ca_file)
         parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserInputError(f"collector URL {base_url!r} is not usable: give http://HOST:PORT or https://HOST")
         token = (token or "").strip()
         if not token or any(ch.isspace() for ch in token):
             raise UserInputError(f"the token for device {device_id!r} is empty or contains spaces: check the token file")
@@ -103,7 +142,7 @@ class Uplink:
         self.device_id, self._token, self.spool = device_id, token, spool
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
-        self._ssl = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None
+        self._ssl = context
         self._clock = clock
         # jitter: seeded per device, so a run can be replayed and boxes restarted together still spread out
         self._rng = rng or random.Random(f"uplink:{device_id}")
