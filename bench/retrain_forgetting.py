@@ -1,17 +1,22 @@
-"""Does a retrain that adds a defect class forget the old ones? Three strategies, one run, same data.
+"""Does a retrain that adds a defect class forget the old ones, and what does it cost? Five strategies, one run.
 
-    python bench/retrain_forgetting.py [--epochs 4] [--new-images 24] [--out bench/results/retrain_forgetting.json]
+    python bench/retrain_forgetting.py [--epochs 0] [--full-epochs 12] [--rows kit,no-distill,ewc,full,naive]
 
 Parent: the kit's base detector cut to its first five classes, on a five-class synthetic line (48 images,
 320 px). New data: images showing only the sixth class (spurious_copper), labelled only with it: what an
 engineer sends when a new defect appears. Strategies, each a real ppdet training of ``--epochs``:
 
-- kit: ``defectkit retrain`` defaults (parent images replayed, class head grown keeping old rows, backbone frozen);
-- no replay: the same without the parent's images (``retrain.replay 0``);
+- kit: ``defectkit retrain`` defaults, no flag (parent images replayed, class head grown keeping old rows, backbone
+  frozen, the parent as a frozen teacher, epochs from the new data's share, lr x 0.2, early stopping);
+- no-distill: the same without the teacher (``retrain.distill 0``, ``distill_dfl 0``);
+- ewc: without the teacher, with the EWC penalty (``retrain.ewc``, Fisher computed once in the parent's run);
+- full: a full retrain on all data (old + new) from the same start: nothing frozen, no teacher, the parent's own
+  lr, ``--full-epochs`` with the same early stopping;
 - naive: new images only, starting from the parent weights with ppdet's own loader (the mismatched class head
   is skipped, so re-initialised), as a plain ``defectkit train --pretrained`` would.
 
-Every model is scored on the parent's validation set (old classes, per class) by the same gate code.
+Every model is scored on the parent's validation set (old classes, per class) by the same gate code. Compute is
+the process's CPU seconds (``time.process_time``) of each row, training and the gate's evaluations included.
 """
 from __future__ import annotations
 
@@ -85,36 +90,76 @@ def naive(parent, kit_run: Path, out: Path, epochs: int):
     return judge(before, after, p.spec.classes, merged, r.max_map_drop, r.max_class_drop, r.min_new_class_ap50)
 
 
+ROWS = ("kit", "no-distill", "ewc", "full", "naive")
+
+
+def kit_row(parent, tmp: Path, six, name: str, layer: dict, epochs: int | None) -> dict:
+    from detect.retrain import retrain
+
+    retrain_layer = dict(layer.get("retrain", {}))
+    if epochs:
+        retrain_layer["epochs"] = epochs
+    wall, cpu = time.time(), time.process_time()
+    res = retrain(parent.root, [tmp / "new"], six, parent.root.parent / name,
+                  {"retrain": retrain_layer, "train": {**TRAIN, **layer.get("train", {})}}, quiet=True)
+    return {"seconds": round(time.time() - wall, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
+            "epochs_run": res.metrics.get("epochs_run"), "epochs": res.record["policy"]["epochs"],
+            "epochs_why": res.record["policy"]["why"], "stop_reason": res.metrics.get("stop_reason"),
+            **res.verdict.to_dict()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=0, help="kit rows: retrain.epochs (0: the kit's rule)")
+    ap.add_argument("--full-epochs", type=int, default=12, help="full retrain: epochs (early stopping as the kit)")
+    ap.add_argument("--ewc", type=float, default=100.0, help="retrain.ewc of the EWC row")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--new-images", type=int, default=24)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrain_forgetting.json")
     args = ap.parse_args()
-    from detect.retrain import retrain
+    from detect.run_settings import load_run_spec
 
+    wanted = [r for r in args.rows.split(",") if r]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         parent, six = setup(tmp, args.new_images)
-        for name, over in (("kit", {}), ("no replay", {"replay": 0.0})):
-            t = time.time()
-            res = retrain(parent.root, [tmp / "new"], six, parent.root.parent / name.replace(" ", "-"),
-                          {"retrain": {"epochs": args.epochs, **over}, "train": TRAIN}, quiet=True)
-            rows[name] = {"seconds": round(time.time() - t, 1), **res.verdict.to_dict()}
-        t = time.time()
-        rows["naive"] = {**naive(parent, parent.root.parent / "kit", tmp, args.epochs).to_dict()}
-        rows["naive"]["seconds"] = round(time.time() - t, 1)
-    print(f"{'strategy':<10} {'old mAP50-95':>12} {'change':>8} {'worst class':>22} {'new AP50':>9} {'gate':>8} {'s':>6}")
+        parent_lr = load_run_spec(parent.root).settings.train.lr
+        layers = {
+            "kit": {},  # defaults: teacher distillation on, epochs from the new data's share, lr x 0.2
+            "no-distill": {"retrain": {"distill": 0.0, "distill_dfl": 0.0}},
+            "ewc": {"retrain": {"distill": 0.0, "distill_dfl": 0.0, "ewc": args.ewc}},
+            # everything trains (nothing frozen, no teacher) at the parent's own lr on all data, same early stopping
+            "full": {"retrain": {"distill": 0.0, "distill_dfl": 0.0, "freeze": "none"},
+                     "train": {"lr": parent_lr, "epochs": args.full_epochs}},
+        }
+        for name in wanted:
+            if name == "naive":
+                continue
+            rows[name] = kit_row(parent, tmp, six, name, layers[name], args.epochs if name != "full" else None)
+            print(name, json.dumps({k: rows[name][k] for k in ("seconds", "cpu_seconds", "epochs_run", "drop_points",
+                                                               "new_classes_ap50", "passed")}), flush=True)
+        if "naive" in wanted:
+            kit_run = next(parent.root.parent / n for n in ("kit", "no-distill", "ewc", "full") if n in rows)
+            wall, cpu = time.time(), time.process_time()
+            rows["naive"] = {**naive(parent, kit_run, tmp, load_run_spec(kit_run).settings.train.epochs).to_dict()}
+            rows["naive"].update(seconds=round(time.time() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1))
+    full_cpu = rows.get("full", {}).get("cpu_seconds")
+    print(f"{'strategy':<11} {'old mAP50-95':>15} {'change':>8} {'worst class':>22} {'new AP50':>9} {'gate':>8} "
+          f"{'epochs':>6} {'wall s':>7} {'CPU s':>7} {'CPU vs full':>11}")
     for name, r in rows.items():
         worst = max(r["classes"], key=lambda c: c["drop_points"] or -1e9)
         worst_text = f"{worst['name']} {-worst['drop_points']:+.2f}"
         new50 = next(iter(r["new_classes_ap50"].values()), None)
         new_text = "n/a" if new50 is None else f"{new50:.3f}"
-        print(f"{name:<10} {r['old_map_parent']:.4f}->{r['old_map_retrained']:.4f} {-r['drop_points']:+8.2f} "
-              f"{worst_text:>22} {new_text:>9} {'passed' if r['passed'] else 'REFUSED':>8} {r['seconds']:6.1f}")
+        share = f"{r['cpu_seconds'] / full_cpu:.0%}" if full_cpu else "n/a"
+        print(f"{name:<11} {r['old_map_parent']:.4f}->{r['old_map_retrained']:.4f} {-r['drop_points']:+8.2f} "
+              f"{worst_text:>22} {new_text:>9} {'passed' if r['passed'] else 'REFUSED':>8} "
+              f"{str(r.get('epochs_run', '')):>6} {r['seconds']:7.1f} {r['cpu_seconds']:7.1f} {share:>11}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"epochs": args.epochs, "new_images": args.new_images, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"command": "python bench/retrain_forgetting.py " + " ".join(sys.argv[1:]),
+                                    "epochs": args.epochs, "full_epochs": args.full_epochs, "ewc": args.ewc,
+                                    "new_images": args.new_images, "rows": rows}, indent=1))
     print(f"results: {args.out}")
     return 0
 

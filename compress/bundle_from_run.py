@@ -159,6 +159,20 @@ def retrain_record(run_dir: Path, allow_refused: bool) -> dict | None:
                       f"{record.get('status')!r}): finish it with `defectkit retrain --resume {run_dir}`.")
 
 
+def retrain_recipe(retrained: dict) -> dict:
+    """The manifest recipe's ``retrain`` entry: parent, new classes, verdict, and the lineage (data version,
+    sources and reviews, parent chain: :mod:`detect.retrain_lineage`) with the epochs/lr policy."""
+    out = {"parent_run": retrained["parent"]["run"], "new_classes": retrained["new_classes"],
+           "status": retrained["status"], "replay": retrained["retrain"]["replay"]}
+    if retrained.get("lineage"):
+        from detect.retrain_lineage import summary
+
+        out["lineage"] = summary(retrained["lineage"])
+        out["policy"] = retrained.get("policy")
+        out["teacher"] = {k: v for k, v in (retrained.get("teacher") or {}).items() if k != "weights"}
+    return out
+
+
 def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | Path, key_path: str | Path,
                     version: str | None = None, parent_version: str | None = None,
                     allow_refused: bool = False, progress: bool = True) -> Path:
@@ -206,13 +220,7 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
     if retrained:
         f = retrained.get("forgetting", {})
         metrics["old_classes_map_drop_pts"] = float(f.get("drop_points", 0.0))
-        recipe["retrain"] = {"parent_run": retrained["parent"]["run"], "new_classes": retrained["new_classes"],
-                             "status": retrained["status"], "replay": retrained["retrain"]["replay"]}
-        if retrained.get("lineage"):  # data version, sources and reviews, parent chain (detect.retrain_lineage)
-            from detect.retrain_lineage import summary
-
-            recipe["retrain"]["lineage"] = summary(retrained["lineage"])
-            recipe["retrain"]["policy"] = retrained.get("policy")
+        recipe["retrain"] = retrain_recipe(retrained)
     if any(m.format == "paddlelite" and m.target == "arm" for m in models):
         recipe["arm_note"] = "ARM .nb converted by paddle_lite_opt but not run: no ARM CPU on the build machine"
     return build_bundle(store, spec.line, version, parent_version, models, deploy.input, deploy.postprocess,

@@ -107,8 +107,9 @@ def compute_fisher(spec, weights: Path, batches: int) -> tuple[dict[str, np.ndar
                 if used >= batches:
                     break
             epoch += 1
+    acc = {n: a / used for n, a in acc.items()}
     mean = float(np.mean([a.mean() for a in acc.values()])) or 1.0
-    return {n: (a / used / mean).astype("float32") for n, a in acc.items()}, used
+    return {n: (a / mean).astype("float32") for n, a in acc.items()}, used
 
 
 def load_fisher(path: Path, parent_weights: Path, model) -> tuple[dict[str, Any], dict[str, Any]]:

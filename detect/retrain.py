@@ -71,11 +71,12 @@ def epochs_for_share(share: float) -> tuple[int, str]:
     raise AssertionError("unreachable: the rule ends at infinity")
 
 
-def retrain_policy(spec: LineSpec, parent: Parent, added: int, total: int) -> dict[str, Any]:
-    """The retrain's epochs (``retrain.epochs``, else from the new data's share), lr and early stopping, with why."""
+def retrain_policy(spec: LineSpec, parent: Parent, added: int, total: int, cli: Layer | None = None) -> dict[str, Any]:
+    """The retrain's epochs (``retrain.epochs``, else from the new data's share), lr and early stopping, with why.
+    Train settings given on this command line (``cli``, not the parent's recorded overrides) win."""
     r = spec.settings.retrain
     share = added / total if total else 0.0
-    given = set((spec.cli or {}).get("train", {}))
+    given = set((cli or {}).get("train", {}))
     if "epochs" in given:
         epochs, why = spec.settings.train.epochs, "given (train.epochs on the command line)"
     elif r.epochs > 0:
@@ -91,11 +92,11 @@ def retrain_policy(spec: LineSpec, parent: Parent, added: int, total: int) -> di
             "early_stopping": "mAP50-95 on the merged val set"}
 
 
-def retrain_choices(spec: LineSpec, policy: dict[str, Any], init: Path) -> LineSpec:
+def retrain_choices(spec: LineSpec, policy: dict[str, Any], init: Path, cli: Layer | None = None) -> LineSpec:
     """``spec`` with the retrain's own training choices: the policy's epochs, lr and patience, ``retrain.freeze``
     and the grown parent weights. A train setting given on this command line (``--set lr=...``) wins."""
     r = spec.settings.retrain
-    given = set((spec.cli or {}).get("train", {}))
+    given = set((cli or {}).get("train", {}))
     choices = {"epochs": policy["epochs"], "lr": policy["lr"], "freeze": r.freeze, "patience": policy["patience"]}
     choices = {k: v for k, v in choices.items() if k not in given}
     return spec.with_settings(spec.settings.with_values("train", **choices, pretrained=str(init)))
@@ -126,8 +127,8 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
     notes: list[str] = []
     try:  # a refusal while preparing leaves no half-made run behind
         merged = merge_data(parent, adds, base.classes, run.root / "data", r.replay, base.settings.train.seed)
-        policy = retrain_policy(base, parent, *merged.new_share)
-        rspec = retrain_spec(retrain_choices(base, policy, init), merged)
+        policy = retrain_policy(base, parent, *merged.new_share, cli)
+        rspec = retrain_spec(retrain_choices(base, policy, init, cli), merged)
         write_grown_weights(parent.weights, len(parent.spec.classes), len(rspec.classes), init)
         lineage = build_lineage(parent, merged, run.root)
         ewc = None
