@@ -90,14 +90,17 @@ def spool_hard_example(spool: Spool, *, image: Any, detections: Sequence[Mapping
                        at: Optional[float] = None, jpeg_quality: int = 90) -> str:
     """Save one frame (JPEG) and its metadata to the spool; returns the hard example's id."""
     jpeg = encode_jpeg(image, jpeg_quality)
-    dets = [{"class": str(d["class"]), "score": float(d["score"]), "box": [float(v) for v in d["box"]]}
+    shape = getattr(image, "shape", None)
+    # a detector's box may reach past the frame (PP-YOLOE does not clip): clipped to the image, the form the
+    # collector accepts (0 <= x1 <= x2 <= width, 0 <= y1 <= y2 <= height) and a labelling tool draws
+    w, h = (float(shape[1]), float(shape[0])) if shape is not None else (float("inf"), float("inf"))
+    dets = [{"class": str(d["class"]), "score": float(d["score"]), "box": _clip([float(v) for v in d["box"]], w, h)}
             for d in detections]
     meta: Dict[str, Any] = {
         "schema": SCHEMA, "id": uuid.uuid4().hex, "device_id": device_id, "line": line,
         "bundle_version": bundle_version, "time": utc_iso(at),
         "max_score": max((d["score"] for d in dets), default=0.0), "detections": dets,
     }
-    shape = getattr(image, "shape", None)
     if shape is not None:
         meta["height"], meta["width"] = int(shape[0]), int(shape[1])
     if source is not None:
@@ -107,6 +110,11 @@ def spool_hard_example(spool: Spool, *, image: Any, detections: Sequence[Mapping
     validate_hard_example_meta(meta)
     spool.put("hard_example", jpeg, key=meta["id"], meta=meta)
     return meta["id"]
+
+
+def _clip(box: List[float], width: float, height: float) -> List[float]:
+    x1, y1, x2, y2 = (min(max(v, 0.0), lim) for v, lim in zip(box, (width, height, width, height)))
+    return [round(x1, 2), round(y1, 2), round(max(x1, x2), 2), round(max(y1, y2), 2)]
 
 
 def hard_example_errors(meta: Any) -> List[str]:
