@@ -141,8 +141,13 @@ def test_teacher_in_the_training_step_is_zero_for_the_parent_and_trains_only_the
     student_ids = {id(p) for p in model.parameters()}
     assert not any(id(p) in student_ids for p in teacher.parameters())  # a separate model ...
     assert not any(k.startswith(("teacher", "retrain")) for k in model.state_dict())  # ... outside the student's tree
-    _bn_eval(model)  # the student as it was loaded: the parent's weights, running statistics
     data = _batch(session)
+    model.train()  # as ppdet trains it: the frozen backbone computes exactly the teacher's features (so they are shared)
+    with paddle.no_grad():
+        own = teacher.backbone({"image": data["image"]})
+        shared = model.backbone({"image": data["image"]})
+    assert all(np.allclose(a.numpy(), b.numpy(), atol=1e-5) for a, b in zip(own, shared))
+    _bn_eval(model)  # the student as it was loaded: the parent's weights, running statistics
     out = model(data)
     assert float(out["loss_distill_cls"]) == pytest.approx(0.0, abs=1e-5)
     assert float(out["loss_distill_dfl"]) == pytest.approx(0.0, abs=1e-5)
