@@ -17,6 +17,7 @@ from edge_runtime.errors import DefectkitError
 # Order here is the order in `defectkit --help`.
 VERB_MODULES: tuple[str, ...] = (
     "defectkit.demo",
+    "defectkit.fleet_demo",
     "detect.data.cli",
     "detect.cli",
     "detect.retrain_cli",
