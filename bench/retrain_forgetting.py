@@ -112,7 +112,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=0, help="kit rows: retrain.epochs (0: the kit's rule)")
     ap.add_argument("--full-epochs", type=int, default=12, help="full retrain: epochs (early stopping as the kit)")
-    ap.add_argument("--ewc", type=float, default=100.0, help="retrain.ewc of the EWC row")
+    ap.add_argument("--ewc", type=float, default=10.0, help="retrain.ewc of the EWC row")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--new-images", type=int, default=24)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrain_forgetting.json")
