@@ -61,7 +61,7 @@ def start_collectors(db: str, n: int, work: Path, tokens: Path):
 
 
 def report_body(device: str, rng: random.Random) -> tuple:
-    from edge_runtime.wire_report import ReportBuilder
+    from edge_runtime.report_builder import ReportBuilder
 
     b = ReportBuilder(device_id=device, line="line-a", bundle_version="1.0.0")
     ng = rng.randrange(0, 5)

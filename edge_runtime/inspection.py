@@ -17,10 +17,11 @@ import collections
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Deque, Dict, Mapping, Optional, Sequence
 
-from edge_runtime.decision import Verdict
-from edge_runtime.postprocess import Detections
+if TYPE_CHECKING:  # annotations only: the report builder and /metrics use this module without numpy
+    from edge_runtime.decision import Verdict
+    from edge_runtime.postprocess import Detections
 
 VERDICTS = ("OK", "NG")
 

@@ -25,7 +25,8 @@ from edge_runtime.hard_examples import HardExampleSampler
 from edge_runtime.fileio import atomic_write_json
 from edge_runtime.inspection import FrameRecord
 from edge_runtime.local_log import LocalLog
-from edge_runtime.wire_report import ReportBuilder, utc_iso
+from edge_runtime.report_builder import ReportBuilder
+from edge_runtime.wire_report import utc_iso
 from edge_runtime.runconfig import RunOptions, add_run_arguments, options_from_args
 from edge_runtime.settings import BoxSettings
 from edge_runtime.metrics_server import MetricsServer, RuntimeMetrics

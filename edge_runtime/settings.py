@@ -14,9 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.typedconf import check_value, defaults_of, did_you_mean, section_dict, typed_from_mapping
@@ -67,8 +65,10 @@ class RuntimeSettings:
     def to_dict(self) -> dict[str, Any]:
         return section_dict(self)
 
-    def thresholds_for(self, classes: Sequence[str]) -> np.ndarray:
+    def thresholds_for(self, classes: Sequence[str]) -> "np.ndarray":
         """Per-class score thresholds in class-id order; unknown class names are refused."""
+        import numpy as np
+
         unknown = sorted(set(self.class_thresholds) - set(classes))
         if unknown:
             hints = []

@@ -8,6 +8,7 @@
 #   --images DIR       frames to inspect (default: the demo's held-back boards, else the bundle's golden images)
 #   --work DIR         collector db, tokens, edge outputs and state (default: a new folder under /tmp)
 #   --watch SECONDS    watch the images folder for SECONDS (drop files in meanwhile), then stop with SIGTERM
+#   --stop-file FILE   with --watch: stop as soon as FILE exists (SECONDS is then the longest watch)
 #   --box              run the edge side inside the Python 3.9 edge box (scripts/edge_box.sh; needs root)
 #   --backend NAME     force the edge backend (onnxruntime, paddlelite, paddle)
 #   --report-interval S  seconds between reports (default 2)
@@ -19,7 +20,7 @@ KIT=$(cd "$(dirname "$0")/.." && pwd)
 usage() { awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit "${1:-0}"; }
 die() { echo "edge_demo.sh: $*" >&2; exit 2; }
 
-BUNDLE="" KEY="" IMAGES="" WORK="" WATCH=0 BOX=0 BACKEND=() INTERVAL=2
+BUNDLE="" KEY="" IMAGES="" WORK="" WATCH=0 STOP_FILE="" BOX=0 BACKEND=() INTERVAL=2
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage 0 ;;
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
     --images) IMAGES=${2:?--images needs a folder}; shift ;;
     --work) WORK=${2:?--work needs a folder}; shift ;;
     --watch) WATCH=${2:?--watch needs seconds}; shift ;;
+    --stop-file) STOP_FILE=${2:?--stop-file needs a path}; shift ;;
     --box) BOX=1 ;;
     --backend) BACKEND=(--backend "${2:?--backend needs a name}"); shift ;;
     --report-interval) INTERVAL=${2:?--report-interval needs seconds}; shift ;;
@@ -120,8 +122,9 @@ if [ "$WATCH" != 0 ]; then
   # its own process group, so SIGTERM reaches the runtime itself also through the edge box's wrappers
   setsid "${CMD[@]}" &
   EDGE_PID=$!
-  echo "edge_demo: watching $IMAGES for $WATCH s (drop images in); then SIGTERM" >&2
-  sleep "$WATCH"
+  echo "edge_demo: watching $IMAGES for $WATCH s (drop images in)${STOP_FILE:+ or until $STOP_FILE exists}; then SIGTERM" >&2
+  end=$((SECONDS + WATCH))
+  while [ "$SECONDS" -lt "$end" ] && { [ -z "$STOP_FILE" ] || [ ! -e "$STOP_FILE" ]; }; do sleep 0.2; done
   kill -TERM -- "-$EDGE_PID" 2>/dev/null || true
   wait "$EDGE_PID" || true
   while kill -0 -- "-$EDGE_PID" 2>/dev/null; do sleep 0.2; done  # the runtime flushes after the wrappers end

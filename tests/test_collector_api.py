@@ -13,7 +13,7 @@ import pytest
 
 from edge_runtime.errors import ConfigError, UserInputError
 from edge_runtime.hard_examples import SCHEMA as HE_SCHEMA
-from edge_runtime.wire_report import ReportBuilder
+from edge_runtime.report_builder import ReportBuilder
 from fleet import store
 from fleet.collector import CollectorThread, main as collector_main
 from fleet.settings import CollectorSettings, Tokens

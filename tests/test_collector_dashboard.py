@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from edge_runtime.wire_report import ReportBuilder
+from edge_runtime.report_builder import ReportBuilder
 from fleet.collector import CollectorThread
 from fleet.settings import CollectorSettings
 from tests.test_collector_api import ADMIN, JPEG, TOK1, TOK2, call, hard_example, write_tokens

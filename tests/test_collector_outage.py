@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from edge_runtime.wire_report import ReportBuilder
+from edge_runtime.report_builder import ReportBuilder
 from edge_runtime.spool import Spool
 from edge_runtime.uplink import Uplink, UplinkThread
 from fleet import store

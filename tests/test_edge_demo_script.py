@@ -26,7 +26,7 @@ def demo_bundle(tiny_spec, tiny_export, tmp_path_factory):
     from compress.bundle import build_bundle, models_from_deploy
     from compress.keys import init_keys, load_private_key
     from edge_runtime.decision import decide
-    from edge_runtime.settings import RuntimeSettings
+    from edge_runtime.settings import BoxSettings, RuntimeSettings
     from edge_runtime.drift import build_reference
     from edge_runtime.predict import Detector
     from edge_runtime.run import drift_features_of
@@ -46,7 +46,7 @@ def demo_bundle(tiny_spec, tiny_export, tmp_path_factory):
     keys = init_keys(base / "keys")
     bundle_dir = build_bundle(base / "store", "pcb-tiny", "1.0.0", None, onnx, spec.input, spec.postprocess,
                               spec.classes, {"map50": 0.0}, {"method": "none"}, golden, ref,
-                              load_private_key(keys.private))
+                              load_private_key(keys.private), settings=BoxSettings())
     return bundle_dir.parent / "1.0.0.tar.gz", keys.public, tiny_spec.paths.images
 
 
@@ -94,6 +94,7 @@ def test_demo_runs_collector_and_edge_box_on_the_host(demo_bundle, tmp_path):
     assert "collector on http://127.0.0.1:" in proc.stderr
 
 
+@pytest.mark.edgebox
 def test_demo_runs_the_edge_side_in_the_python39_edge_box(demo_bundle, tmp_path):
     from tests.edgebox import ensure_edgebox
 
@@ -106,13 +107,13 @@ def test_demo_runs_the_edge_side_in_the_python39_edge_box(demo_bundle, tmp_path)
     assert "edge_box.sh run" in proc.stderr
 
 
-@pytest.mark.parametrize("where", ["host", "box"])
+@pytest.mark.parametrize("where", ["host", pytest.param("box", marks=pytest.mark.edgebox)])
 def test_watch_mode_picks_up_new_images_and_stops_cleanly_on_sigterm(demo_bundle, tmp_path, where):
-    """--watch: images dropped in while it runs are inspected; after the watch time SIGTERM reaches the runtime
-    (in the box through the edge_box.sh/unshare/chroot wrappers), which flushes the last report before exiting."""
+    """--watch: images dropped in while it runs are inspected; when the stop file appears SIGTERM reaches the
+    runtime (in the box through the edge_box.sh/unshare/chroot wrappers), which flushes the last report before
+    exiting. The camera waits for the runtime to have inspected the first images, not for a time."""
     import shutil
     import threading
-    import time
 
     bundle, key, images = demo_bundle
     if where == "box":
@@ -125,18 +126,32 @@ def test_watch_mode_picks_up_new_images_and_stops_cleanly_on_sigterm(demo_bundle
     for p in files[:4]:  # already there at start (arrived while the box was down)
         shutil.copy(p, watched / p.name)
 
+    stop_file, done = tmp_path / "stop", threading.Event()
+
+    def inspected() -> int:
+        return sum(len(f.read_text().splitlines()) for f in (work / "edge" / "predictions").glob("*.jsonl"))
+
     def camera() -> None:  # the rest arrives while it runs, written under a temporary name, then renamed
-        time.sleep(4.0)
+        while not done.wait(0.1) and inspected() < 4:
+            pass
         for p in files[4:]:
             shutil.copy(p, watched / (p.name + ".part"))
             (watched / (p.name + ".part")).rename(watched / p.name)
+        while not done.wait(0.1) and inspected() < len(files):
+            pass
+        stop_file.touch()
 
     writer = threading.Thread(target=camera)
     writer.start()
     args = ["--bundle", str(bundle), "--public-key", str(key), "--images", str(watched), "--work", str(work),
-            "--watch", "10", "--report-interval", "1"] + (["--box", "--backend", "onnxruntime"] if where == "box" else [])
-    proc = _run(args, timeout=300)
-    writer.join()
+            "--watch", "240", "--stop-file", str(stop_file), "--report-interval", "1"] + (
+        ["--box", "--backend", "onnxruntime"] if where == "box" else [])
+    try:
+        proc = _run(args, timeout=300)
+    finally:
+        done.set()
+        writer.join()
+    assert stop_file.exists(), "the runtime did not inspect every image within the watch"
     assert "stopped by signal" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     _check_run(proc, work, watched)
 

@@ -101,7 +101,7 @@ def call(url: str, method: str, path: str, body=None, token: Optional[str] = Non
 def report(device: str, line: str, version: str, *, frames: int = 40, ng: int = 2, drift: str = "none",
            health_extra: Optional[dict] = None) -> dict:
     """A valid defectkit.report dict with the given counts (built by the box's own ReportBuilder)."""
-    from edge_runtime.wire_report import ReportBuilder
+    from edge_runtime.report_builder import ReportBuilder
 
     b = ReportBuilder(device_id=device, line=line, bundle_version=version)
     for i in range(frames):

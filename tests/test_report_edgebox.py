@@ -17,7 +17,7 @@ TOKEN = "press01-token-abcdefgh"
 BOX_CODE = """
 import json, sys
 sys.path.insert(0, {root!r})
-from edge_runtime.wire_report import ReportBuilder
+from edge_runtime.report_builder import ReportBuilder
 from edge_runtime.spool import Spool
 from edge_runtime.uplink import Uplink
 from edge_runtime.hard_examples import HardExampleSampler

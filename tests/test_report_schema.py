@@ -12,8 +12,9 @@ from edge_runtime.hard_examples import (
     HardExampleSampler, SCHEMA as HE_SCHEMA, encode_jpeg, hard_example_errors, spool_hard_example,
     validate_hard_example_meta,
 )
+from edge_runtime.report_builder import ReportBuilder
 from edge_runtime.wire_report import (
-    SCHEMA, Drift, Report, ReportBuilder, ReportSchemaError, parse_utc, report_errors, utc_iso, validate_report,
+    SCHEMA, Drift, Report, ReportSchemaError, parse_utc, report_errors, utc_iso, validate_report,
 )
 from edge_runtime.spool import Spool
 

@@ -14,7 +14,7 @@ import pytest
 
 from edge_runtime.errors import UserInputError
 from edge_runtime.hard_examples import spool_hard_example
-from edge_runtime.wire_report import ReportBuilder
+from edge_runtime.report_builder import ReportBuilder
 from edge_runtime.spool import Spool
 from edge_runtime.uplink import Uplink, UplinkThread
 from fleet import store
