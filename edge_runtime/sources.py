@@ -23,7 +23,9 @@ from typing import Any, Callable, Iterator, Optional
 import cv2
 import numpy as np
 
+from edge_runtime.crashpoints import crashpoint
 from edge_runtime.errors import UserInputError
+from edge_runtime.image_guard import MAX_PIXELS, QUARANTINE_DIR, DecodeMarkers, check_header, quarantine
 from edge_runtime.predict import IMAGE_SUFFIXES, list_images
 
 log = logging.getLogger("defectkit.sources")
@@ -48,18 +50,41 @@ class Frame:
     time: float = field(default_factory=time.time)
 
 
-def decode_bytes(data: bytes, name: str = "") -> tuple[Optional[np.ndarray], Optional[str]]:
-    """Decode an encoded image; (None, reason) for an empty, corrupt or truncated one.
+def decode_bytes(data: bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """Decode an encoded image; (None, reason) for an empty, corrupt, truncated or oversized one."""
+    image, error, _refused = decode_checked(data, name, max_pixels)
+    return image, error
+
+
+def decode_checked(data: bytes, name: str = "",
+                   max_pixels: int = MAX_PIXELS) -> tuple[Optional[np.ndarray], Optional[str], bool]:
+    """(image, error, refused): ``refused`` is True when the header announced more than ``max_pixels`` pixels
+    (never decoded: :mod:`edge_runtime.image_guard`). A format the header reader does not know is not decoded.
 
     OpenCV decodes a truncated JPEG without complaint (the missing rows come out grey), so a JPEG must end
     with its end-of-image marker and a PNG with its IEND chunk before it is decoded."""
     if not data:
-        return None, "empty file"
+        return None, "empty file", False
+    truncated = _truncated(data)
+    if truncated:
+        return None, truncated, False
+    header = check_header(data, max_pixels)
+    if header.error:
+        return None, header.error, header.refused
+    image, error = _decode(data, name)
+    return image, error, False
+
+
+def _truncated(data: bytes) -> Optional[str]:
     head = data[:4]
     if head[:3] == b"\xff\xd8\xff" and not data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9":
-        return None, "truncated JPEG (no end-of-image marker)"
+        return "truncated JPEG (no end-of-image marker)"
     if head == b"\x89PNG" and b"IEND" not in data[-16:]:
-        return None, "truncated PNG (no IEND chunk)"
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def _decode(data: bytes, name: str) -> tuple[Optional[np.ndarray], Optional[str]]:
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as exc:
@@ -69,12 +94,31 @@ def decode_bytes(data: bytes, name: str = "") -> tuple[Optional[np.ndarray], Opt
     return image, None
 
 
-def read_image_file(path: Path) -> tuple[Optional[np.ndarray], Optional[str]]:
+def read_image_file(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[Optional[np.ndarray], Optional[str]]:
+    image, error, _refused = read_image_checked(path, max_pixels)
+    return image, error
+
+
+def read_image_checked(path: Path, max_pixels: int = MAX_PIXELS,
+                       before_decode: Optional[Callable[[], None]] = None) -> tuple[Optional[np.ndarray], Optional[str], bool]:
+    """Read and decode one file: (image, error, refused by its header). ``before_decode`` runs after the header
+    check, right before the decoder (the watched folder writes its "decoding" marker there)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return None, f"cannot read: {exc.strerror or exc}"
-    return decode_bytes(data, path.name)
+        return None, f"cannot read: {exc.strerror or exc}", False
+    if not data:
+        return None, "empty file", False
+    truncated = _truncated(data)
+    if truncated:
+        return None, truncated, False
+    header = check_header(data, max_pixels)
+    if header.error:
+        return None, header.error, header.refused
+    if before_decode is not None:
+        before_decode()
+    image, error = _decode(data, path.name)
+    return image, error, False
 
 
 class Source(ABC):
@@ -100,9 +144,10 @@ class FolderSource(Source):
 
     kind = "folder"
 
-    def __init__(self, folder: str | Path, exclude: Optional[Path] = None) -> None:
+    def __init__(self, folder: str | Path, exclude: Optional[Path] = None, max_pixels: int = MAX_PIXELS) -> None:
         super().__init__(str(folder))
         self.files = list_images(Path(folder), exclude=exclude)
+        self.max_pixels = max_pixels
 
     def frames(self, stop: threading.Event) -> Iterator[Optional[Frame]]:
         self.status = "running"
@@ -110,7 +155,7 @@ class FolderSource(Source):
             if stop.is_set():
                 break
             t0 = time.perf_counter()
-            image, error = read_image_file(path)
+            image, error = read_image_file(path, self.max_pixels)  # oversized: refused by its header, not moved
             yield Frame(str(path), i, image, error, (time.perf_counter() - t0) * 1e3)
         self.status = "ended"
 
@@ -129,12 +174,19 @@ class WatchedFolderSource(Source):
     leading ``.`` or ``~``...): writers that rename into place are picked up at once after ``settle_ms``.
     ``after`` = "keep" (remember it), "delete", or "move" (into ``done_dir``). A file rewritten later (new
     size or time) is read again. Files present at start are read too (they arrived while it was down).
+
+    Hostile files (:mod:`edge_runtime.image_guard`): one whose header announces more than ``max_pixels`` pixels
+    is never decoded and is moved to ``quarantine_dir`` (default ``<folder>/quarantine``) with a
+    ``<name>.reason.txt``; a hidden marker ``<folder>/.<name>.decoding`` exists while a file is decoded,
+    so a file the process died decoding twice is quarantined at the next start instead of killing it again.
+    Either yields a frame with ``error`` set (the loop counts it as skipped); ``quarantined`` counts them.
     """
 
     kind = "watch"
 
     def __init__(self, folder: str | Path, settle_ms: float = SETTLE_MS, poll_s: float = 0.05, after: str = "keep",
-                 done_dir: Optional[Path] = None, tick_s: float = 1.0) -> None:
+                 done_dir: Optional[Path] = None, tick_s: float = 1.0, max_pixels: int = MAX_PIXELS,
+                 quarantine_dir: Optional[Path] = None) -> None:
         super().__init__(str(folder))
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -148,6 +200,10 @@ class WatchedFolderSource(Source):
         self._seen: dict[str, tuple[int, int, float]] = {}  # name -> (size, mtime_ns, stable since)
         self._done: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) already read (after="keep")
         self.index = 0
+        self.max_pixels = max_pixels
+        self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else self.folder / QUARANTINE_DIR
+        self.markers = DecodeMarkers(self.folder)  # counts the crashes left behind by a dead process
+        self.quarantined = 0
 
     def _scan(self) -> list[tuple[float, str, Path]]:
         """Files whose size and time have been stable for settle_s, oldest first."""
@@ -184,8 +240,13 @@ class WatchedFolderSource(Source):
             del self._done[gone]
         return sorted(ready)
 
-    def _finish(self, name: str, path: Path) -> None:
+    def _finish(self, name: str, path: Path, quarantine_reason: Optional[str] = None) -> None:
         entry = self._seen.pop(name, None)
+        if quarantine_reason is not None:
+            self.quarantined += 1
+            if quarantine(path, self.quarantine_dir, quarantine_reason) is None and entry is not None:
+                self._done[name] = entry[:2]  # cannot move it: at least never decode it again in this process
+            return
         try:
             if self.after == "delete":
                 path.unlink()
@@ -198,6 +259,27 @@ class WatchedFolderSource(Source):
             if entry is not None:
                 self._done[name] = entry[:2]
 
+    def _read(self, name: str, path: Path) -> tuple[Optional[np.ndarray], Optional[str], Optional[str]]:
+        """(image, error, quarantine reason or None) for one settled file."""
+        entry = self._seen.get(name)
+        size, mtime_ns = (entry[0], entry[1]) if entry is not None else (-1, -1)
+        crashes = self.markers.crash_count(name, size, mtime_ns)
+        if crashes >= self.markers.max_crashes:
+            self.markers.forget(name)
+            why = (f"the runtime died {crashes} times while decoding this file (a decoder crash or out of memory): "
+                   "quarantined instead of decoded again")
+            return None, why, why
+
+        def begin() -> None:
+            self.markers.begin(name, size, mtime_ns)
+            crashpoint("watch-decode")
+
+        try:
+            image, error, refused = read_image_checked(path, self.max_pixels, before_decode=begin)
+        finally:
+            self.markers.end(name)
+        return image, error, (error if refused else None)
+
     def frames(self, stop: threading.Event) -> Iterator[Optional[Frame]]:
         self.status = "waiting"
         last_tick = time.monotonic()
@@ -208,10 +290,10 @@ class WatchedFolderSource(Source):
                     return
                 self.status = "running"
                 t0 = time.perf_counter()
-                image, error = read_image_file(path)
+                image, error, why = self._read(name, path)
                 frame = Frame(str(path), self.index, image, error, (time.perf_counter() - t0) * 1e3)
                 self.index += 1
-                self._finish(name, path)
+                self._finish(name, path, why)
                 yield frame
                 last_tick = time.monotonic()
             if not ready:
