@@ -1,8 +1,8 @@
 """The box's local ``/healthz`` and ``/metrics`` (Prometheus text format 0.0.4), standard library only.
 
 :class:`RuntimeMetrics` is the one place the loop, the uplink and the updater write their numbers to
-(thread-safe, constant memory); :class:`MetricsServer` serves them from a daemon thread with
-``http.server`` so a factory's Prometheus (or a PLC's health probe) can scrape the box. It binds to
+(thread-safe, constant memory); :class:`MetricsServer` serves them (a selector thread plus two workers:
+bounded, whatever the clients do) so a factory's Prometheus (or a PLC's health probe) can scrape the box. It binds to
 127.0.0.1 unless told otherwise: the numbers are not secret, but the box should not listen on the
 plant network by accident.
 """
@@ -11,9 +11,11 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import queue
+import selectors
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Deque, Dict, Mapping, Optional
 
 from edge_runtime.errors import ConfigError
@@ -188,56 +190,205 @@ class RuntimeMetrics:
         return "\n".join(out) + "\n"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    metrics: RuntimeMetrics  # set on the subclass made per server
-    server_version = "defectkit-edge"
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
+MAX_REQUEST_BYTES = 8192  # request line + headers; a scrape sends a few hundred
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(200, self.metrics.prometheus().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-        elif path == "/healthz":
-            status, body = self.metrics.health()
-            self._send(status, (json.dumps(body) + "\n").encode("utf-8"), "application/json")
-        else:
-            self._send(404, b'{"detail": "not found: try /healthz or /metrics"}\n', "application/json")
 
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def _respond(metrics: RuntimeMetrics, request: bytes) -> tuple[int, bytes, str]:
+    """(status, body, content type) for one complete request head (GET or HEAD only, no body expected)."""
+    line = request.split(b"\n", 1)[0].strip().decode("latin-1")
+    parts = line.split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return 400, b'{"detail": "bad request line"}\n', "application/json"
+    method, target = parts[0], parts[1]
+    if method not in ("GET", "HEAD"):
+        return 405, b'{"detail": "only GET: try /healthz or /metrics"}\n', "application/json"
+    path = target.split("?", 1)[0]
+    if path == "/metrics":
+        return 200, metrics.prometheus().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
+    if path == "/healthz":
+        status, body = metrics.health()
+        return status, (json.dumps(body) + "\n").encode("utf-8"), "application/json"
+    return 404, b'{"detail": "not found: try /healthz or /metrics"}\n', "application/json"
 
-    def log_message(self, fmt: str, *args: Any) -> None:  # scrapes every 15 s would flood the journal
-        log.debug("%s " + fmt, self.address_string(), *args)
+
+class _Pending:
+    __slots__ = ("sock", "buf", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.buf, self.deadline = sock, b"", deadline
 
 
 class MetricsServer:
-    """``MetricsServer(metrics, host, port).start()`` serves in a daemon thread; ``port=0`` picks a free one."""
+    """``MetricsServer(metrics, host, port).start()`` serves in daemon threads; ``port=0`` picks a free one.
 
-    def __init__(self, metrics: RuntimeMetrics, host: str = "127.0.0.1", port: int = 9108) -> None:
-        handler = type("Handler", (_Handler,), {"metrics": metrics})
+    Bounded by design (the unit's ``TasksMax=64``): one selector thread accepts connections and reads each request
+    head without blocking, ``workers`` threads answer complete requests. A connection that has not sent its whole
+    request head within ``handler_timeout_s`` is closed, and at most ``max_connections`` are held at once (the
+    oldest is closed to admit a new one), so idle or half-open clients hold a socket for a few seconds, never a
+    thread. Each answer is written with the same timeout and the connection closed (HTTP/1.0)."""
+
+    def __init__(self, metrics: RuntimeMetrics, host: str = "127.0.0.1", port: int = 9108, *,
+                 handler_timeout_s: float = 5.0, workers: int = 2, max_connections: int = 64) -> None:
+        self.metrics = metrics
+        self.handler_timeout_s, self.max_connections = handler_timeout_s, max_connections
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            self._server = ThreadingHTTPServer((host, port), handler)
+            self._sock = socket.create_server((host, port), family=family, backlog=128)
         except OSError as exc:
             raise ConfigError(f"cannot serve /metrics on {host}:{port} ({exc.strerror}); pass another --metrics-port "
                               "or --metrics-port -1 to turn it off") from exc
-        self._server.daemon_threads = True
-        self.host, self.port = host, self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="defectkit-metrics", daemon=True)
+        self._sock.setblocking(False)
+        self.host, self.port = host, self._sock.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._stopping = threading.Event()
+        self._queue: "queue.Queue[Optional[tuple[socket.socket, bytes]]]" = queue.Queue(maxsize=max_connections)
+        self.timeouts = 0  # connections closed because their request did not arrive within handler_timeout_s
+        self.evicted = 0  # connections closed to admit a new one (more than max_connections at once)
+        self.served = 0
+        self._thread = threading.Thread(target=self._serve, name="defectkit-metrics", daemon=True)
+        self._workers = [threading.Thread(target=self._work, name=f"defectkit-metrics-{i}", daemon=True)
+                         for i in range(max(1, workers))]
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def threads(self) -> int:
+        """Threads this server runs (constant: 1 + workers)."""
+        return 1 + len(self._workers)
+
     def start(self) -> "MetricsServer":
         self._thread.start()
+        for w in self._workers:
+            w.start()
         log.info("health and metrics on %s/healthz and %s/metrics", self.url, self.url)
         return self
 
+    # ------------------------------------------------------------------------------------------ selector thread
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        pending: Dict[socket.socket, _Pending] = {}
+
+        def drop(p: _Pending) -> None:
+            pending.pop(p.sock, None)
+            try:
+                sel.unregister(p.sock)
+            except (KeyError, ValueError):
+                pass
+            p.sock.close()
+
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                timeout = min([p.deadline for p in pending.values()], default=now + 1.0) - now
+                for key, _ in sel.select(max(0.0, min(timeout, 1.0))):
+                    if key.data == "wake":
+                        try:
+                            self._wake_r.recv(64)
+                        except OSError:
+                            pass
+                    elif key.data == "accept":
+                        self._accept(sel, pending, drop)
+                    else:
+                        self._read(key.data, pending, sel, drop)
+                now = time.monotonic()
+                for p in [p for p in pending.values() if p.deadline <= now]:
+                    self.timeouts += 1
+                    drop(p)
+        finally:
+            for p in list(pending.values()):
+                drop(p)
+            sel.close()
+
+    def _accept(self, sel, pending: Dict[socket.socket, _Pending], drop) -> None:
+        while True:
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: try again at the next event
+                log.warning("metrics server: accept failed (%s)", exc)
+                return
+            conn.setblocking(False)
+            if len(pending) >= self.max_connections:
+                oldest = min(pending.values(), key=lambda p: p.deadline)
+                self.evicted += 1
+                drop(oldest)
+            p = _Pending(conn, time.monotonic() + self.handler_timeout_s)
+            pending[conn] = p
+            sel.register(conn, selectors.EVENT_READ, p)
+
+    def _read(self, p: _Pending, pending: Dict[socket.socket, _Pending], sel, drop) -> None:
+        try:
+            data = p.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            drop(p)
+            return
+        p.buf += data
+        if b"\r\n\r\n" not in p.buf and b"\n\n" not in p.buf:
+            if len(p.buf) > MAX_REQUEST_BYTES:
+                drop(p)
+            return
+        pending.pop(p.sock, None)
+        sel.unregister(p.sock)
+        try:
+            self._queue.put_nowait((p.sock, p.buf))
+        except queue.Full:  # every worker busy and the queue full: shed the request
+            p.sock.close()
+
+    # ------------------------------------------------------------------------------------------ workers
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            sock, request = job
+            try:
+                status, body, ctype = _respond(self.metrics, request)
+                head_only = request.startswith(b"HEAD ")
+                head = (f"HTTP/1.0 {status} {_REASONS.get(status, 'Error')}\r\nServer: defectkit-edge\r\n"
+                        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+                sock.settimeout(self.handler_timeout_s)
+                sock.sendall(head.encode("latin-1") + (b"" if head_only else body))
+                sock.shutdown(socket.SHUT_WR)
+                sock.setblocking(False)
+                try:  # unread bytes (a body we ignore) would turn the close into a reset the client may see first
+                    sock.recv(65536)
+                except OSError:
+                    pass
+                self.served += 1
+                log.debug("metrics server: %s -> %d", request.split(b"\r\n", 1)[0][:100], status)
+            except OSError:
+                pass  # the client went away or did not read its answer in time
+            except Exception:  # a bug in a figure must not kill the worker
+                log.exception("metrics server: answering failed")
+            finally:
+                sock.close()
+
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
         self._thread.join(5)
+        for _ in self._workers:
+            try:
+                self._queue.put(None, timeout=1.0)
+            except queue.Full:
+                break
+        for w in self._workers:
+            w.join(5)
+        self._sock.close()
+        self._wake_r.close()
+        self._wake_w.close()

@@ -111,3 +111,87 @@ def test_server_serves_both_endpoints_and_refuses_a_busy_port():
             MetricsServer(m, "127.0.0.1", server.port)
     finally:
         server.stop()
+
+
+def _wait_for(cond, what: str, tries: int = 400) -> None:
+    """Poll a condition (bounded: tries x 25 ms), fail with ``what`` if it never holds."""
+    for _ in range(tries):
+        if cond():
+            return
+        time.sleep(0.025)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_80_half_open_requests_hold_no_threads_and_healthz_still_answers():
+    """The unit's TasksMax is 64: idle clients must cost a socket for a few seconds, never a thread."""
+    import socket
+    import threading
+
+    m = RuntimeMetrics()
+    m.state = "running"
+    before = threading.active_count()
+    server = MetricsServer(m, "127.0.0.1", 0, handler_timeout_s=60.0, max_connections=64).start()
+    assert threading.active_count() == before + server.threads == before + 3
+    stalled = []
+    try:
+        for _ in range(80):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"GET /healthz HT")  # half a request line, then nothing
+            stalled.append(s)
+        _wait_for(lambda: server.evicted == 16, "the 16 oldest of 80 stalled connections evicted (cap 64)")
+        assert threading.active_count() <= before + server.threads  # 80 stalled clients: still 3 threads
+        with urllib.request.urlopen(server.url + "/healthz", timeout=10) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
+            assert "defectkit_up 1" in resp.read().decode()
+        assert threading.active_count() <= before + server.threads
+        # the evicted ones were closed by the server: they read EOF (not a timeout of their own)
+        assert stalled[0].recv(100) == b""
+        # a stalled client that finishes its request later gets its answer
+        stalled[-1].sendall(b"TP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while True:
+            chunk = stalled[-1].recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200 OK") and b'"status": "ok"' in answer
+        assert server.timeouts == 0
+    finally:
+        for s in stalled:
+            s.close()
+        server.stop()
+    _wait_for(lambda: threading.active_count() <= before, "the server's threads ended after stop()")
+
+
+def test_a_request_head_not_sent_within_the_handler_timeout_is_closed():
+    import socket
+
+    m = RuntimeMetrics()
+    server = MetricsServer(m, "127.0.0.1", 0, handler_timeout_s=0.3).start()
+    try:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        s.sendall(b"GET /metr")
+        assert s.recv(100) == b""  # the server hung up (well before this client's own 30 s timeout)
+        assert server.timeouts == 1
+        s.close()
+        # a slowloris that keeps trickling bytes is cut at the same deadline: it is a total one, not per read
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        closed = False
+        for ch in b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 400:
+            try:
+                s.sendall(bytes([ch]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.02)
+            if server.timeouts == 2:
+                closed = True
+                break
+        assert closed and server.timeouts == 2
+        s.close()
+        with pytest.raises(urllib.error.HTTPError) as err:  # a bad method is answered, not served
+            urllib.request.urlopen(urllib.request.Request(server.url + "/metrics", method="DELETE"), timeout=5)
+        assert err.value.code == 405
+    finally:
+        server.stop()
