@@ -145,8 +145,11 @@ def test_80_half_open_requests_hold_no_threads_and_healthz_still_answers():
         with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
             assert "defectkit_up 1" in resp.read().decode()
         assert threading.active_count() <= before + server.threads
-        # the evicted ones were closed by the server: they read EOF (not a timeout of their own)
-        assert stalled[0].recv(100) == b""
+        # the evicted ones were closed by the server: EOF or a reset (their unread half request), not their own timeout
+        try:
+            assert stalled[0].recv(100) == b""
+        except ConnectionResetError:
+            pass
         # a stalled client that finishes its request later gets its answer
         stalled[-1].sendall(b"TP/1.1\r\nHost: x\r\n\r\n")
         answer = b""
@@ -172,7 +175,10 @@ def test_a_request_head_not_sent_within_the_handler_timeout_is_closed():
     try:
         s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         s.sendall(b"GET /metr")
-        assert s.recv(100) == b""  # the server hung up (well before this client's own 30 s timeout)
+        try:  # the server hung up (well before this client's own 30 s timeout)
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
         assert server.timeouts == 1
         s.close()
         # a slowloris that keeps trickling bytes is cut at the same deadline: it is a total one, not per read
