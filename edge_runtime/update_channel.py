@@ -21,6 +21,7 @@ import http.client
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,9 @@ from edge_runtime.targets import DEFAULT_MAX_LENGTH, HARDWARE_TARGETS, TargetErr
 log = logging.getLogger("defectkit.update_channel")
 
 MAX_METADATA_BYTES = 64 << 10  # a target document is a few hundred bytes
+# Total deadlines (not only per-read timeouts: a server trickling a byte every 0.5 s never trips those): the
+# metadata request gets ``timeout`` seconds in all; a download ``timeout`` plus its signed length at this rate.
+MIN_DOWNLOAD_BYTES_PER_S = 256 << 10
 
 
 @dataclass
@@ -79,11 +83,27 @@ class UpdateChannel:
         self.last: Optional[PollResult] = None
 
     # ------------------------------------------------------------------------------------------ HTTP
-    def _conn(self) -> http.client.HTTPConnection:
+    def _conn(self, total_s: Optional[float] = None):
+        """A connection whose request is aborted (socket shut down) ``total_s`` seconds from now, whatever it is
+        blocked in; ``total_s`` defaults to ``timeout``."""
+        from edge_runtime.uplink import _Conn, _TLSConn
+
         p = self._parts
         if self._ssl is not None:
-            return http.client.HTTPSConnection(p.hostname, p.port, timeout=self.timeout, context=self._ssl)
-        return http.client.HTTPConnection(p.hostname, p.port, timeout=self.timeout)
+            conn = _TLSConn(p.hostname, p.port, self.timeout, self.timeout, self._ssl)
+        else:
+            conn = _Conn(p.hostname, p.port, self.timeout, self.timeout)
+        conn.set_deadline(time.monotonic() + (self.timeout if total_s is None else total_s))
+        return conn
+
+    @staticmethod
+    def _deadline_error(conn, exc: BaseException, what: str) -> BaseException:
+        from edge_runtime.uplink import DeadlineExceeded
+
+        if conn.deadline_hit and isinstance(exc, (OSError, http.client.HTTPException)):
+            return DeadlineExceeded(f"{what} aborted: its total deadline passed (the collector or a proxy answers "
+                                    f"too slowly; {type(exc).__name__})")
+        return exc
 
     def _headers(self) -> dict:
         return {"Authorization": f"Bearer {self._token}", "X-Device-Id": self.device_id}
@@ -128,6 +148,8 @@ class UpdateChannel:
             resp = conn.getresponse()
             body = resp.read(MAX_METADATA_BYTES + 1)
             status = resp.status
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._deadline_error(conn, exc, f"target request ({self.timeout:.0f} s)") from exc
         finally:
             conn.close()
         if status == 204:
@@ -195,7 +217,8 @@ class UpdateChannel:
             return None, 0, f"url {meta.url!r} is not a path on the collector: refused"
         dest = self.manager.downloads / f"{meta.sha256}.tar.gz"
         tmp = self.manager.downloads / f".{meta.sha256}.part"
-        conn = self._conn()
+        budget = self.timeout + meta.length / MIN_DOWNLOAD_BYTES_PER_S
+        conn = self._conn(budget)
         got, digest, declared = 0, hashlib.sha256(), None
         try:
             conn.request("GET", self._prefix + meta.url, headers=self._headers())
@@ -220,9 +243,12 @@ class UpdateChannel:
                     fh.write(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
-        except BaseException:
+        except BaseException as exc:
             _unlink(tmp)
-            raise
+            err = self._deadline_error(conn, exc, f"download of {meta.version} ({budget:.0f} s)")
+            if err is exc:
+                raise
+            raise err from exc
         finally:
             conn.close()
         if got > meta.length:

@@ -4,11 +4,17 @@ Standard library only (``http.client``): the edge box has no ``requests``. Deliv
 
 * 2xx with a JSON body whose ``id`` is the item's key -> acknowledged, deleted from the spool;
   409 (or ``"duplicate": true``) means the collector already has it -> also deleted.
-* 400/404/413/422 and other 4xx (not 401/403/408/429) -> the item itself is bad ("poison"): moved to
-  the spool's dead-letter table and counted, never retried forever.
+* 400/413/422 only -> the item itself is bad ("poison"): moved to the spool's dead-letter table and
+  counted, never retried forever.
+* 404/405/410 -> the URL is wrong, not the item (a misrouted proxy must not dead-letter everything): kept,
+  retried with backoff, logged as "collector URL or proxy misrouted?".
 * 401/403 -> the token is wrong, not the item: kept, retried with backoff, the error says what to fix.
-* 5xx, 408, 429, a garbage body, refused or timed-out connections -> kept; the uplink backs off
-  (exponential, full jitter, ``next_attempt_at``) so a collector that is down is not hammered.
+* every 5xx, 408, 429, any other status, a garbage body, refused or timed-out connections -> kept; the
+  uplink backs off (exponential, full jitter, ``next_attempt_at``) so a collector that is down is not hammered.
+
+Every request has a TOTAL deadline, not only a per-read timeout (a server trickling one byte every 0.5 s
+never trips a 5 s read timeout): a timer shuts the socket down when ``min(flush deadline, start +
+request_deadline_s)`` passes, the request fails with "deadline", the item stays in the spool.
 
 :meth:`Uplink.flush` never raises: it is called from the inspection loop or from :class:`UplinkThread`.
 """
@@ -34,7 +40,12 @@ from .spool import Spool, SpoolItem
 log = logging.getLogger("defectkit.uplink")
 
 ENDPOINTS = {"report": "/api/v1/reports", "hard_example": "/api/v1/hard-examples"}
-_RETRY_4XX = (401, 403, 408, 429)
+POISON_STATUSES = (400, 413, 422)  # the item itself is refused: dead-lettered
+MISROUTED_STATUSES = (404, 405, 410)  # the URL (or a proxy in front of the collector) is wrong: retried
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request's total deadline passed (connect, send and the whole answer together)."""
 
 
 @dataclass
@@ -101,16 +112,64 @@ def collector_tls(base_url: str, *, insecure_http: bool = False, ca_file=None, w
 
 
 class _Conn(http.client.HTTPConnection):
-    """HTTP connection with a connect timeout separate from the read timeout."""
+    """HTTP connection with a connect timeout separate from the read timeout, and a total deadline.
+
+    :meth:`set_deadline` (a ``time.monotonic()`` value) arms a timer that shuts the socket down when it passes:
+    whatever the request is blocked in (connect, TLS handshake, send, a trickled answer) ends at once, and
+    ``deadline_hit`` says why. The timer thread lives only while a request is in flight."""
 
     def __init__(self, host: str, port: Optional[int], connect_timeout: float, read_timeout: float) -> None:
         super().__init__(host, port, timeout=read_timeout)
         self._connect_timeout = connect_timeout
+        self.deadline: Optional[float] = None
+        self.deadline_hit = False
+        self._timer: Optional[threading.Timer] = None
+        self._timer_lock = threading.Lock()
+
+    def set_deadline(self, deadline: Optional[float]) -> None:
+        with self._timer_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.deadline, self.deadline_hit = deadline, False
+            if deadline is None:
+                return
+            self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._abort)
+            self._timer.daemon = True
+            self._timer.name = "defectkit-http-deadline"
+            self._timer.start()
+
+    def _abort(self) -> None:
+        self.deadline_hit = True
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _left(self) -> float:
+        if self.deadline is None:
+            return float("inf")
+        left = self.deadline - time.monotonic()
+        if left <= 0 or self.deadline_hit:
+            self.deadline_hit = True
+            raise DeadlineExceeded("the request's total deadline passed before it could connect")
+        return left
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.host, self.port), self._connect_timeout)
+        self.sock = socket.create_connection((self.host, self.port), min(self._connect_timeout, self._left()))
         self.sock.settimeout(self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.deadline_hit:  # the timer fired while connecting (before self.sock was set)
+            self._abort()
+
+    def close(self) -> None:
+        with self._timer_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        super().close()
 
 
 class _TLSConn(_Conn):
@@ -128,7 +187,8 @@ class Uplink:
     """``Uplink(base_url, device_id, token, spool)``: delivers the spool's items oldest first."""
 
     def __init__(self, base_url: str, device_id: str, token: str, spool: Spool, *, connect_timeout: float = 3.0,
-                 read_timeout: float = 10.0, backoff_base: float = 1.0, backoff_cap: float = 300.0,
+                 read_timeout: float = 10.0, request_deadline_s: Optional[float] = None,
+                 backoff_base: float = 1.0, backoff_cap: float = 300.0,
                  ca_file: Optional[str] = None, insecure_http: bool = False,
                  clock: Callable[[], float] = time.monotonic, rng: Optional[random.Random] = None) -> None:
         context = collector_tls(base_url, insecure_http=insecure_http, ca_file=ca_file)
@@ -141,6 +201,8 @@ class Uplink:
         self._prefix = parts.path.rstrip("/")
         self.device_id, self._token, self.spool = device_id, token, spool
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        # one request (connect + send + the whole answer) never takes longer than this, however the bytes trickle
+        self.request_deadline_s = request_deadline_s if request_deadline_s is not None else connect_timeout + read_timeout
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self._ssl = context
         self._clock = clock
@@ -153,7 +215,7 @@ class Uplink:
         self.on_ack: Optional[Callable[[SpoolItem], None]] = None
 
     # ------------------------------------------------------------------------------------------ sending
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+    def _connect(self, timeout: float) -> _Conn:
         if self._ssl is not None:
             return _TLSConn(self._host, self._port, min(self.connect_timeout, timeout), timeout, self._ssl)
         return _Conn(self._host, self._port, min(self.connect_timeout, timeout), timeout)
@@ -190,8 +252,10 @@ class Uplink:
             return "duplicate", f"HTTP 409: {detail}"
         if status in (401, 403):
             return "retry", f"HTTP {status}: the collector refused the token ({detail}); fix the device's token file"
-        if 400 <= status < 500 and status not in _RETRY_4XX:
+        if status in POISON_STATUSES:
             return "poison", f"HTTP {status}: {detail}"
+        if status in MISROUTED_STATUSES:
+            return "retry", f"HTTP {status}: collector URL or proxy misrouted? ({detail})"
         return "retry", f"HTTP {status}: {detail}"
 
     def _backoff(self, error: str, retry_after: Optional[str]) -> None:
@@ -232,7 +296,7 @@ class Uplink:
             res.skipped = True
             return
         items = self.spool.pending(limit=max_items)
-        conn: Optional[http.client.HTTPConnection] = None
+        conn: Optional[_Conn] = None
         try:
             for item in items:
                 remaining = self.read_timeout if deadline is None else deadline - self._clock()
@@ -240,11 +304,24 @@ class Uplink:
                     return
                 if conn is None:
                     conn = self._connect(min(self.read_timeout, remaining))
+                budget = self.request_deadline_s if deadline is None else min(self.request_deadline_s, remaining)
+                conn.set_deadline(time.monotonic() + budget)
                 try:
                     status, data, retry_after = self._send(conn, item)
                 except (OSError, http.client.HTTPException) as exc:
-                    outcome, reason, retry_after = "retry", f"cannot reach the collector ({type(exc).__name__}: {exc})", None
+                    if conn.deadline_hit:
+                        reason = (f"request aborted: its total deadline of {budget:.1f} s passed (the collector or a "
+                                  f"proxy answers too slowly; {type(exc).__name__})")
+                    else:
+                        reason = f"cannot reach the collector ({type(exc).__name__}: {exc})"
+                    outcome, retry_after = "retry", None
+                    conn.close()
+                    conn = None
                 else:
+                    conn.set_deadline(None)
+                    if conn.deadline_hit:  # fired right as the answer completed: the socket is gone
+                        conn.close()
+                        conn = None
                     outcome, reason = self.classify(status, data, item.key)
                 if outcome in ("ack", "duplicate"):
                     self.spool.ack(item.id)
