@@ -8,7 +8,9 @@ of running do not fill the disk)::
     summary/2026-11-22.csv           one row per ``summary_interval_s``: counts, NG rate, latency, drift state
 
 A write that fails (full disk, read-only mount) is logged (at most once a minute) and counted in
-``write_errors``; it never stops inspection.
+``write_errors``; it never stops inspection. The inspection loop calls :meth:`LocalLog.record` from its output
+writer thread (:class:`edge_runtime.pipeline.OutputWriter`), which drops annotated images (never JSON lines)
+when the disk falls behind; such a frame's line has ``"ng_image": null`` and ``"ng_image_dropped": true``.
 """
 from __future__ import annotations
 
@@ -74,14 +76,19 @@ class LocalLog:
         self._prune()
 
     # ------------------------------------------------------------------------------------------ per frame
-    def record(self, rec: FrameRecord, image: Optional[np.ndarray] = None, roi: Optional[Sequence[float]] = None) -> None:
-        """One frame: its JSON line, its annotated image if NG, its counts in the summary window."""
+    def record(self, rec: FrameRecord, image: Optional[np.ndarray] = None, roi: Optional[Sequence[float]] = None,
+               image_dropped: bool = False) -> None:
+        """One frame: its JSON line, its annotated image if NG, its counts in the summary window.
+        ``image_dropped``: the NG image was dropped upstream (disk behind); the line says so."""
         now = self._clock()
         self._roll_summary(now, rec.bundle_version, rec.drift_state)
         self._window.record(rec)
         line = rec.to_json()
         if rec.is_ng and self.save_ng and image is not None and rec.detections is not None:
             line["ng_image"] = self._save_ng(rec, image, roi, now)
+        elif image_dropped and rec.is_ng and self.save_ng:
+            line["ng_image"] = None
+            line["ng_image_dropped"] = True
         self._write_line(line, now)
 
     def _write_line(self, rec: dict[str, Any], now: float) -> None:

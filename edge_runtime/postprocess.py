@@ -7,6 +7,13 @@ Two output forms exist (STACK.md "Traps in export"): with NMS in the graph, ``bb
 ``MultiClassNMS`` calls it for PP-YOLOE (``normalized=True`` by default, ``nms_eta=1``, no background
 class): per class keep scores strictly above ``score_threshold``, the ``nms_top_k`` best, greedy NMS that
 drops a box whose IoU with a kept one exceeds ``nms_iou``; then the ``keep_top_k`` best across classes.
+
+Sized to the decision: the box only looks at detections that can make a part NG or fall in the hard-example
+band, so it passes ``min_score`` (``min(lowest decision threshold, hard_example_low)``): candidates scoring
+below it are dropped before NMS in one vectorised pass. Greedy NMS visits boxes best score first and only a
+kept, higher-scoring box can suppress another, and both top-k cuts keep the best scores; so every detection
+scoring >= ``min_score`` comes out exactly as the full NMS (``score_threshold`` 0.01, the mAP-evaluation
+setting, still used by export checks, evaluation and ``predict``) gives it, and nothing below it does.
 """
 from __future__ import annotations
 
@@ -129,14 +136,20 @@ def multiclass_nms(
     nms_top_k: int = -1,
     keep_top_k: int = -1,
     normalized: bool = True,
+    min_score: float | None = None,
 ) -> Detections:
-    """Per-class NMS of boxes [A,4] with scores [C,A]; then the ``keep_top_k`` best across classes."""
+    """Per-class NMS of boxes [A,4] with scores [C,A]; then the ``keep_top_k`` best across classes.
+
+    ``min_score``: drop candidates scoring below it (inclusive floor) before NMS; the detections at or above
+    it are those of the full NMS (module docstring)."""
     boxes = np.asarray(boxes, dtype=np.float32)
     scores = np.asarray(scores, dtype=np.float32)
     if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.ndim != 2 or scores.shape[1] != boxes.shape[0]:
         raise ModelError(
             f"multiclass NMS needs boxes [A,4] and scores [C,A], got {boxes.shape} and {scores.shape}."
         )
+    if min_score is not None and min_score > score_threshold:
+        boxes, scores = prefilter(boxes, scores, min_score)
     kept_boxes, kept_scores, kept_classes = [], [], []
     for c in range(scores.shape[0]):
         # a class's box beyond its keep_top_k-th can never reach the overall top keep_top_k: stop there
@@ -152,7 +165,18 @@ def multiclass_nms(
     return dets
 
 
-def from_nms_output(bbox: np.ndarray, bbox_num: np.ndarray | None, score_threshold: float) -> Detections:
+def prefilter(boxes: np.ndarray, scores: np.ndarray, min_score: float) -> tuple[np.ndarray, np.ndarray]:
+    """Anchors with no class scoring >= ``min_score`` removed, and class scores below it set to -1 (never a
+    candidate); the kept anchors keep their order, so ties are broken as in the full NMS."""
+    floor = np.float32(min_score)
+    passing = scores >= floor  # [C, A]
+    cols = np.flatnonzero(passing.any(axis=0))
+    sub = scores[:, cols]
+    return boxes[cols], np.where(passing[:, cols], sub, np.float32(-1.0))
+
+
+def from_nms_output(bbox: np.ndarray, bbox_num: np.ndarray | None, score_threshold: float,
+                    min_score: float | None = None) -> Detections:
     """Rows (class, score, x1, y1, x2, y2) of the in-model NMS -> Detections of image 0.
 
     Paddle's NMS returns a single ``[[-1]]`` row (and bbox_num 1) when nothing is found; rows with a
@@ -169,12 +193,14 @@ def from_nms_output(bbox: np.ndarray, bbox_num: np.ndarray | None, score_thresho
             raise ModelError(f"the model returned detections for {num.size} images; the runtime feeds one at a time.")
         if num.size == 1:
             bbox = bbox[: int(num[0])]
-    keep = (bbox[:, 0] >= 0) & (bbox[:, 1] >= np.float32(score_threshold))
+    floor = score_threshold if min_score is None else max(score_threshold, min_score)
+    keep = (bbox[:, 0] >= 0) & (bbox[:, 1] >= np.float32(floor))
     bbox = bbox[keep]
     return Detections.build(bbox[:, 2:6], bbox[:, 1], np.rint(bbox[:, 0]))
 
 
-def from_raw_output(boxes: np.ndarray, scores: np.ndarray, post: PostprocessSpec, normalized: bool = True) -> Detections:
+def from_raw_output(boxes: np.ndarray, scores: np.ndarray, post: PostprocessSpec, normalized: bool = True,
+                    min_score: float | None = None) -> Detections:
     """No-NMS outputs boxes [1,A,4] and scores [1,C,A] -> host NMS -> Detections."""
     boxes = np.asarray(boxes, dtype=np.float32)
     scores = np.asarray(scores, dtype=np.float32)
@@ -183,12 +209,16 @@ def from_raw_output(boxes: np.ndarray, scores: np.ndarray, post: PostprocessSpec
             f"a no-NMS model must output boxes [1,A,4] and scores [1,C,A] for one image, got {boxes.shape} and {scores.shape}."
         )
     return multiclass_nms(
-        boxes[0], scores[0], post.score_threshold, post.nms_iou, post.nms_top_k, post.keep_top_k, normalized
+        boxes[0], scores[0], post.score_threshold, post.nms_iou, post.nms_top_k, post.keep_top_k, normalized,
+        min_score=min_score,
     )
 
 
-def decode_outputs(outputs: Sequence[np.ndarray], nms: str, post: PostprocessSpec, num_classes: int) -> Detections:
-    """Pick the right arrays out of a backend's outputs by shape, whatever order the exporter gave them."""
+def decode_outputs(outputs: Sequence[np.ndarray], nms: str, post: PostprocessSpec, num_classes: int,
+                   min_score: float | None = None) -> Detections:
+    """Pick the right arrays out of a backend's outputs by shape, whatever order the exporter gave them.
+
+    ``min_score`` (the box's decision floor): only detections scoring >= it, computed as by the full NMS."""
     shapes = [tuple(np.shape(o)) for o in outputs]
     if nms == "in_model":
         bbox = [o for o in outputs if np.ndim(o) == 2]
@@ -198,13 +228,13 @@ def decode_outputs(outputs: Sequence[np.ndarray], nms: str, post: PostprocessSpe
                 f"deploy.json says NMS is in the model, so one output bbox [K,6] is expected; got shapes {shapes}. "
                 "If the model was exported with exclude_nms, set its entry's \"nms\" to \"host\"."
             )
-        return from_nms_output(bbox[0], nums[0] if len(nums) == 1 else None, post.score_threshold)
+        return from_nms_output(bbox[0], nums[0] if len(nums) == 1 else None, post.score_threshold, min_score)
     three_d = [i for i, o in enumerate(outputs) if np.ndim(o) == 3]
     for i in three_d:
         for j in three_d:
             b, s = shapes[i], shapes[j]
             if i != j and b[2] == 4 and s[1] == num_classes and s[2] == b[1]:
-                return from_raw_output(outputs[i], outputs[j], post)
+                return from_raw_output(outputs[i], outputs[j], post, min_score=min_score)
     raise ModelError(
         f"deploy.json says NMS runs on the host, so outputs boxes [1,A,4] and scores [1,{num_classes},A] are "
         f"expected; got shapes {shapes}. If the model has NMS inside, set its entry's \"nms\" to \"in_model\"."

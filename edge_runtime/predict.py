@@ -100,15 +100,29 @@ class Detector:
         log.info("loaded %s with %s %s (%d threads)", model_path, choice.backend, adapter.version(), threads)
         return cls(spec, choice.entry, adapter, model_path)
 
-    def detect(self, image_bgr: np.ndarray) -> tuple[Detections, Timing]:
-        t0 = time.perf_counter()
+    def prepare(self, image_bgr: np.ndarray) -> dict[str, np.ndarray]:
+        """Pre-processing only: the backend's feeds for one image (the inspection loop runs this in its
+        reader thread, beside the inference of the previous frame)."""
         image, scale_factor = preprocess(image_bgr, self.spec.input)
         available = {"image": image, "scale_factor": scale_factor}
-        feeds = {name: available[name] for name in self.backend.input_names if name in available}
+        return {name: available[name] for name in self.backend.input_names if name in available}
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The backend's forward pass on prepared feeds."""
+        return self.backend.infer(feeds)
+
+    def postprocess(self, outputs, min_score: float | None = None) -> Detections:
+        """Outputs -> Detections. ``min_score``: the decision floor of the box (candidates below it dropped
+        before NMS; see :mod:`edge_runtime.postprocess`); None = the full NMS of deploy.json (evaluation)."""
+        return decode_outputs(outputs, self.entry.nms, self.spec.postprocess, len(self.spec.classes), min_score)
+
+    def detect(self, image_bgr: np.ndarray, min_score: float | None = None) -> tuple[Detections, Timing]:
+        t0 = time.perf_counter()
+        feeds = self.prepare(image_bgr)
         t1 = time.perf_counter()
-        outputs = self.backend.infer(feeds)
+        outputs = self.infer(feeds)
         t2 = time.perf_counter()
-        dets = decode_outputs(outputs, self.entry.nms, self.spec.postprocess, len(self.spec.classes))
+        dets = self.postprocess(outputs, min_score)
         t3 = time.perf_counter()
         timing = Timing((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
         self.last_timing = timing

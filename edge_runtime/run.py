@@ -1,10 +1,16 @@
 """The inspection loop of the edge box: frames in, OK/NG out, drift watched, reports spooled and sent.
 
-One thread inspects: ``source -> decode -> pre -> infer -> post -> decide -> drift -> report/outputs``.
-Everything that may block lives elsewhere and never holds the loop up: the uplink thread sends the spool
-to the collector, the update worker loads a new bundle beside the running one (the swap happens between
-two frames), the metrics server answers scrapes. SIGTERM/SIGINT set the stop event: the current frame
-is finished, then the last report, the outputs and the spool are flushed and the threads stopped.
+A pipeline over the box's cores (:mod:`edge_runtime.pipeline`): the reader thread takes frame n+1 from the
+source, decodes and pre-processes it (and computes its image drift features) while this thread runs
+``infer -> post -> decide -> drift -> report`` on frame n, and the writer thread writes frame n-1's JSON
+line, NG image and CSV summary. Queues are bounded; every output keeps the source's frame order. Post-
+processing is sized to the decision: candidates scoring below ``min(lowest decision threshold, hard-example
+band low)`` are dropped before NMS (:data:`Inspector.min_score`), with the detections above it identical to
+the full NMS's. Everything else that may block lives elsewhere too: the uplink thread sends the spool to the
+collector, the update worker loads a new bundle beside the running one (the swap happens between two
+frames), the metrics server answers scrapes. SIGTERM/SIGINT set the stop event: the source stops being read,
+the frames already taken are inspected and written, then the last report, the outputs and the spool are
+flushed and the threads stopped.
 """
 from __future__ import annotations
 
@@ -20,11 +26,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from edge_runtime.decision import Verdict, decide
-from edge_runtime.drift import DriftMonitor, frame_features
+from edge_runtime.drift import DriftMonitor, frame_features, input_features, output_features
 from edge_runtime.hard_examples import HardExampleSampler
 from edge_runtime.fileio import atomic_write_json
 from edge_runtime.inspection import FrameRecord
 from edge_runtime.local_log import LocalLog
+from edge_runtime.pipeline import END, FrameReader, OutputWriter, Prepared
 from edge_runtime.report_builder import ReportBuilder
 from edge_runtime.wire_report import utc_iso
 from edge_runtime.runconfig import RunOptions, add_run_arguments, options_from_args
@@ -91,8 +98,24 @@ class _RateLimitedLog:
 class Inspector:
     """``Inspector(options).run()`` until the source ends, ``max_frames`` or :meth:`stop`."""
 
-    def __init__(self, options: RunOptions, metrics: Optional[RuntimeMetrics] = None) -> None:
+    READ_AHEAD = 2  # frames decoded and pre-processed ahead of inference
+    MAX_PENDING_IMAGES = 8  # NG images waiting for the disk before new ones are dropped
+    MAX_PENDING_LINES = 10000  # JSON lines waiting for the disk before the loop waits (never dropped)
+    STOP_GRACE_S = 10.0  # after a stop, how long a source blocked in a read may take to end
+
+    def __init__(self, options: RunOptions, metrics: Optional[RuntimeMetrics] = None,
+                 sink_wrapper: Optional[Callable[[LocalLog], Any]] = None,
+                 drop_late_frames: Optional[bool] = None) -> None:
+        """``sink_wrapper``: wraps the local log the writer thread writes to (tests: a deliberately slow disk).
+        ``drop_late_frames``: a frame that finds the read-ahead queue full is dropped (counted) instead of
+        making the source wait; default: for a camera (live) source only. False replays a scripted camera
+        frame by frame."""
         self.opts = options
+        self.drop_late_frames = drop_late_frames
+        self.sink_wrapper = sink_wrapper
+        self.reader: Optional[FrameReader] = None
+        self.writer: Optional[OutputWriter] = None
+        self.min_score: Optional[float] = None  # the pre-NMS floor of the running bundle's settings
         self.stop_event = threading.Event()
         self.metrics = metrics or RuntimeMetrics()
         self.summary = RunSummary()
@@ -132,6 +155,8 @@ class Inspector:
                                      bundle_version=model.version, spool_dir=o.state_dir)
         self.outputs = LocalLog(o.out_dir, model.manifest.classes, save_ng=o.save_ng, keep_days=o.keep_days,
                                 summary_interval_s=s.report.interval_s)
+        sink = self.sink_wrapper(self.outputs) if self.sink_wrapper else self.outputs
+        self.writer = OutputWriter(sink, max_images=self.MAX_PENDING_IMAGES, max_lines=self.MAX_PENDING_LINES).start()
         self._activate(model)
         if o.collector:
             # short timeouts: a hung collector delays only the uplink thread, and shutdown by a few seconds
@@ -164,6 +189,7 @@ class Inspector:
         self.monitor = DriftMonitor(model.reference, s.drift)
         self.sampler = HardExampleSampler(s.report.hard_example_low, s.report.hard_example_high,
                                           s.report.hard_examples_per_hour)
+        self.min_score = decision_floor(s)
         self.spool.max_bytes = int(s.report.spool_max_mb * 2**20)
         self.outputs.summary_interval_s = s.report.interval_s
         self.builder.bundle_version = model.version
@@ -205,24 +231,52 @@ class Inspector:
         try:
             self._setup()
             self.metrics.state = "running"
-            for frame in self.source.frames(self.stop_event):
-                if frame is not None:
-                    self._inspect(frame)
+            self.reader = FrameReader(self.source, self.stop_event, self._prepare, depth=self.READ_AHEAD,
+                                      live=self.source.kind == "camera" if self.drop_late_frames is None else self.drop_late_frames,
+                                      limit=self.opts.max_frames).start()
+            stop_seen: Optional[float] = None
+            while True:
+                item = self.reader.get(timeout=0.5)
+                if item is END:
+                    break
+                if item is None and self.stop_event.is_set():  # a source stuck in a read must not hold SIGTERM up
+                    stop_seen = stop_seen or time.monotonic()
+                    if time.monotonic() - stop_seen > self.STOP_GRACE_S:
+                        log.warning("the source did not stop within %.0f s; leaving it", self.STOP_GRACE_S)
+                        break
+                if item is not None:
+                    self._inspect(item)
                 t_periodic = time.perf_counter()
                 self._periodic()
                 self.periodic_ms += (time.perf_counter() - t_periodic) * 1e3
-                if self.opts.max_frames is not None and self.summary.frames >= self.opts.max_frames:
-                    self.summary.stopped_by = f"max frames ({self.opts.max_frames}) reached"
-                    break
-                if self.stop_event.is_set():
-                    break
-            if self.stop_event.is_set():
+            if self.reader.error is not None:
+                raise self.reader.error
+            if self.reader.limit_reached:
+                self.summary.stopped_by = f"max frames ({self.opts.max_frames}) reached"
+            elif self.stop_event.is_set():
                 self.summary.stopped_by = "stopped by signal"
         finally:
             self._shutdown()
         return self.summary
 
-    def _inspect(self, frame: Frame) -> None:
+    def _prepare(self, frame: Frame) -> Prepared:
+        """Reader thread: pre-processing and the image drift features of one decoded frame."""
+        item = Prepared(frame, times_ms={"pre": 0.0, "drift_input": 0.0})
+        model = self.model
+        if frame.image is None or model is None:
+            return item
+        try:
+            t0 = time.perf_counter()
+            item.feeds, item.model = model.detector.prepare(frame.image), model
+            t1 = time.perf_counter()
+            item.input_features = input_features(frame.image)
+            item.times_ms = {"pre": (t1 - t0) * 1e3, "drift_input": (time.perf_counter() - t1) * 1e3}
+        except Exception as exc:  # an image the pre-processing cannot take: the loop skips the frame
+            item.error = f"pre-processing failed: {exc}"
+        return item
+
+    def _inspect(self, item: Prepared) -> None:
+        frame = item.frame
         self.metrics.begin_frame()
         self.summary.frames += 1
         self._frames_since_swap += 1
@@ -230,15 +284,32 @@ class Inspector:
         if frame.image is None:
             self._skip(frame, frame.error or "not decodable")
             return
+        if item.error:
+            self._skip(frame, item.error)
+            return
         image = frame.image
+        detector = self.model.detector
+        pre_ms, feeds, in_feats = item.times_ms.get("pre", 0.0), item.feeds, item.input_features
+        drift_in_ms = item.times_ms.get("drift_input", 0.0)
         try:
-            dets, timing = self.model.detector.detect(image)
+            if item.model is not self.model:  # prepared for the bundle before a swap
+                t = time.perf_counter()
+                feeds = detector.prepare(image)
+                pre_ms = (time.perf_counter() - t) * 1e3
+            t_infer = time.perf_counter()
+            outputs = detector.infer(feeds)
+            t_post = time.perf_counter()
+            dets = detector.postprocess(outputs, self.min_score)
+            t_decide = time.perf_counter()
         except Exception as exc:  # one frame the backend cannot run (odd size, backend hiccup): skip it, go on
             self._skip(frame, f"inference failed: {exc}")
             return
         verdict = decide(dets, self._classes, self.settings.runtime)
         t0 = time.perf_counter()
-        state = self.monitor.update(drift_features_of(image, verdict, len(self._classes)))
+        counted = verdict.counted
+        feats = dict(in_feats) if in_feats is not None else input_features(image)
+        feats.update(output_features(counted.scores, counted.class_ids, len(self._classes), verdict.is_ng))
+        state = self.monitor.update(feats)
         t1 = time.perf_counter()
         self._offer_hard_example(image, dets, frame, verdict)
         t2 = time.perf_counter()
@@ -246,22 +317,31 @@ class Inspector:
             index=frame.index, source=frame.source, time=utc_iso(frame.time), bundle_version=self.model.version,
             classes=tuple(self._classes), detections=dets, decision=verdict,
             height=int(image.shape[0]), width=int(image.shape[1]), drift_state=state,
-            stages_ms={"decode": frame.decode_ms, **timing.to_dict(), "drift": (t1 - t0) * 1e3, "report": (t2 - t1) * 1e3},
+            stages_ms={"decode": frame.decode_ms, "pre": round(pre_ms, 3), "infer": round((t_post - t_infer) * 1e3, 3),
+                       "post": round((t_decide - t_post) * 1e3, 3), "drift": drift_in_ms + (t1 - t0) * 1e3,
+                       "report": (t2 - t1) * 1e3},
         )
         self._deliver(rec, image)
         if state == "alarm" and self._drift_state != "alarm":
             log.warning("drift alarm on bundle %s: %s", self.model.version, self._alarm_features())
             self._send_report()
         self._drift_state = state
-        if self.frame_hooks:  # hooks also see "output": the JSON line, NG image, CSV summary and metrics just done
-            timed = {**rec.stages_ms, "output": (time.perf_counter() - t2) * 1e3}
+        if self.frame_hooks:  # "output": this thread's share of the outputs (records handed on, metrics);
+            # "drift_input": the image drift features, computed in the reader thread beside inference
+            timed = {**rec.stages_ms, "output": (time.perf_counter() - t2) * 1e3, "drift_input": drift_in_ms,
+                     "decide": (t0 - t_decide) * 1e3}
             for hook in self.frame_hooks:
                 hook(timed)
 
     def _deliver(self, rec: FrameRecord, image: Optional[np.ndarray] = None) -> None:
-        """The one record of a frame to every consumer: the report window, the local log, /metrics, the summary."""
+        """The one record of a frame to every consumer: the report window, the local log (through the writer
+        thread), /metrics, the summary."""
         self.builder.record(rec)
-        self.outputs.record(rec, image, self.settings.runtime.roi if self.settings else None)
+        roi = self.settings.runtime.roi if self.settings else None
+        if self.writer is not None:
+            self.writer.submit(rec, image, roi)
+        else:
+            self.outputs.record(rec, image, roi)
         self.metrics.frame(rec)
         if not rec.inspected:
             self.summary.errors += 1
@@ -331,13 +411,14 @@ class Inspector:
             us = self.uplink.state
             m.set(uplink_failures=us.failures, uplink_sent_total=us.sent_total)
             m.flag(uplink_last_error=us.last_error)
-        m.set(output_write_errors=self.outputs.write_errors, spool_errors=self.summary.spool_errors)
+        m.set(output_write_errors=self.outputs.write_errors, spool_errors=self.summary.spool_errors,
+              **self._pipeline_counts())
         m.flag(**self._update_health())
 
     def _health_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"backend": self.model.backend if self.model else "",
                                  "output_write_errors": self.outputs.write_errors,
-                                 "spool_errors": self.summary.spool_errors}
+                                 "spool_errors": self.summary.spool_errors, **self._pipeline_counts()}
         if self.source is not None:
             extra["source_status"] = self.source.status
             for key in ("drops", "reconnects"):
@@ -347,6 +428,13 @@ class Inspector:
             extra["uplink_failures"] = self.uplink.state.failures
         extra.update(self._update_health())
         return extra
+
+    def _pipeline_counts(self) -> dict[str, int]:
+        """What the pipeline gave up, in /metrics and the report's health: live frames dropped at the source
+        (inference behind) and annotated NG images dropped by the writer (disk behind); verdicts never."""
+        return {"frames_dropped_at_source": self.reader.dropped if self.reader else 0,
+                "ng_images_dropped": self.writer.images_dropped if self.writer else 0,
+                "output_backlog": self.writer.backlog if self.writer else 0}
 
     def _update_health(self) -> dict[str, Any]:
         """What the fleet's rollout reads (docs/fleet.md): ``update_event`` = the newest failed / refused / reverted
@@ -397,7 +485,10 @@ class Inspector:
     def _swap(self, new: LoadedModel) -> None:
         old = self.model  # new.settings were resolved and checked against its classes when it was loaded
         self._send_report()  # the window so far belongs to the old bundle
-        self.outputs.flush_summary(old.version if old else "", self._drift_state)
+        if self.writer is not None:  # after the old bundle's frames already handed to the writer
+            self.writer.call(self.outputs.flush_summary, old.version if old else "", self._drift_state)
+        else:
+            self.outputs.flush_summary(old.version if old else "", self._drift_state)
         self._activate(new)
         self.manager.commit(new)
         self.summary.swaps += 1
@@ -406,12 +497,16 @@ class Inspector:
     # ------------------------------------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
         self.metrics.state = "stopping"
+        if self.reader is not None and not self.reader.join(timeout=0):
+            self.reader.abandon()  # the loop ended on an error: the reader stops without waiting for room
         if hasattr(self, "outputs"):
             self._refresh_metrics()
         if self.source is not None:
             self.source.close()
         if self.monitor is not None and self.spool is not None and self._frames_in_window:
             self._send_report()  # the last, partial window
+        if self.writer is not None:
+            self.writer.close()  # every record handed over is written before the files are closed
         if hasattr(self, "outputs"):
             self.outputs.close(self.model.version if self.model else "", self._drift_state if self.model else "none")
             self.summary.predictions = self.outputs.current_jsonl()
@@ -428,6 +523,15 @@ class Inspector:
             self._server.stop()
         self.manager.clean_exit()
         self.metrics.state = "stopped"
+
+
+def decision_floor(settings: BoxSettings) -> Optional[float]:
+    """The lowest score the box acts on: the lowest decision threshold, or the hard-example band's low end
+    when hard examples are sampled; post-processing drops candidates below it before NMS."""
+    floor = settings.runtime.lowest_threshold()
+    if settings.report.hard_examples_per_hour > 0:
+        floor = min(floor, settings.report.hard_example_low)
+    return float(floor)
 
 
 def _clean(text: str, limit: int = 256) -> str:
