@@ -204,7 +204,7 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _name(value: Any, what: str, source: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise BundleError(f"{source}: {what} {value!r} must match {NAME_RE.pattern} (letters, digits, . _ -)")
     return value
 

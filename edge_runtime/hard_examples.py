@@ -134,7 +134,7 @@ def hard_example_errors(meta: Any) -> List[str]:
     if not (isinstance(hid, str) and len(hid) == 32 and all(c in "0123456789abcdef" for c in hid)):
         errs.append(f"id must be 32 lowercase hex characters, got {hid!r}")
     for key in ("device_id", "line"):
-        if key in meta and not (isinstance(meta[key], str) and NAME_RE.match(meta[key])):
+        if key in meta and not (isinstance(meta[key], str) and NAME_RE.fullmatch(meta[key])):
             errs.append(f"{key} must be 1-64 letters, digits, '.', '_' or '-', got {meta[key]!r}")
     if "time" in meta:
         try:

@@ -28,7 +28,7 @@ class ReportBuilder:
     def __init__(self, *, device_id: str, line: str, bundle_version: str, spool_dir: str | Path | None = None,
                  max_latency_samples: int = 10000, clock=time.time) -> None:
         for key, val in (("device_id", device_id), ("line", line)):
-            if not NAME_RE.match(str(val)):
+            if not NAME_RE.fullmatch(str(val)):
                 raise UserInputError(f"{key} {val!r} is not usable: use 1-64 letters, digits, '.', '_' or '-'")
         self.device_id, self.line, self.bundle_version = device_id, line, bundle_version
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
@@ -60,10 +60,11 @@ class ReportBuilder:
         """
         if spool is not None:
             spool_dropped = spool.take_dropped()
+            dead_dropped = spool.take_dead_dropped()
             st = spool.stats()
             spool_pending = st.pending
             health_extra = {"spool_dead_letter": st.dead_letter, "spool_dropped_total": st.dropped_total,
-                            **dict(health_extra or {})}
+                            "spool_dead_dropped": dead_dropped, **dict(health_extra or {})}
         if drift is not None and not isinstance(drift, Drift):
             drift = Drift.from_features(drift)
         drift = drift or Drift()

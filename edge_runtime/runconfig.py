@@ -61,7 +61,7 @@ class RunOptions:
     capture_factory: Optional[Callable[..., Any]] = None  # a fake camera in tests; cv2.VideoCapture otherwise
 
     def __post_init__(self) -> None:
-        if not NAME_RE.match(str(self.device_id)):
+        if not NAME_RE.fullmatch(str(self.device_id)):
             raise UserInputError(f"device id {self.device_id!r} is not usable: use 1-64 letters, digits, '.', '_' or '-'")
         if self.collector and not self.token:
             raise UserInputError("--collector needs the device's token: pass --token-file FILE")
@@ -75,7 +75,7 @@ class RunOptions:
             raise UserInputError(f"threads must be at least 1, got {self.threads}")
         if self.targets_public_key is not None and not self.collector:
             raise UserInputError("--targets-public-key is for the update channel of --collector: give --collector URL")
-        if self.line is not None and not NAME_RE.match(str(self.line)):
+        if self.line is not None and not NAME_RE.fullmatch(str(self.line)):
             raise UserInputError(f"line {self.line!r} is not usable: use 1-64 letters, digits, '.', '_' or '-'")
         if self.hardware_target is None:
             self.hardware_target = _default_hardware_target(self.backend)

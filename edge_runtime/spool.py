@@ -3,8 +3,9 @@
 Why SQLite: one file, transactions that survive a killed process or a power cut (WAL journal,
 ``synchronous=FULL``), and it ships with Python on every edge box. An item leaves the spool only by
 :meth:`Spool.ack` (the collector has it) or :meth:`Spool.dead_letter` (the collector refused it for
-good); the size cap drops the oldest non-alarm items first and counts them, so the next report can
-say how much was lost. A full disk raises :class:`SpoolFullError`; the caller logs it and keeps inspecting.
+good); the size cap counts dead-lettered items too and drops the oldest dead letters first, then the
+oldest non-alarm items, then alarm items, and counts them, so the next report can say how much was lost
+(``health.spool_dropped`` and ``health.spool_dead_dropped``). A full disk raises :class:`SpoolFullError`; the caller logs it and keeps inspecting.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     moved REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO counters VALUES ('dropped_total', 0), ('dropped_unreported', 0);
+INSERT OR IGNORE INTO counters VALUES ('dropped_total', 0), ('dropped_unreported', 0), ('dead_dropped_total', 0),
+    ('dead_dropped_unreported', 0);
 """
 
 
@@ -83,6 +85,8 @@ class SpoolStats:
     dead_letter: int
     dropped_total: int
     dropped_unreported: int
+    dead_dropped_total: int = 0
+    dead_bytes: int = 0
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -110,6 +114,8 @@ class Spool:
                                          check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
+            # the WAL file shrinks back to 1 MB after each checkpoint (else it keeps its high-water mark on disk)
+            self._conn.execute("PRAGMA journal_size_limit=1048576")
             self._conn.executescript(_SCHEMA)
         except (sqlite3.DatabaseError, OSError) as exc:
             if _is_full(exc):
@@ -177,10 +183,22 @@ class Spool:
         return self._tx(insert, f"{kind} {key}")
 
     def _enforce_cap(self, conn: sqlite3.Connection, keep_id: int) -> None:
-        """Drop the oldest non-alarm items, then (only if still over) the oldest alarm items."""
-        total = conn.execute("SELECT COALESCE(SUM(size), 0) FROM items").fetchone()[0]
+        """The cap holds pending AND dead-lettered items: drop the oldest dead letters first, then the oldest
+        non-alarm items, then (only if still over) the oldest alarm items."""
+        total = (conn.execute("SELECT COALESCE(SUM(size), 0) FROM items").fetchone()[0]
+                 + conn.execute("SELECT COALESCE(SUM(size), 0) FROM dead_letter").fetchone()[0])
         if total <= self.max_bytes:
             return
+        dead_dropped = 0
+        for item_id, size in conn.execute("SELECT id, size FROM dead_letter ORDER BY moved, id").fetchall():
+            if total <= self.max_bytes:
+                break
+            conn.execute("DELETE FROM dead_letter WHERE id = ?", (item_id,))
+            total -= size
+            dead_dropped += 1
+        if dead_dropped:
+            conn.execute("UPDATE counters SET value = value + ? WHERE name IN ('dead_dropped_total', "
+                         "'dead_dropped_unreported')", (dead_dropped,))
         dropped = 0
         for alarm in (0, 1):
             rows = conn.execute("SELECT id, size FROM items WHERE alarm = ? AND id != ? ORDER BY id",
@@ -215,6 +233,15 @@ class Spool:
         self._tx(lambda c: c.execute("UPDATE items SET attempts = attempts + 1, last_error = ? WHERE id = ?",
                                      (error[:500], item_id)), f"failure note of item {item_id}")
 
+    def take_dead_dropped(self) -> int:
+        """Dead letters dropped by the size cap since the previous call (the next report's health.spool_dead_dropped)."""
+        def take(conn: sqlite3.Connection) -> int:
+            n = conn.execute("SELECT value FROM counters WHERE name = 'dead_dropped_unreported'").fetchone()[0]
+            conn.execute("UPDATE counters SET value = 0 WHERE name = 'dead_dropped_unreported'")
+            return int(n)
+
+        return self._tx(take, "reading the dead-letter dropped counter")
+
     def dead_letter(self, item_id: int, reason: str) -> bool:
         """Move an item the collector refused for good aside (kept for a person to look at, not retried)."""
         def move(conn: sqlite3.Connection) -> bool:
@@ -247,10 +274,11 @@ class Spool:
         with self._lock:
             c = self._conn
             pending, nbytes = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM items").fetchone()
-            dead = c.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0]
+            dead, dead_bytes = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM dead_letter").fetchone()
             counters = dict(c.execute("SELECT name, value FROM counters").fetchall())
         return SpoolStats(pending=pending, pending_bytes=nbytes, dead_letter=dead,
-                          dropped_total=counters["dropped_total"], dropped_unreported=counters["dropped_unreported"])
+                          dropped_total=counters["dropped_total"], dropped_unreported=counters["dropped_unreported"],
+                          dead_dropped_total=counters.get("dead_dropped_total", 0), dead_bytes=dead_bytes)
 
     def close(self) -> None:
         with self._lock:

@@ -41,7 +41,7 @@ def utc_text(moment: datetime) -> str:
 
 
 def parse_utc(text: str, what: str = "time") -> datetime:
-    if not isinstance(text, str) or not _TIME_RE.match(text):
+    if not isinstance(text, str) or not _TIME_RE.fullmatch(text):
         raise TargetError(f"target metadata: {what} {text!r} is not an ISO-8601 UTC time like 2026-11-22T10:00:00Z")
     return datetime.fromisoformat(text[:-1] + "+00:00")
 
@@ -95,7 +95,7 @@ class TargetMetadata:
             raise TargetError("target metadata refused: " + "; ".join(problems))
         if d["schema"] != SCHEMA:
             raise TargetError(f"target metadata schema {d['schema']!r} is not supported (this runtime reads {SCHEMA!r})")
-        if not _SHA_RE.match(d["sha256"]):
+        if not _SHA_RE.fullmatch(d["sha256"]):
             raise TargetError(f"target metadata: sha256 {d['sha256']!r} is not 64 lowercase hex digits")
         parse_utc(d["expires"], "expires")
         parse_utc(d["issued"], "issued")

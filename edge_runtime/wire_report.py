@@ -207,10 +207,10 @@ def report_errors(obj: Any) -> List[str]:
         errs.append(f"unknown keys: {', '.join(unknown)} (schema {SCHEMA} is fixed; put extra numbers in health)")
     if "schema" in obj and obj["schema"] != SCHEMA:
         errs.append(f"schema must be {SCHEMA!r}, got {obj['schema']!r}")
-    if "id" in obj and not (isinstance(obj["id"], str) and _ID_RE.match(obj["id"])):
+    if "id" in obj and not (isinstance(obj["id"], str) and _ID_RE.fullmatch(obj["id"])):
         errs.append(f"id must be 32 lowercase hex characters (uuid4().hex), got {obj['id']!r}")
     for key in ("device_id", "line"):
-        if key in obj and not (isinstance(obj[key], str) and NAME_RE.match(obj[key])):
+        if key in obj and not (isinstance(obj[key], str) and NAME_RE.fullmatch(obj[key])):
             errs.append(f"{key} must be 1-64 characters of letters, digits, '.', '_' or '-', got {obj[key]!r}")
     if "bundle_version" in obj and not (isinstance(obj["bundle_version"], str) and 0 < len(obj["bundle_version"]) <= 128):
         errs.append(f"bundle_version must be a non-empty string, got {obj['bundle_version']!r}")
