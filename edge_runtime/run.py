@@ -116,6 +116,7 @@ class Inspector:
         self.reader: Optional[FrameReader] = None
         self.writer: Optional[OutputWriter] = None
         self.min_score: Optional[float] = None  # the pre-NMS floor of the running bundle's settings
+        self._last_pipeline_counts: dict[str, int] = {}
         self.stop_event = threading.Event()
         self.metrics = metrics or RuntimeMetrics()
         self.summary = RunSummary()
@@ -343,6 +344,10 @@ class Inspector:
         else:
             self.outputs.record(rec, image, roi)
         self.metrics.frame(rec)
+        counts = self._pipeline_counts()
+        if counts != self._last_pipeline_counts:  # drops show in /metrics at once, not at the next refresh
+            self._last_pipeline_counts = counts
+            self.metrics.set(**counts)
         if not rec.inspected:
             self.summary.errors += 1
         elif rec.is_ng:
@@ -433,8 +438,7 @@ class Inspector:
         """What the pipeline gave up, in /metrics and the report's health: live frames dropped at the source
         (inference behind) and annotated NG images dropped by the writer (disk behind); verdicts never."""
         return {"frames_dropped_at_source": self.reader.dropped if self.reader else 0,
-                "ng_images_dropped": self.writer.images_dropped if self.writer else 0,
-                "output_backlog": self.writer.backlog if self.writer else 0}
+                "ng_images_dropped": self.writer.images_dropped if self.writer else 0}
 
     def _update_health(self) -> dict[str, Any]:
         """What the fleet's rollout reads (docs/fleet.md): ``update_event`` = the newest failed / refused / reverted
