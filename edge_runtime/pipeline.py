@@ -2,15 +2,17 @@
 
 The loop (:mod:`edge_runtime.run`) is a three-stage pipeline over the box's cores::
 
-    reader thread          inference thread (the loop)                      writer thread
-    source -> decode ->    infer -> post -> decide -> drift -> report ->    JSON line, NG image (draw +
-    pre-process (+ the     metrics                                          JPEG), CSV summary
-    image drift features)
+    reader thread          inference thread    loop thread                      writer thread
+    source -> decode ->    infer               post -> decide -> drift ->       JSON line, NG image (draw +
+    pre-process (+ the                         report -> metrics, periodic      JPEG), CSV summary
+    image drift features)                      work (reports, updates)
 
 - :class:`FrameReader`: a bounded queue (``depth`` frames). A file source (folder, watched folder, video)
   waits when the queue is full (back-pressure: no file is skipped). A live camera does not wait: a frame
   that finds the queue full is dropped at the source and counted (``dropped``), so memory stays flat when the
   camera is faster than inference. Frames leave in the order the source gave them.
+- :class:`InferenceStage`: runs the model on the reader's frames in its own thread, so the model runs back to
+  back while the loop thread post-processes and decides the previous frame (a bounded queue of ``depth`` too).
 - :class:`OutputWriter`: the loop hands each frame's record to it and never waits for the disk. At most
   ``max_images`` annotated NG images wait to be written; beyond that the image of a new frame is dropped
   (counted in ``images_dropped``; its JSON line says so) and its verdict line still goes out. JSON lines are
@@ -47,8 +49,9 @@ class Prepared:
     model: Any = None  # what the feeds were prepared for (a swap between two frames makes the loop redo them)
     feeds: Optional[dict] = None
     input_features: Optional[dict] = None
-    error: Optional[str] = None  # pre-processing failed: the frame is skipped with this reason
-    times_ms: dict = field(default_factory=dict)  # "pre", "drift_input"
+    error: Optional[str] = None  # pre-processing or inference failed: the frame is skipped with this reason
+    times_ms: dict = field(default_factory=dict)  # "pre", "drift_input", "infer"
+    outputs: Optional[list] = None  # the model's outputs (set by the inference stage, for ``model``)
 
 
 class FrameReader:
@@ -116,6 +119,60 @@ class FrameReader:
 
     def abandon(self, join_s: float = 5.0) -> None:
         """The loop stops taking frames (error path): let the thread end without waiting for room."""
+        self._abandon.set()
+        self._thread.join(join_s)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class InferenceStage:
+    """Takes prepared frames from ``upstream`` (a :class:`FrameReader`), runs ``infer(item) -> item`` in its own
+    thread and queues the results (at most ``depth``) in order; passes :data:`END` on."""
+
+    def __init__(self, upstream: FrameReader, infer: Callable[[Prepared], Prepared], *, depth: int = 2) -> None:
+        self.upstream, self.infer = upstream, infer
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=max(1, depth))
+        self.error: Optional[BaseException] = None
+        self._abandon = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="defectkit-inference", daemon=True)
+
+    def start(self) -> "InferenceStage":
+        self._thread.start()
+        return self
+
+    def _put(self, item: Any) -> bool:
+        while not self._abandon.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        while not self._abandon.is_set():
+            item = self.upstream.get(timeout=0.2)
+            if item is None:
+                continue
+            if item is not END:
+                try:
+                    item = self.infer(item)
+                except BaseException as exc:  # a bug, not a backend error (those mark the item): end the run
+                    self.error = exc
+                    self._put(END)
+                    return
+            if not self._put(item) or item is END:
+                return
+
+    def get(self, timeout: float) -> Any:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def abandon(self, join_s: float = 5.0) -> None:
         self._abandon.set()
         self._thread.join(join_s)
 

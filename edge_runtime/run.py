@@ -1,9 +1,9 @@
 """The inspection loop of the edge box: frames in, OK/NG out, drift watched, reports spooled and sent.
 
 A pipeline over the box's cores (:mod:`edge_runtime.pipeline`): the reader thread takes frame n+1 from the
-source, decodes and pre-processes it (and computes its image drift features) while this thread runs
-``infer -> post -> decide -> drift -> report`` on frame n, and the writer thread writes frame n-1's JSON
-line, NG image and CSV summary. Queues are bounded; every output keeps the source's frame order. Post-
+source, decodes and pre-processes it (and computes its image drift features) while the inference thread runs
+the model on frame n, this thread runs ``post -> decide -> drift -> report`` on frame n-1 and the writer
+thread writes the JSON line, NG image and CSV summary of the frames before. Queues are bounded; every output keeps the source's frame order. Post-
 processing is sized to the decision: candidates scoring below ``min(lowest decision threshold, hard-example
 band low)`` are dropped before NMS (:data:`Inspector.min_score`), with the detections above it identical to
 the full NMS's. Everything else that may block lives elsewhere too: the uplink thread sends the spool to the
@@ -31,7 +31,7 @@ from edge_runtime.hard_examples import HardExampleSampler
 from edge_runtime.fileio import atomic_write_json
 from edge_runtime.inspection import FrameRecord
 from edge_runtime.local_log import LocalLog
-from edge_runtime.pipeline import END, FrameReader, OutputWriter, Prepared
+from edge_runtime.pipeline import END, FrameReader, InferenceStage, OutputWriter, Prepared
 from edge_runtime.report_builder import ReportBuilder
 from edge_runtime.wire_report import utc_iso
 from edge_runtime.runconfig import RunOptions, add_run_arguments, options_from_args
@@ -114,6 +114,7 @@ class Inspector:
         self.drop_late_frames = drop_late_frames
         self.sink_wrapper = sink_wrapper
         self.reader: Optional[FrameReader] = None
+        self.inference: Optional[InferenceStage] = None
         self.writer: Optional[OutputWriter] = None
         self.min_score: Optional[float] = None  # the pre-NMS floor of the running bundle's settings
         self._last_pipeline_counts: dict[str, int] = {}
@@ -235,9 +236,10 @@ class Inspector:
             self.reader = FrameReader(self.source, self.stop_event, self._prepare, depth=self.READ_AHEAD,
                                       live=self.source.kind == "camera" if self.drop_late_frames is None else self.drop_late_frames,
                                       limit=self.opts.max_frames).start()
+            self.inference = InferenceStage(self.reader, self._infer, depth=self.READ_AHEAD).start()
             stop_seen: Optional[float] = None
             while True:
-                item = self.reader.get(timeout=0.5)
+                item = self.inference.get(timeout=0.5)
                 if item is END:
                     break
                 if item is None and self.stop_event.is_set():  # a source stuck in a read must not hold SIGTERM up
@@ -250,8 +252,9 @@ class Inspector:
                 t_periodic = time.perf_counter()
                 self._periodic()
                 self.periodic_ms += (time.perf_counter() - t_periodic) * 1e3
-            if self.reader.error is not None:
-                raise self.reader.error
+            for stage in (self.reader, self.inference):
+                if stage.error is not None:
+                    raise stage.error
             if self.reader.limit_reached:
                 self.summary.stopped_by = f"max frames ({self.opts.max_frames}) reached"
             elif self.stop_event.is_set():
@@ -276,6 +279,25 @@ class Inspector:
             item.error = f"pre-processing failed: {exc}"
         return item
 
+    def _infer(self, item: Prepared) -> Prepared:
+        """Inference thread: the running bundle's model on one prepared frame (errors mark the frame)."""
+        model = self.model
+        if item.frame.image is None or item.error or model is None:
+            return item
+        try:
+            feeds = item.feeds
+            if item.model is not model:  # prepared for the bundle before a swap
+                t = time.perf_counter()
+                feeds = model.detector.prepare(item.frame.image)
+                item.times_ms["pre"] = (time.perf_counter() - t) * 1e3
+            t0 = time.perf_counter()
+            item.outputs = model.detector.infer(feeds)
+            item.times_ms["infer"] = (time.perf_counter() - t0) * 1e3
+            item.model = model
+        except Exception as exc:  # one frame the backend cannot run (odd size, backend hiccup): skip it, go on
+            item.error = f"inference failed: {exc}"
+        return item
+
     def _inspect(self, item: Prepared) -> None:
         frame = item.frame
         self.metrics.begin_frame()
@@ -290,15 +312,15 @@ class Inspector:
             return
         image = frame.image
         detector = self.model.detector
-        pre_ms, feeds, in_feats = item.times_ms.get("pre", 0.0), item.feeds, item.input_features
-        drift_in_ms = item.times_ms.get("drift_input", 0.0)
+        in_feats, drift_in_ms = item.input_features, item.times_ms.get("drift_input", 0.0)
         try:
-            if item.model is not self.model:  # prepared for the bundle before a swap
-                t = time.perf_counter()
-                feeds = detector.prepare(image)
-                pre_ms = (time.perf_counter() - t) * 1e3
-            t_infer = time.perf_counter()
-            outputs = detector.infer(feeds)
+            if item.model is not self.model or item.outputs is None:  # inferred by the bundle before a swap
+                item.model = None
+                item = self._infer(item)
+                if item.error:
+                    self._skip(frame, item.error)
+                    return
+            pre_ms, infer_ms, outputs = item.times_ms.get("pre", 0.0), item.times_ms.get("infer", 0.0), item.outputs
             t_post = time.perf_counter()
             dets = detector.postprocess(outputs, self.min_score)
             t_decide = time.perf_counter()
@@ -318,7 +340,7 @@ class Inspector:
             index=frame.index, source=frame.source, time=utc_iso(frame.time), bundle_version=self.model.version,
             classes=tuple(self._classes), detections=dets, decision=verdict,
             height=int(image.shape[0]), width=int(image.shape[1]), drift_state=state,
-            stages_ms={"decode": frame.decode_ms, "pre": round(pre_ms, 3), "infer": round((t_post - t_infer) * 1e3, 3),
+            stages_ms={"decode": frame.decode_ms, "pre": round(pre_ms, 3), "infer": round(infer_ms, 3),
                        "post": round((t_decide - t_post) * 1e3, 3), "drift": drift_in_ms + (t1 - t0) * 1e3,
                        "report": (t2 - t1) * 1e3},
         )
@@ -501,8 +523,9 @@ class Inspector:
     # ------------------------------------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
         self.metrics.state = "stopping"
-        if self.reader is not None and not self.reader.join(timeout=0):
-            self.reader.abandon()  # the loop ended on an error: the reader stops without waiting for room
+        for stage in (self.inference, self.reader):  # the loop ended on an error: stop without waiting for room
+            if stage is not None and not stage.join(timeout=0):
+                stage.abandon()
         if hasattr(self, "outputs"):
             self._refresh_metrics()
         if self.source is not None:
