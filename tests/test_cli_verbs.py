@@ -202,10 +202,14 @@ def test_data_check_names_every_fault_and_fix_writes_a_clean_copy(work, imported
     bad = kit(work, "data", "check", "data/broken/line7.yaml")
     assert bad.returncode == 2, bad.stderr
     assert victim in bad.stdout + bad.stderr and "10000" in bad.stdout + bad.stderr
+    before = coco_path.read_bytes()
     fixed = kit(work, "data", "check", "data/broken/line7.yaml", "--fix", "data/line7-fixed")
-    assert fixed.returncode in (0, 2), fixed.stderr
+    assert fixed.returncode == 2, fixed.stderr  # the original's faults are still reported; the copy is repaired
+    assert "repaired copy written to data/line7-fixed" in fixed.stdout and coco_path.read_bytes() == before
     report = json.loads((work / "data/line7-fixed/fix_report.json").read_text())
-    assert report, report
+    assert report["kept"]["images"] == 31
+    assert any(c["action"] == "drop_image" and victim in c["record"] for c in report["changes"])
+    assert any("id=10000" in c["record"] for c in report["changes"])
     fixed_coco = json.loads((work / "data/line7-fixed/annotations/all.json").read_text())
     assert victim not in {im["file_name"] for im in fixed_coco["images"]}
     assert 10_000 not in {a["id"] for a in fixed_coco["annotations"]}
