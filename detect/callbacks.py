@@ -254,6 +254,37 @@ class TimeBudget(Callback):
             self.reason = f"time budget of {self.minutes:g} minutes reached after epoch {int(status['epoch_id']) + 1}"
 
 
+class CloseMosaic(Callback):
+    """Close-mosaic under a time budget: the last ``close_epochs`` epochs that fit in the budget train on plain
+    samples (the reader's ``mosaic_epoch`` only knows ``train.epochs``, which a budget usually cuts short).
+
+    At the start of each epoch it estimates the seconds per epoch from the epochs done so far (evaluation
+    included; earlier sessions of a resumed run count) and, when at most ``close_epochs`` epochs are left in the
+    budget, sets the dataset's ``mosaic_epoch`` to this epoch: ppdet groups samples for Mosaic only while
+    ``epoch < mosaic_epoch``. The decision depends on the clock, so a resumed run may close it one epoch apart.
+    """
+
+    def __init__(self, trainer, close_epochs: int, budget_minutes: float, elapsed: Callable[[], float]):
+        super().__init__(trainer)
+        self.close_epochs = close_epochs
+        self.budget = budget_minutes * 60.0
+        self.elapsed = elapsed
+        self.closed_at: int | None = None
+
+    def on_epoch_begin(self, status):
+        epoch = int(status["epoch_id"])
+        dataset = self.model.loader.dataset
+        if self.closed_at is not None or epoch == 0 or not 0 <= dataset.mosaic_epoch:
+            return
+        spent = self.elapsed()
+        per_epoch = spent / epoch
+        if self.budget - spent <= self.close_epochs * per_epoch:
+            dataset.mosaic_epoch = epoch if epoch > 0 else -1
+            self.closed_at = epoch
+            print(f"close-mosaic: epochs {epoch + 1}.. train without Mosaic ({per_epoch:.0f} s per epoch, "
+                  f"{max(0.0, self.budget - spent):.0f} s of the time budget left)")
+
+
 class WeightsSaver(Callback):
     """Writes ``best.pdparams`` and ``last.pdparams`` (the evaluated, EMA-applied weights) atomically.
 

@@ -216,9 +216,13 @@ def build_session(spec: LineSpec, run: RunPaths, fresh: bool = True,
     )
     session = Session(spec, run, trainer, loader, freeze, ns, skipped, log_file)
     ns.checkpointing = cb.Checkpointing(trainer, checkpoint_writer(session), [ns.early, ns.budget])
+    ns.close_mosaic = (cb.CloseMosaic(trainer, train.close_mosaic, train.time_budget_min,
+                                      lambda: time.time() - session.began + session.start)
+                       if train.mosaic > 0 and train.close_mosaic > 0 and train.time_budget_min > 0 else None)
     trainer._callbacks = [c for c in trainer._callbacks if not isinstance(c, Checkpointer)]
-    trainer.register_callbacks([cb.ScalarLossStats(trainer), ns.seeder, ns.unfreezer, ns.progress, ns.history,
-                                ns.early, ns.budget, ns.saver, ns.checkpointing])  # Checkpointing last
+    trainer.register_callbacks([cb.ScalarLossStats(trainer), ns.seeder, ns.unfreezer, ns.progress, ns.history]
+                               + ([ns.close_mosaic] if ns.close_mosaic else [])
+                               + [ns.early, ns.budget, ns.saver, ns.checkpointing])  # Checkpointing last
     from detect.distill import install_retrain_terms
 
     install_retrain_terms(session)  # a retrain's run (retrain.json): the parent as teacher, EWC, inside the loss

@@ -42,7 +42,7 @@ class TrainSettings:
     epochs: int = 60
     batch_size: int = 8
     lr: float = 0.01
-    warmup_steps: int = 150
+    warmup_steps: int = 30
     warmup_start_factor: float = 0.1
     cosine: bool = True
     min_lr_ratio: float = 0.05
@@ -52,15 +52,15 @@ class TrainSettings:
     ema: bool = True
     ema_decay: float = 0.998
     eval_interval: int = 1
-    patience: int = 0
+    patience: int = 10
     min_delta: float = 0.0
-    time_budget_min: float = 0.0
+    time_budget_min: float = 20.0
     freeze: str = "none"
     unfreeze_at_epoch: int = 0
     unfreeze_lr_factor: float = 0.1
     flip: float = 0.5
     mosaic: float = 0.0
-    close_mosaic: int = 0
+    close_mosaic: int = 1
     mixup: float = 0.0
     hsv: tuple = (0.015, 0.5, 0.3)
     multiscale: bool = True
@@ -83,9 +83,9 @@ class TrainSettings:
                 raise ConfigError(f"{where}: train.{key} is a probability in [0, 1], got {getattr(self, key)}.")
         if self.mixup > 0 and self.mosaic == 0:
             raise ConfigError(f"{where}: train.mixup needs train.mosaic > 0 (PP-YOLOE mixes inside Mosaic samples).")
-        if self.mosaic > 0 and self.close_mosaic >= self.epochs:
-            raise ConfigError(f"{where}: train.close_mosaic ({self.close_mosaic}) leaves no epoch of "
-                              f"{self.epochs} with Mosaic; lower it or set mosaic: 0.")
+        if self.close_mosaic < 0:
+            raise ConfigError(f"{where}: train.close_mosaic must be >= 0 epochs, got {self.close_mosaic}.")
+        # close_mosaic >= epochs is allowed: such a run (e.g. --epochs 1) trains without Mosaic
         ok = len(self.hsv) == 3 and all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in self.hsv)
         if not ok or any(g < 0 for g in self.hsv):
             raise ConfigError(f"{where}: train.hsv must be three non-negative gains [hue, saturation, value], "

@@ -77,7 +77,7 @@ def test_augment_preview_writes_a_grid_of_what_the_model_sees(tiny_spec, tmp_pat
 
 @pytest.mark.parametrize("overrides, message", [
     ({"mixup": 0.3}, "mixup needs train.mosaic > 0"),
-    ({"mosaic": 0.5, "close_mosaic": 5, "epochs": 5}, "leaves no epoch"),
+    ({"mosaic": 0.5, "close_mosaic": -1}, "close_mosaic must be >= 0"),
     ({"flip": 1.5}, r"probability in \[0, 1\]"),
     ({"hsv": [0.1, 0.2]}, "three non-negative gains"),
     ({"keep_last": 0}, "keep_last must be at least 1"),
