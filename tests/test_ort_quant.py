@@ -133,7 +133,9 @@ def test_outputs_close_to_fp32_and_verified_against_paddle(int8, tiny_export):
         assert np.median(np.abs(boxes_f - boxes_q)) < 2.0  # pixels (128x96 images)
     ver = v.recipe["verified_vs_paddle"]
     assert ver["reference"] == "paddle.inference model_nonms.pdmodel"
-    assert ver["images"] >= 1 and "summary" in ver and ver["max_score_abs"] < 0.05
+    # matched detections after NMS: a pair can differ a little more than the raw anchors (an INT8 box that moved
+    # pairs with a neighbour); the tiny run starts from the base weights, so these are real detections
+    assert ver["images"] >= 1 and "summary" in ver and ver["max_score_abs"] < 0.1
 
 
 def test_runs_through_the_edge_runtime_onnxruntime_backend(int8):

@@ -82,7 +82,12 @@ def test_int8_runs_in_the_edge_runtime_close_to_fp32(ptq_variant, tiny_export):
         feeds = {"image": image, "scale_factor": scale}
         (box_a, score_a), (box_b, score_b) = fp32.backend.infer(feeds), int8.backend.infer(feeds)
         assert box_a.shape == box_b.shape and score_a.shape == score_b.shape
-        assert np.abs(score_a - score_b).max() < 1e-3
+        # the tiny run starts from the base weights: real, confident anchors, which simulated INT8 moves a little;
+        # the background (most anchors) stays put. A broken quantization (e.g. pred_cls quantized: scores capped
+        # near 0.5, STACK.md) moves the median and the tail far beyond these bounds.
+        d = np.abs(score_a - score_b)
+        assert score_a.max() > 0.05, "the FP32 model detects nothing (background ~0.013): the comparison would be vacuous"
+        assert np.median(d) < 2e-3 and np.quantile(d, 0.99) < 0.05 and d.max() < 0.3, np.quantile(d, [0.5, 0.99, 1])
         # boxes in pixels of the 128 x 96 image: most anchors move by a fraction of a pixel's worth of range
         assert np.median(np.abs(box_a - box_b)) < 0.05 * np.abs(box_a).max()
         assert len(int8(cv2.imread(str(path)))) > 0
