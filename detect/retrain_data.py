@@ -219,7 +219,7 @@ def merge_data(parent: Parent, adds: Sequence[Path | str], classes: Sequence[str
     train_parts = [(Part(p.train, p.images, "parent"), replayed(old_train, replay, seed))]
     val_parts = [(Part(p.val, p.images, "parent"), old_val)]
     for i, root in enumerate(adds, 1):
-        tr, va = added_parts(root, f"add{i}")
+        tr, va = added_parts(Path(root).resolve(), f"add{i}")  # absolute: lineage is read from anywhere
         train_parts.append((tr, load_coco(tr.ann)))
         if va is not None:
             val_parts.append((va, load_coco(va.ann)))
