@@ -30,7 +30,7 @@ import json, sys
 import cv2, numpy as np
 from edge_runtime.postprocess import decode_outputs
 from edge_runtime.predict import Detector
-from edge_runtime.preprocess import preprocess
+from edge_runtime.preprocess import model_feeds
 nb, listing, out = sys.argv[1:4]
 det = Detector.from_model(nb, backend="paddlelite", threads=1)
 arrays = {}
@@ -38,9 +38,7 @@ for i, path in enumerate(json.load(open(listing))):
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise SystemExit("cannot decode " + path)
-    image, scale = preprocess(img, det.spec.input)
-    available = {"image": image, "scale_factor": scale}
-    raw = det.backend.infer({n: available[n] for n in det.backend.input_names})
+    raw = det.backend.infer(model_feeds(img, det.spec.input, det.backend.input_names))
     d = decode_outputs(raw, det.entry.nms, det.spec.postprocess, len(det.classes))
     arrays.update({"raw_%d_%d" % (i, j): r for j, r in enumerate(raw)})
     arrays.update({"boxes_%d" % i: d.boxes, "scores_%d" % i: d.scores, "classes_%d" % i: d.class_ids})

@@ -82,15 +82,13 @@ def median_latency_ms(model: str | Path, images: Sequence[Path], backend: str | 
                       warmup: int = 3, repeats: int = 20) -> float:
     """Median wall time of one ``backend.infer`` call (pre/post-processing excluded) over ``repeats`` runs."""
     from edge_runtime.predict import Detector
-    from edge_runtime.preprocess import preprocess
+    from edge_runtime.preprocess import model_feeds
 
     detector = Detector.from_model(model, backend=backend, threads=threads)
     frames = [read_image(Path(p)) for p in images] or [np.zeros((320, 320, 3), np.uint8)]
     feeds = []
     for img in frames:
-        image, scale = preprocess(img, detector.spec.input)
-        available = {"image": image, "scale_factor": scale}
-        feeds.append({n: available[n] for n in detector.backend.input_names if n in available})
+        feeds.append(model_feeds(img, detector.spec.input, detector.backend.input_names))
     for i in range(warmup):
         detector.backend.infer(feeds[i % len(feeds)])
     times = []

@@ -263,8 +263,7 @@ def _write_candidate(src: Path, dst_dir: Path, deploy: ModelSpec, meta: dict) ->
     dst = dst_dir / "model_nonms.onnx"
     entry = ModelEntry(file=dst.name, format="onnx", target="any", precision="int8", nms="host",
                        runtime_version=f"onnxruntime {onnxruntime.__version__}", sha256=file_sha256(dst))
-    ModelSpec(line=deploy.line, classes=list(deploy.classes), input=deploy.input, models=[entry],
-              postprocess=deploy.postprocess, meta=meta).save(dst_dir / "deploy.json")
+    deploy.variant([entry], meta).save(dst_dir)
     return dst
 
 

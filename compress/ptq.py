@@ -56,7 +56,7 @@ def calibration_feeds(images: Sequence[Path], deploy: ModelSpec, feed_names: Seq
     """One feed dict per image (batch dimension included) through the edge runtime's pre-processing."""
     import cv2
 
-    from edge_runtime.preprocess import preprocess
+    from edge_runtime.preprocess import model_feeds
 
     where = image_dir or (Path(images[0]).parent if images else None)
     if not images:
@@ -80,9 +80,7 @@ def calibration_feeds(images: Sequence[Path], deploy: ModelSpec, feed_names: Seq
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise DataError(f"calibration image {path} cannot be decoded; run `defectkit data check`.")
-        image, scale = preprocess(img, deploy.input)
-        available = {"image": image, "scale_factor": scale}
-        out.append({n: available[n] for n in feed_names})
+        out.append(model_feeds(img, deploy.input, feed_names))
     return out
 
 
@@ -306,8 +304,7 @@ def _write_deploy(out_dir: Path, stem: str, parent: ModelSpec, parent_entry: Mod
     model = out_dir / f"{stem}.pdmodel"
     entry = ModelEntry(file=model.name, format="paddle", target="any", precision="int8", nms=parent_entry.nms,
                        runtime_version=paddle_version(), sha256=file_sha256(model))
-    ModelSpec(line=parent.line, classes=list(parent.classes), input=parent.input, models=[entry],
-              postprocess=parent.postprocess, meta=meta).save(out_dir / "deploy.json")
+    parent.variant([entry], meta).save(out_dir)
     return model
 
 

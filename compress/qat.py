@@ -43,7 +43,7 @@ from detect.linespec import LineSpec
 from detect.ppyoloe import RunPaths, activate, inference_config
 from detect.settings import Settings
 from edge_runtime.errors import ConfigError, DataError, ModelError
-from edge_runtime.modelspec import ModelEntry, ModelSpec, PostprocessSpec, file_sha256
+from edge_runtime.modelspec import ModelEntry, file_sha256
 
 log = logging.getLogger("defectkit.qat")
 
@@ -315,7 +315,7 @@ def _try_onnx(spec: LineSpec, pdmodel: Path, images: list[Path],
     from compress.gate import gate_settings
     from compress.measure import evaluate_model, read_image
     from edge_runtime.predict import Detector
-    from edge_runtime.preprocess import preprocess
+    from edge_runtime.preprocess import model_feeds
 
     dst = pdmodel.with_suffix(".onnx")
     report: dict[str, Any] = {"tool": f"paddle2onnx {paddle2onnx.__version__}", "converted": False, "shipped": False}
@@ -337,10 +337,9 @@ def _try_onnx(spec: LineSpec, pdmodel: Path, images: list[Path],
     _, tol, _ = gate_settings(spec)
     score_diff = box_diff = top_score = 0.0
     for path in images:
-        image, scale = preprocess(read_image(path), paddle_det.spec.input)
-        feeds = {"image": image, "scale_factor": scale}
-        a = paddle_det.backend.infer({n: feeds[n] for n in paddle_det.backend.input_names})
-        b = onnx_det.backend.infer({n: feeds[n] for n in onnx_det.backend.input_names})
+        img = read_image(path)
+        a = paddle_det.backend.infer(model_feeds(img, paddle_det.spec.input, paddle_det.backend.input_names))
+        b = onnx_det.backend.infer(model_feeds(img, onnx_det.spec.input, onnx_det.backend.input_names))
         boxes_a, scores_a = (np.asarray(x) for x in a[:2])
         boxes_b, scores_b = (np.asarray(x) for x in b[:2])
         score_diff = max(score_diff, float(np.abs(scores_a - scores_b).max()))
@@ -389,7 +388,7 @@ def qat(spec: LineSpec, weights: Path, out_dir: Path, *, epochs: int = 2, lr: fl
     the weights come from (its settings.yaml is named in the variant's settings record). The training session
     lives in ``out_dir/qat_train`` (history, log, weights).
     """
-    from detect.export import input_spec, paddle_version
+    from detect.export import deploy_spec, paddle_version
     from detect.heavy import paddle_stack
 
     weights, out_dir = Path(weights), Path(out_dir)
@@ -430,14 +429,10 @@ def qat(spec: LineSpec, weights: Path, out_dir: Path, *, epochs: int = 2, lr: fl
         entries.append(ModelEntry(file="model.pdmodel", format="paddle", target="any", precision="int8",
                                   nms="in_model", runtime_version=paddle_version(),
                                   sha256=file_sha256(out_dir / "model.pdmodel")))
-    ex = spec.settings.export
-    post = PostprocessSpec.from_dict({"nms_iou": ex.nms_iou, "score_threshold": ex.score_threshold,
-                                      "nms_top_k": ex.nms_top_k, "keep_top_k": ex.keep_top_k}, "export")
     meta = {"source_weights": str(weights), "method": "qat", "qat_weights": str(run.best_weights)}
 
     def write_deploy(extra: list[ModelEntry] = ()) -> None:
-        ModelSpec(line=spec.line, classes=list(spec.classes), input=input_spec(spec), models=entries + list(extra),
-                  postprocess=post, meta=meta).save(out_dir / "deploy.json")
+        deploy_spec(spec, entries + list(extra), meta).save(out_dir)
 
     onnx_file, onnx_report = _try_onnx(spec, nonms, _val_images(spec, 4), write_deploy)
     write_deploy([_onnx_entry(onnx_file)] if onnx_file is not None else [])

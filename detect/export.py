@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from detect.linespec import LineSpec
-from detect.ppyoloe import RunPaths, activate, inference_config
+from detect.ppyoloe import RunPaths, activate, inference_config, model_input
 from edge_runtime.errors import ConfigError, ModelError
-from edge_runtime.modelspec import InputSpec, ModelEntry, ModelSpec, PostprocessSpec, file_sha256
+from edge_runtime.modelspec import ModelEntry, ModelSpec, PostprocessSpec, file_sha256
 
 log = logging.getLogger("defectkit.export")
 
@@ -154,14 +154,6 @@ EXPORT_FORMATS: dict[str, tuple[Callable[[_ExportContext], Path], str, str]] = {
 }
 
 
-def input_spec(spec: LineSpec) -> InputSpec:
-    """The pre-processing contract of a PP-YOLOE export (same numbers as ``ppyoloe.eval_transforms``)."""
-    return InputSpec.from_dict({"size": [spec.image_size, spec.image_size], "color": "RGB",
-                                "scale": 1.0 / 255.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-                                "resize": "stretch", "layout": "NCHW", "feeds": ["image", "scale_factor"],
-                                "interp": "linear"}, "export")
-
-
 def export(spec: LineSpec, weights: Path, out_dir: Path, formats: list[str] | None = None,
            meta: dict[str, Any] | None = None) -> ExportResult:
     """Export ``weights`` of ``spec`` into ``out_dir`` and write its ``deploy.json``."""
@@ -212,13 +204,19 @@ def _export_formats(ctx: _ExportContext, formats: list[str], meta: dict[str, Any
         path = exporter(ctx)
         entries.append(ModelEntry(file=path.name, format=fmt, target="any", precision="fp32", nms=nms,
                                   runtime_version=_runtime_version(fmt), sha256=file_sha256(path)))
+    ctx.result.deploy_json = deploy_spec(spec, entries, meta).save(ctx.out)
+    return ctx.result
+
+
+def deploy_spec(spec: LineSpec, entries: list[ModelEntry], meta: dict[str, Any]) -> ModelSpec:
+    """The deploy.json of a line's export: the line's model input, its export section's post-processing and
+    these model files. Every export of a line (plain, QAT) describes itself with this one function; variants
+    derived from an export use :meth:`ModelSpec.variant`."""
     ex = spec.settings.export
     post = PostprocessSpec.from_dict({"nms_iou": ex.nms_iou, "score_threshold": ex.score_threshold,
                                       "nms_top_k": ex.nms_top_k, "keep_top_k": ex.keep_top_k}, "export")
-    deploy = ModelSpec(line=spec.line, classes=list(spec.classes), input=input_spec(spec), models=entries,
-                       postprocess=post, meta=meta)
-    ctx.result.deploy_json = deploy.save(ctx.out / "deploy.json")
-    return ctx.result
+    return ModelSpec(line=spec.line, classes=list(spec.classes), input=model_input(spec), models=list(entries),
+                     postprocess=post, meta=dict(meta))
 
 
 def _runtime_version(fmt: str) -> str | None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from detect.linespec import LineSpec
+from edge_runtime.modelspec import InputSpec
+from edge_runtime.preprocess import ppdet_test_transforms
 from detect.settings import TrainSettings
 
 # depth and width multipliers of CSPResNet + CustomCSPPAN (PP-YOLOE+ s/m/l/x; "tiny" for tests and demos)
@@ -129,14 +131,19 @@ def train_transforms(spec: LineSpec, mosaic_epochs: int) -> tuple[list, list]:
     return sample, batch
 
 
-def eval_transforms(size: int) -> list[dict]:
-    """Evaluation/test pre-processing; ``edge_runtime.preprocess`` implements the same on the edge box."""
-    return [
-        {"Decode": {}},
-        {"Resize": {"target_size": [size, size], "keep_ratio": False, "interp": 1}},
-        {"NormalizeImage": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "norm_type": "none"}},
-        {"Permute": {}},
-    ]
+def model_input(spec: LineSpec) -> InputSpec:
+    """The pre-processing contract of the line's PP-YOLOE model: written into every deploy.json and bundle, and
+    turned into ppdet's evaluation reader by :func:`edge_runtime.preprocess.ppdet_test_transforms`, so the
+    trainer's evaluation, every export and the box pre-process from this one description."""
+    return InputSpec.from_dict({"size": [spec.image_size, spec.image_size], "color": "RGB",
+                                "scale": 1.0 / 255.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+                                "resize": "stretch", "layout": "NCHW", "feeds": ["image", "scale_factor"],
+                                "interp": "linear"}, f"line '{spec.line}'")
+
+
+def eval_transforms(spec: LineSpec) -> list[dict]:
+    """ppdet's evaluation/test reader transforms: the edge box's pre-processing of :func:`model_input`."""
+    return ppdet_test_transforms(model_input(spec))
 
 
 def build_config(spec: LineSpec, run: RunPaths, steps_per_epoch_hint: int = 0,
@@ -211,9 +218,9 @@ def build_config(spec: LineSpec, run: RunPaths, steps_per_epoch_hint: int = 0,
                         "use_shared_memory": False, "collate_batch": True,
                         # ppdet groups samples for Mosaic while epoch < mosaic_epoch; 0 means *always*, -1 never
                         "mosaic_epoch": mosaic_epochs if mosaic_epochs > 0 else -1},
-        "EvalReader": {"sample_transforms": eval_transforms(size), "batch_size": 4},
+        "EvalReader": {"sample_transforms": eval_transforms(spec), "batch_size": 4},
         "TestReader": {"inputs_def": {"image_shape": [3, size, size]},
-                       "sample_transforms": eval_transforms(size), "batch_size": 1},
+                       "sample_transforms": eval_transforms(spec), "batch_size": 1},
     }
     if train.visualdl and visualdl_available():
         cfg["use_vdl"] = True  # ppdet's VisualDLWriter callback: losses per step, mAP per evaluation

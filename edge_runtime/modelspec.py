@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from edge_runtime.errors import BundleError, ConfigError, ModelError
 from edge_runtime.fileio import atomic_write_json
@@ -299,6 +299,12 @@ class ModelSpec:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"'{path}' is not valid JSON: {exc}") from exc
         return cls.from_dict(raw, where=f"'{path}'")
+
+    def variant(self, models: Sequence[ModelEntry], meta: Mapping[str, Any]) -> "ModelSpec":
+        """A derived model set (a quantized or converted copy): same line, classes, input contract and
+        post-processing as this one, other model files and their record."""
+        return ModelSpec(line=self.line, classes=list(self.classes), input=self.input, models=list(models),
+                         postprocess=self.postprocess, meta=dict(meta))
 
     def save(self, path: str | Path) -> Path:
         """Write atomically; a directory means ``<dir>/deploy.json``."""

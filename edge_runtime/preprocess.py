@@ -8,7 +8,7 @@ cannot drift apart (tests compare both on real images).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -57,6 +57,19 @@ def preprocess(image_bgr: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, np.n
     chw = np.ascontiguousarray(out.transpose(2, 0, 1))[None]
     scale_factor = np.array([[dst_h / src_h, dst_w / src_w]], dtype=np.float32)
     return chw, scale_factor
+
+
+def model_feeds(image_bgr: np.ndarray, spec: InputSpec, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The feed dict a model takes for one image: :func:`preprocess`, then the arrays of the model's input
+    ``names`` (``image``, ``scale_factor``). The one feed builder of the kit: the box, calibration, latency,
+    Paddle Lite and QAT checks all call it, so no caller can feed a model differently."""
+    image, scale_factor = preprocess(image_bgr, spec)
+    available = {"image": image, "scale_factor": scale_factor}
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ConfigError(f"the model asks for inputs {unknown}; the kit provides {sorted(available)}. "
+                          "Re-export it with `defectkit export`.")
+    return {n: available[n] for n in names}
 
 
 def ppdet_test_transforms(spec: InputSpec) -> list[dict[str, Any]]:
