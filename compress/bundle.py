@@ -153,6 +153,7 @@ def build_bundle(
     created: datetime | None = None,
     *,
     settings: BoxSettings,
+    golden_tolerance: Mapping[str, float] | None = None,
 ) -> Path:
     """Write ``out_root/<line>/<version>/`` and ``<version>.tar.gz``, signed with ``private_key``; return the dir.
 
@@ -205,6 +206,7 @@ def build_bundle(
             kit_version=_kit_version(), classes=tuple(classes), input=input_spec, postprocess=postprocess,
             models=tuple(models), metrics={k: float(v) for k, v in metrics.items()}, recipe=dict(recipe),
             golden=tuple(goldens), drift_reference=drift, settings=settings,
+            golden_tolerance=dict(golden_tolerance) if golden_tolerance is not None else None,
         )
         body = manifest.to_bytes()
         Manifest.from_dict(json.loads(body))  # never sign what the edge box would refuse to read

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compress.bundle import ModelFile, build_bundle, models_from_deploy
-from compress.gate import runtime_config
+from compress.gate import golden_tolerance, runtime_config
 from compress.measure import read_image
 from compress.pipeline import GOLDEN_FILE, load_run, primary_model, read_golden
 from compress.variants import COMPRESS_DIR, PARENT, Variant, load_variant, settings_record
@@ -224,7 +224,8 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
     if any(m.format == "paddlelite" and m.target == "arm" for m in models):
         recipe["arm_note"] = "ARM .nb converted by paddle_lite_opt but not run: no ARM CPU on the build machine"
     return build_bundle(store, spec.line, version, parent_version, models, deploy.input, deploy.postprocess,
-                        spec.classes, metrics, recipe, golden, drift, key, settings=settings)
+                        spec.classes, metrics, recipe, golden, drift, key, settings=settings,
+                        golden_tolerance=golden_tolerance(spec))
 
 
 __all__ = ["bundle_from_run", "box_settings", "next_version", "drift_reference", "variant_models", "shippable"]

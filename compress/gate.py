@@ -64,9 +64,16 @@ class GateResult:
 def gate_settings(spec: LineSpec) -> tuple[float, Tolerance, RuntimeSettings]:
     """The line's gate limits: max mAP drop, golden tolerance (the self-test's), decision settings."""
     c = spec.settings.compress
-    tol = Tolerance(score=c.golden_score_tol, box_px=c.golden_box_px, box_rel=c.golden_box_rel,
-                    min_score=c.golden_min_score)
+    tol = Tolerance(**golden_tolerance(spec))
     return c.max_map_drop, tol, runtime_config(spec)
+
+
+def golden_tolerance(spec: LineSpec) -> dict[str, float]:
+    """The golden check's tolerance (compress.golden_*): the gate judges with it and the bundle manifest carries
+    it, so the box's self-test compares with the same numbers."""
+    c = spec.settings.compress
+    return {"score": c.golden_score_tol, "box_px": c.golden_box_px, "box_rel": c.golden_box_rel,
+            "min_score": c.golden_min_score}
 
 
 def runtime_config(spec: LineSpec) -> RuntimeSettings:

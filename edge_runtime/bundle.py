@@ -95,6 +95,8 @@ class Manifest:
     drift_reference: FileRef
     settings: BoxSettings  # the line's runtime / drift / report sections: what the box runs on
     kit_version: str = "0"
+    # the golden check's tolerance the gate judged with (compress.golden_*); the box's self-test uses the same
+    golden_tolerance: Mapping[str, float] | None = None
     schema: str = SCHEMA
     root: Path | None = field(default=None, compare=False, repr=False)
 
@@ -116,6 +118,8 @@ class Manifest:
             "drift_reference": asdict(self.drift_reference),
             "settings": self.settings.to_dict(),
         }
+        if self.golden_tolerance is not None:
+            out["golden_tolerance"] = dict(self.golden_tolerance)
         return out
 
     def to_bytes(self) -> bytes:
@@ -185,6 +189,7 @@ class Manifest:
                 golden=golden,
                 drift_reference=_ref(d["drift_reference"], source),
                 settings=BoxSettings.from_sections(d["settings"], f"{source}: settings", require_all=True),
+                golden_tolerance=_tolerance(d.get("golden_tolerance"), source),
             )
         except KeyError as exc:
             raise BundleError(f"{source}: missing field {exc}") from None
@@ -197,6 +202,24 @@ class Manifest:
         if not man.models:
             raise BundleError(f"{source}: 'models' is empty")
         return man
+
+
+GOLDEN_TOLERANCE_KEYS = ("score", "box_px", "box_rel", "min_score")
+
+
+def _tolerance(raw: Any, source: str) -> dict[str, float] | None:
+    """The optional ``golden_tolerance``: exactly score, box_px, box_rel, min_score, each a number >= 0."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) != set(GOLDEN_TOLERANCE_KEYS):
+        raise BundleError(f"{source}: 'golden_tolerance' must hold exactly {', '.join(GOLDEN_TOLERANCE_KEYS)}")
+    out = {}
+    for k in GOLDEN_TOLERANCE_KEYS:
+        v = raw[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e6:
+            raise BundleError(f"{source}: golden_tolerance.{k} must be a number >= 0, got {v!r}")
+        out[k] = float(v)
+    return out
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

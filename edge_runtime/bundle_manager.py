@@ -138,7 +138,8 @@ class BundleManager:
         self.limits = limits or ArchiveLimits()
         self._running_line: Optional[str] = None
         self.key = load_public_key(public_key)
-        self.backend, self.threads, self.tolerance = backend, threads, tolerance or Tolerance()
+        self.backend, self.threads = backend, threads
+        self.tolerance = tolerance  # None: the bundle's own golden_tolerance (what its gate judged with)
         self.max_crashes, self.selftest_all = max_crashes, selftest_all
         self.settings_layers = tuple(settings_layers)  # go on top of every bundle's settings, this one and the next
         self.state_path = self.dir / STATE_FILE

@@ -253,7 +253,7 @@ def self_test(manifest: Manifest, detectors: Sequence[Detector] = (), threads: i
     """Run the golden images through ``detectors`` (already loaded, e.g. the candidate of an update) and
     through every other runnable model of the bundle (loaded here, released after). Never raises for a
     failing backend: the failure is in the report. ``backends`` limits which backends are loaded here."""
-    tol = tolerance or Tolerance()
+    tol = tolerance or (Tolerance(**manifest.golden_tolerance) if manifest.golden_tolerance else Tolerance())
     t0 = time.perf_counter()
     report = SelfTestReport(version=manifest.version)
     golden = read_golden(manifest)

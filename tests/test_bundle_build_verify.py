@@ -267,3 +267,25 @@ def test_settings_must_be_typed_and_match_the_drift_reference(store, tmp_path):
     ref.write_text(json.dumps({"meta": {"runtime": LINE_SETTINGS.runtime.to_dict()}}))
     out = build_bundle(tmp_path / "s", "pcb-1", "1.0.0", None, **{**args, "drift_reference_path": ref})
     assert verify_bundle(out, store["keys"].public).settings == LINE_SETTINGS
+
+
+def test_the_golden_tolerance_travels_in_the_manifest_and_drives_the_box_self_test(store, tmp_path):
+    """The gate judges the golden images with the line's compress.golden_* tolerance; the box's self-test must
+    compare with the same numbers, so the manifest carries them (malformed ones are refused by field)."""
+    from edge_runtime.selftest import Tolerance, compare
+    from edge_runtime.postprocess import Detections
+
+    tol = {"score": 0.2, "box_px": 6.0, "box_rel": 0.1, "min_score": 0.25}
+    out = build_bundle(tmp_path / "store", "pcb-1", "1.1.0", "1.0.0", **{**store["args"], "golden_tolerance": tol})
+    manifest = verify_bundle(out, store["keys"].public)
+    assert manifest.golden_tolerance == tol
+    assert verify_bundle(store["out"], store["keys"].public).golden_tolerance is None  # older builds: defaults
+    # what the self-test does with it: a 0.15 score drift passes the line's tolerance, fails the default one
+    exp = Detections(np.array([[10, 10, 50, 50]], np.float32), np.array([0.9], np.float32), np.array([0]))
+    got = Detections(np.array([[10, 10, 50, 50]], np.float32), np.array([0.75], np.float32), np.array([0]))
+    assert compare(exp, got, Tolerance(**manifest.golden_tolerance)) == []
+    assert compare(exp, got, Tolerance()) != []
+    raw = json.loads((out / MANIFEST).read_text())
+    raw["golden_tolerance"] = {"score": 0.2}
+    with pytest.raises(BundleError, match="golden_tolerance"):
+        Manifest.from_dict(raw)

@@ -239,3 +239,15 @@ def test_the_command_line_is_put_on_a_spec_at_most_once_per_verb():
                      "detect/infer.py", "detect/callbacks.py", "detect/checkpoints.py", "detect/freeze.py",
                      "detect/preflight.py")
     assert not [c for c in calls if c.split(":")[0] in stage_modules], calls
+
+
+def test_the_box_self_test_default_tolerance_is_the_tables_golden_tolerance():
+    """The box's fallback tolerance (a bundle without golden_tolerance) must be the table's compress.golden_*:
+    the gate judges with the table, so a second set of numbers here would let the two disagree."""
+    from edge_runtime.selftest import Tolerance
+    from detect.linespec import load_table
+
+    c = load_table()["compress"]
+    t = Tolerance()
+    assert (t.score, t.box_px, t.box_rel, t.min_score) == (
+        c["golden_score_tol"], c["golden_box_px"], c["golden_box_rel"], c["golden_min_score"])
