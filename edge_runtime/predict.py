@@ -28,7 +28,7 @@ from edge_runtime.errors import ModelError, UserInputError
 from edge_runtime.fileio import atomic_write_bytes
 from edge_runtime.modelspec import FILENAME, ModelEntry, ModelSpec
 from edge_runtime.postprocess import Detections, decode_outputs
-from edge_runtime.preprocess import preprocess
+from edge_runtime.preprocess import model_feeds
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ class Detector:
     def prepare(self, image_bgr: np.ndarray) -> dict[str, np.ndarray]:
         """Pre-processing only: the backend's feeds for one image (the inspection loop runs this in its
         reader thread, beside the inference of the previous frame)."""
-        image, scale_factor = preprocess(image_bgr, self.spec.input)
-        available = {"image": image, "scale_factor": scale_factor}
-        return {name: available[name] for name in self.backend.input_names if name in available}
+        return model_feeds(image_bgr, self.spec.input, self.backend.input_names)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The backend's forward pass on prepared feeds."""
