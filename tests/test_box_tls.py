@@ -63,8 +63,9 @@ def test_box_over_https_needs_the_collectors_ca(tmp_path):
         err = wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in boxes["untrusting"].proc.text()
                        and boxes["untrusting"].proc.text(), "the untrusting box's certificate refusal", 120)
         assert "uplink to https://127.0.0.1:" in err
-        h = wait_for(lambda: (lambda h: h.get("update_channel", "").startswith("error") and h)(
-            boxes["untrusting"].health() or {}), "the untrusting box's channel status", 120)
+        h = wait_for(lambda: (lambda h: h.get("update_channel", "").startswith("error")
+                              and h.get("uplink_failures", 0) >= 1 and h)(  # both links tried and failed
+            boxes["untrusting"].health() or {}), "the untrusting box's channel and uplink status", 120)
         assert "CERTIFICATE_VERIFY_FAILED" in h["update_channel"] and h["uplink_failures"] >= 1
         frames = boxes["untrusting"].health()["frames"]
         wait_for(lambda: boxes["untrusting"].health()["frames"] > frames + 8, "the untrusting box inspecting on", 60)
