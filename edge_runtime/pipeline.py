@@ -54,23 +54,22 @@ class Prepared:
     outputs: Optional[list] = None  # the model's outputs (set by the inference stage, for ``model``)
 
 
-class FrameReader:
-    """Reads ``source.frames(stop)`` in its own thread into a queue of at most ``depth`` prepared frames."""
+class _QueuedStage:
+    """A worker thread that fills a bounded queue (at most ``depth`` items); the loop takes them with :meth:`get`.
+    The reader and the inference stage differ only in what their thread does (``_run``)."""
 
-    def __init__(self, source: Any, stop: threading.Event, prepare: Callable[[Any], Prepared], *, depth: int = 2,
-                 live: bool = False, limit: Optional[int] = None) -> None:
-        self.source, self.stop, self.prepare = source, stop, prepare
-        self.depth, self.live, self.limit = max(1, depth), live, limit
+    def __init__(self, depth: int, name: str) -> None:
+        self.depth = max(1, depth)
         self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=self.depth)
-        self.taken = 0  # frames taken from the source (dropped ones included)
-        self.dropped = 0  # live frames dropped because inference was behind
-        self.high_water = 0  # the most frames ever waiting at once (<= depth)
-        self.limit_reached = False
+        self.high_water = 0  # the most items ever waiting at once (<= depth)
         self.error: Optional[BaseException] = None
         self._abandon = threading.Event()  # the loop died: do not wait for room
-        self._thread = threading.Thread(target=self._run, name="defectkit-reader", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self) -> "FrameReader":
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
         self._thread.start()
         return self
 
@@ -83,6 +82,35 @@ class FrameReader:
             self.high_water = max(self.high_water, self.queue.qsize())
             return True
         return False
+
+    def get(self, timeout: float) -> Any:
+        """The next item, :data:`END`, or None when nothing came within ``timeout`` seconds."""
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def abandon(self, join_s: float = 5.0) -> None:
+        """The loop stops taking items (error path): let the thread end without waiting for room."""
+        self._abandon.set()
+        self._thread.join(join_s)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class FrameReader(_QueuedStage):
+    """Reads ``source.frames(stop)`` in its own thread into a queue of at most ``depth`` prepared frames."""
+
+    def __init__(self, source: Any, stop: threading.Event, prepare: Callable[[Any], Prepared], *, depth: int = 2,
+                 live: bool = False, limit: Optional[int] = None) -> None:
+        super().__init__(depth, "defectkit-reader")
+        self.source, self.stop, self.prepare = source, stop, prepare
+        self.live, self.limit = live, limit
+        self.taken = 0  # frames taken from the source (dropped ones included)
+        self.dropped = 0  # live frames dropped because inference was behind
+        self.limit_reached = False
 
     def _run(self) -> None:
         try:
@@ -110,46 +138,14 @@ class FrameReader:
         finally:
             self._put(END)
 
-    def get(self, timeout: float) -> Any:
-        """The next prepared frame, :data:`END`, or None when nothing came within ``timeout`` seconds."""
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
 
-    def abandon(self, join_s: float = 5.0) -> None:
-        """The loop stops taking frames (error path): let the thread end without waiting for room."""
-        self._abandon.set()
-        self._thread.join(join_s)
-
-    def join(self, timeout: Optional[float] = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
-class InferenceStage:
+class InferenceStage(_QueuedStage):
     """Takes prepared frames from ``upstream`` (a :class:`FrameReader`), runs ``infer(item) -> item`` in its own
     thread and queues the results (at most ``depth``) in order; passes :data:`END` on."""
 
     def __init__(self, upstream: FrameReader, infer: Callable[[Prepared], Prepared], *, depth: int = 2) -> None:
+        super().__init__(depth, "defectkit-inference")
         self.upstream, self.infer = upstream, infer
-        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=max(1, depth))
-        self.error: Optional[BaseException] = None
-        self._abandon = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="defectkit-inference", daemon=True)
-
-    def start(self) -> "InferenceStage":
-        self._thread.start()
-        return self
-
-    def _put(self, item: Any) -> bool:
-        while not self._abandon.is_set():
-            try:
-                self.queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def _run(self) -> None:
         while not self._abandon.is_set():
@@ -165,20 +161,6 @@ class InferenceStage:
                     return
             if not self._put(item) or item is END:
                 return
-
-    def get(self, timeout: float) -> Any:
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def abandon(self, join_s: float = 5.0) -> None:
-        self._abandon.set()
-        self._thread.join(join_s)
-
-    def join(self, timeout: Optional[float] = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
 
 class OutputWriter:
