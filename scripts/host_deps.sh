@@ -7,7 +7,8 @@
 #   podman       builds and runs the training container (tests/test_container.py; Docker's engine does not run here)
 #   runc         the OCI runtime podman runs it with (the default crun cannot set RLIMIT_NOFILE in this sandbox)
 #   postgresql   the collector's store tests on PostgreSQL: tests/pgserver.py runs initdb + pg_ctl on loopback
-#   chromium     the dashboard test drives a real headless Chromium against a real collector (tests/test_dashboard_browser.py)
+#   chromium, chromium-driver
+#                the dashboard test drives a real headless Chromium against a real collector (tests/test_dashboard_browser.py)
 #   qemu-user-static, proot
 #                build and run the arm64 edge box without binfmt_misc (scripts/edge_box.sh --arch arm64): proot -q runs
 #                every aarch64 program of the root filesystem through qemu
@@ -19,6 +20,7 @@ declare -A WHY=(
   [runc]="the OCI runtime scripts/container.sh runs podman with (crun cannot set RLIMIT_NOFILE here)"
   [postgresql]="a real PostgreSQL server on loopback for the collector's store tests (tests/pgserver.py)"
   [chromium]="a real headless browser for the collector dashboard test"
+  [chromium-driver]="lets the dashboard test drive that browser (selenium WebDriver; Debian's driver matches Debian's chromium)"
   [qemu-user-static]="runs the arm64 edge box's programs on this x86 host (emulation; no binfmt_misc needed with proot)"
   [proot]="enters the arm64 edge-box root filesystem without root privileges or binfmt_misc, through qemu"
 )
@@ -29,6 +31,7 @@ done
 # packages whose programs are not on PATH: checked by a file they install
 compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || missing+=(postgresql)
 command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] && exit 0
 for pkg in "${missing[@]}"; do echo "defectkit: installing Debian package '$pkg' on this host: ${WHY[$pkg]}" >&2; done
 [ "$(id -u)" = 0 ] || { echo "defectkit: needs root to install ${missing[*]}: sudo apt-get install ${missing[*]}" >&2; exit 2; }
