@@ -64,6 +64,11 @@ def main() -> int:
             rounds.append({"round": i, "rc": proc.returncode, "failed": failed, "summary": last,
                            "seconds": round(time.monotonic() - r0, 1)})
             print(f"round {i:2d}: rc {proc.returncode}  {last}", flush=True)
+            if proc.returncode:  # keep the whole output of a failing round: a flake is only fixable from its traceback
+                log = args.out.with_name(f"{args.out.stem}_round{i}.log")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+                print(f"          failed: {' '.join(failed)}  (output: {log})", flush=True)
     finally:
         stop.set()
         for b in burners:
