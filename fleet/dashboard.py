@@ -26,12 +26,17 @@ def _lines(conn: Conn) -> List[str]:
     return sorted(r[0] for r in rows if r[0])
 
 
+def _edges(times: Sequence[float], n: int) -> Tuple[float, float]:
+    """(start, width) of n equal time buckets over ``times``."""
+    t0, t1 = min(times), max(times)
+    return t0, max((t1 - t0) / n, 1e-9)
+
+
 def _buckets(points: Sequence[Tuple[float, float, float]], n: int) -> List[Tuple[float, float]]:
     """(time, numerator, denominator) -> n time buckets of sum(num)/sum(den), empty buckets left out."""
     if not points:
         return []
-    t0, t1 = min(p[0] for p in points), max(p[0] for p in points)
-    width = max((t1 - t0) / n, 1e-9)
+    t0, width = _edges([p[0] for p in points], n)
     num: Dict[int, float] = defaultdict(float)
     den: Dict[int, float] = defaultdict(float)
     for t, a, b in points:
@@ -39,6 +44,16 @@ def _buckets(points: Sequence[Tuple[float, float, float]], n: int) -> List[Tuple
         num[i] += a
         den[i] += b
     return [(t0 + (i + 0.5) * width, num[i] / den[i]) for i in sorted(den) if den[i] > 0]
+
+
+def _bucket_max(points: Sequence[Tuple[float, float]], n: int, t0: float, width: float) -> List[Tuple[float, float]]:
+    """(time, value) -> the largest value per time bucket, empty buckets left out. Drift is drawn this way (the
+    worst box per bucket): one point per report would zigzag between the boxes of a line, which report interleaved."""
+    top: Dict[int, float] = {}
+    for t, v in points:
+        i = min(max(int((t - t0) / width), 0), n - 1)
+        top[i] = max(v, top.get(i, v))
+    return [(t0 + (i + 0.5) * width, top[i]) for i in sorted(top)]
 
 
 def line_overview(conn: Conn, *, line: str, now: Optional[float] = None) -> Dict[str, Any]:
@@ -80,11 +95,14 @@ def line_overview(conn: Conn, *, line: str, now: Optional[float] = None) -> Dict
     ro = rollout.latest(conn, line=line)
     decisions = rollout.decisions(conn, rollout_id=ro["id"])[-5:] if ro else []
     ng = _buckets(ng_points, BUCKETS)
+    if ng_points:
+        t0, width = _edges([p[0] for p in ng_points], BUCKETS)
+        drift = {name: _bucket_max(pts, BUCKETS, t0, width) for name, pts in drift.items()}
     return {
         "line": line, "boxes": sorted(boxes.values(), key=lambda b: b["device_id"]), "reports": len(reports),
         "frames": sum(p[2] for p in ng_points), "ng": sum(p[1] for p in ng_points),
         "ng_chart": line_chart({"NG rate": ng}, title=f"{line}: NG rate over time", percent=True),
-        "drift_chart": line_chart(dict(sorted(drift.items())), title=f"{line}: drift (PSI) per feature"),
+        "drift_chart": line_chart(dict(sorted(drift.items())), title=f"{line}: drift (PSI) per feature, worst box"),
         "drift_features": sorted(drift), "alarms": list(reversed(alarms))[:20],
         "hard_examples": int(he_count),
         "thumbnails": store.list_hard_examples(conn, line=line, limit=12),
@@ -107,6 +125,13 @@ def _ago(s: float) -> str:
         if s >= n:
             return f"{s / n:.0f} {unit} ago"
     return f"{s:.0f} s ago"
+
+
+def _tick_format(span_s: float) -> str:
+    """Time ticks that differ from each other: seconds for a span under 2 h, the date only past 2 days (UTC)."""
+    if span_s < 7200:
+        return "%H:%M:%S"
+    return "%H:%M" if span_s < 2 * 86400 else "%m-%d %H:%M"
 
 
 def line_chart(series: Dict[str, List[Tuple[float, float]]], *, title: str, percent: bool = False,
@@ -138,10 +163,11 @@ def line_chart(series: Dict[str, List[Tuple[float, float]]], *, title: str, perc
         label = f"{v * 100:.1f}%" if percent else f"{v:.3g}"
         out.append(f'<line x1="{pad_l}" x2="{pad_l + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
                    f'<text x="{pad_l - 4}" y="{y(v) + 4:.1f}" text-anchor="end" class="tick">{label}</text>')
-    for i in range(3):
+    fmt = _tick_format(t1 - t0)
+    for i, anchor in enumerate(("start", "middle", "end")):  # the end labels stay inside the chart
         t = t0 + (t1 - t0) * i / 2
-        out.append(f'<text x="{x(t):.1f}" y="{pad_t + ph + 14}" text-anchor="middle" class="tick">'
-                   f'{time.strftime("%m-%d %H:%M", time.gmtime(t))}</text>')
+        out.append(f'<text x="{x(t):.1f}" y="{pad_t + ph + 14}" text-anchor="{anchor}" class="tick">'
+                   f'{time.strftime(fmt, time.gmtime(t))}{" UTC" if i == 2 else ""}</text>')
     for k, (name, s) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
         coords = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in sorted(s))

@@ -82,7 +82,8 @@ def test_dashboard_shows_boxes_charts_alarms_and_thumbnails(fed):
     # 13 reports, 650 frames, NG 0+1+...+5 + 6x1 + 9 = 30 -> 4.62 %
     assert "13 report(s), 650 frames, NG 4.62%" in page and "1 hard example(s)" in page
     series = dict(re.findall(r'<polyline class="series" data-series="([^"]+)" data-points="(\d+)"', page))
-    assert series["brightness"] == "13" and series["sharpness"] == "13" and int(series["NG rate"]) >= 1
+    # drift: the worst box per time bucket, so the same buckets as the NG rate (every report has both features)
+    assert series["brightness"] == series["sharpness"] == series["NG rate"] and 1 <= int(series["NG rate"]) <= 13
     assert page.count('<svg xmlns="http://www.w3.org/2000/svg" class="chart"') == 2
     assert re.search(r'<li class="alarm">[^<]+press-01 \(1\.0\.0\): brightness</li>', page)
     assert "no rollout yet" in page
