@@ -58,6 +58,8 @@ class ModelFile:
     params: Path | None = None
     name: str | None = None  # file name inside the bundle (default: the source's); a paddle model's params get
     #                          the same prefix, so two variants' model_nonms.onnx can ship side by side
+    variant: str | None = None  # the gated variant it belongs to (fp32, ort-int8, ...): the box times the variants
+    #                             of its backend and runs the fastest that passes its self-test
 
 
 def models_from_deploy(deploy: str | Path) -> tuple[ModelSpec, list[ModelFile]]:
@@ -191,7 +193,8 @@ def build_bundle(
                 params_name = Path(m.name).stem + Path(m.params).suffix
             params = _copy(Path(m.params), stage, f"models/{params_name}") if m.params else None
             models.append(ModelEntry(file=ref.file, format=m.format, target=m.target, precision=m.precision,
-                                     runtime_version=m.runtime_version, sha256=ref.sha256, nms=m.nms, params=params))
+                                     runtime_version=m.runtime_version, sha256=ref.sha256, nms=m.nms, params=params,
+                                     variant=m.variant))
         goldens = []
         for i, (image, expected) in enumerate(golden):
             image = Path(image)

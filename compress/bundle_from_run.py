@@ -18,6 +18,7 @@ What goes in (ARCHITECTURE.md, Bundle):
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +27,7 @@ from compress.bundle import ModelFile, build_bundle, models_from_deploy
 from compress.gate import golden_tolerance, runtime_config
 from compress.measure import read_image
 from compress.pipeline import GOLDEN_FILE, load_run, primary_model, read_golden
-from compress.variants import COMPRESS_DIR, PARENT, Variant, load_variant, settings_record
+from compress.variants import COMPRESS_DIR, PARENT, Variant, list_variants, load_variant, settings_record
 from detect.linespec import LineSpec
 from detect.run_settings import settings_path
 from edge_runtime.errors import ConfigError, UserInputError
@@ -36,6 +37,8 @@ try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover
     tqdm = None
+
+log = logging.getLogger("defectkit.bundle")
 
 FORMAT_PREFERENCE = ("onnx", "paddlelite", "paddle")
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
@@ -61,20 +64,46 @@ def next_version(store: Path, line: str) -> tuple[str, str | None]:
     return f"{int(_SEMVER.match(newest).group(1)) + 1}.0.0", newest
 
 
-def variant_models(v: Variant, prefix: bool) -> list[ModelFile]:
-    """The variant's host-NMS model files, and Lite x86 ``.nb`` files only when they matched paddle.inference."""
+def variant_models(v: Variant, prefix: bool, formats: Sequence[str] = FORMAT_PREFERENCE) -> list[ModelFile]:
+    """The variant's host-NMS model files of ``formats``, and Lite x86 ``.nb`` files only when they matched
+    paddle.inference; each tagged with the variant's name (the box chooses between variants by it)."""
     _, files = models_from_deploy(v.deploy_json)
     lite = v.recipe.get("lite", {})
     out = []
     for m in files:
+        if m.format not in formats:
+            continue
         if m.format == "paddlelite" and m.target == "x86" and not lite.get("x86_matches", False):
             continue
         if m.nms == "in_model":  # every edge backend runs the host-NMS form (Paddle Lite needs it): ship one form
             continue
         name = f"{v.name}-{m.path.name}" if prefix else None
-        out.append(ModelFile(m.path, m.format, m.target, m.precision, m.nms, m.runtime_version, m.params, name))
+        out.append(ModelFile(m.path, m.format, m.target, m.precision, m.nms, m.runtime_version, m.params, name,
+                             variant=v.name))
     # the runtime takes the first runnable model: ONNX Runtime, then Paddle Lite, then Paddle Inference
     return sorted(out, key=lambda m: FORMAT_PREFERENCE.index(m.format))
+
+
+def default_variants(run_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """What ``defectkit bundle RUN`` packs without ``--variant``: FP32 always, then every variant the gate passed
+    that has a host-NMS ONNX model (the box times these on its own CPU and runs the fastest). Returns (names,
+    {variant left out: why}): a refused or never-gated variant is never packed, and the reason travels in the
+    manifest's recipe."""
+    from edge_runtime.modelspec import ModelSpec
+
+    names, left_out = [PARENT], {}
+    for v in list_variants(run_dir):
+        if v.name == PARENT:
+            continue
+        if v.gate is None:
+            left_out[v.name] = "never gated"
+        elif not v.gate["passed"]:
+            left_out[v.name] = "refused by the gate: " + "; ".join(v.gate["reasons"])
+        elif not any(m.format == "onnx" and m.nms == "host" for m in ModelSpec.load(v.deploy_json).models):
+            left_out[v.name] = "no host-NMS ONNX model (not an ONNX Runtime variant; name it with --variant)"
+        else:
+            names.append(v.name)
+    return names, left_out
 
 
 def _images(spec: LineSpec, ann: Path, limit: int) -> list[Path]:
@@ -173,18 +202,28 @@ def retrain_recipe(retrained: dict) -> dict:
     return out
 
 
-def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | Path, key_path: str | Path,
+def bundle_from_run(run_dir: str | Path, variants: Sequence[str] | None, store: str | Path, key_path: str | Path,
                     version: str | None = None, parent_version: str | None = None,
                     allow_refused: bool = False, progress: bool = True) -> Path:
-    """Build ``<store>/<line>/<version>/`` (+ ``.tar.gz``) from gated variants; return the directory."""
+    """Build ``<store>/<line>/<version>/`` (+ ``.tar.gz``) from gated variants; return the directory.
+
+    ``variants`` None: FP32 and every gate-passed ONNX Runtime variant (:func:`default_variants`); the box picks
+    among them by timing them on its own CPU. Named variants are packed with all their shippable files."""
     from compress.keys import load_private_key
 
-    if not variants:
-        raise UserInputError("name at least one --variant (see `<run>/compress/table.md`).")
+    if variants is not None and not variants:
+        raise UserInputError("name at least one --variant (see `<run>/compress/table.md`), or none to pack FP32 and "
+                             "every gate-passed ONNX Runtime variant.")
     key = load_private_key(key_path)
     spec, run = load_run(run_dir)
     settings = box_settings(spec, str(settings_path(run.root)))
     retrained = retrain_record(run.root, allow_refused)
+    left_out: dict[str, str] = {}
+    auto_pick = variants is None
+    if variants is None:
+        variants, left_out = default_variants(run.root)
+        for name, why in left_out.items():
+            log.warning("variant %s is not packed: %s", name, why)
     chosen = [load_variant(run.root, n) for n in dict.fromkeys(variants)]
     for v in chosen:
         shippable(v, allow_refused)
@@ -192,7 +231,10 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
     auto, newest = next_version(store, spec.line)
     version = version or auto
     parent_version = parent_version if parent_version is not None else newest
-    models = [m for v in chosen for m in variant_models(v, prefix=len(chosen) > 1)]
+    # picked automatically, a compressed variant ships its ONNX model only (the box chooses among ONNX Runtime
+    # variants); the FP32 parent ships every form, first, so a box that predates variant choice runs FP32
+    models = [m for v in chosen for m in variant_models(
+        v, prefix=len(chosen) > 1, formats=("onnx",) if auto_pick and v.name != PARENT else FORMAT_PREFERENCE)]
     first = chosen[0]
     model_file, _ = primary_model(first)
     lead = first.export_dir / model_file
@@ -215,6 +257,8 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
             metrics[f"{tag}gate_passed"] = 1.0 if v.gate["passed"] else 0.0
     recipe = {v.name: {"method": v.method, "parent": v.parent, **v.recipe} for v in chosen}
     recipe["run"] = str(run.root)
+    if left_out:
+        recipe["variants_not_packed"] = left_out
     recipe["golden_from"] = f"{PARENT}/{reference.name} on paddle.inference"
     recipe["settings"] = settings_record(run.root, spec)  # the run's settings.yaml (sha256) and its overrides
     if retrained:
@@ -228,4 +272,4 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str], store: str | P
                         golden_tolerance=golden_tolerance(spec))
 
 
-__all__ = ["bundle_from_run", "box_settings", "next_version", "drift_reference", "variant_models", "shippable"]
+__all__ = ["bundle_from_run", "default_variants", "box_settings", "next_version", "drift_reference", "variant_models", "shippable"]

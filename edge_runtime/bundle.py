@@ -55,7 +55,13 @@ class ModelEntry:
     """One model file; the same vocabulary as deploy.json's entries (:mod:`edge_runtime.modelspec`).
 
     ``runtime_version`` is the runtime the file needs (Paddle Lite ``2.13rc0`` for a ``.nb``: the runtime
-    refuses another version); ``params`` is the weights file of a paddle inference model."""
+    refuses another version); ``params`` is the weights file of a paddle inference model.
+
+    ``variant`` (optional, e.g. ``fp32``, ``ort-int8``): the gated variant of the run the file belongs to. A bundle
+    may carry several variants for one backend; the box times them on its own CPU and runs the fastest that passes
+    its self-test (:mod:`edge_runtime.variant_choice`). Optional so that single-variant bundles stay byte-identical
+    and a /2 reader that predates it (which ignores unknown keys of a model entry and runs the first runnable
+    model, FP32 by the builder's order) still reads a multi-variant bundle."""
 
     file: str
     format: str
@@ -65,6 +71,7 @@ class ModelEntry:
     sha256: str
     nms: str
     params: FileRef | None = None
+    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,7 @@ class Manifest:
             raise BundleError(f"{source}: 'classes' is empty")
         if not man.models:
             raise BundleError(f"{source}: 'models' is empty")
+        _check_variants(man.models, source)
         return man
 
 
@@ -260,9 +268,26 @@ def _model_from(d: Mapping[str, Any], source: str) -> ModelEntry:
     if d["format"] == "paddlelite" and not version:
         raise BundleError(f"{source}: a paddlelite model needs its 'runtime_version' (the opt version that made it)")
     params = _ref(d["params"], source) if d.get("params") else None
+    variant = d.get("variant")
+    if variant is not None:
+        variant = _name(variant, "variant", source)
     return ModelEntry(file=_rel(d["file"], source), format=d["format"], target=d["target"],
                       precision=d["precision"], runtime_version=None if version is None else str(version),
-                      sha256=_sha(d["sha256"], source), nms=d["nms"], params=params)
+                      sha256=_sha(d["sha256"], source), nms=d["nms"], params=params, variant=variant)
+
+
+def _check_variants(models: tuple[ModelEntry, ...], source: str) -> None:
+    """A variant has at most one model per format and target (else the box could not tell which one it timed)."""
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, m in enumerate(models):
+        if m.variant is None:
+            continue
+        key = (m.variant, m.format, m.target)
+        if key in seen:
+            raise BundleError(f"{source}: models[{i}] and models[{seen[key]}] are both variant {m.variant!r} for "
+                              f"{m.format}/{m.target}: a variant ships one model per format and target; rebuild "
+                              "the bundle")
+        seen[key] = i
 
 
 # ---------------------------------------------------------------------------------------------- keys, signature

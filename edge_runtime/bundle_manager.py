@@ -43,7 +43,9 @@ from edge_runtime.errors import BundleError, ConfigError, DefectkitError, UserIn
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_json, fsync_path, fsync_tree
 from edge_runtime.predict import Detector
 from edge_runtime.settings import EffectiveSettings, SettingsLayer
-from edge_runtime.selftest import SelfTestReport, Tolerance, bundle_detector, choose_model, self_test
+from edge_runtime.selftest import SelfTestReport, Tolerance, choose_model
+from edge_runtime.variant_choice import VariantChoice, check_forced
+from edge_runtime.variant_load import load_variants
 from edge_runtime.sources import is_temp_name
 
 if TYPE_CHECKING:
@@ -107,6 +109,7 @@ class LoadedModel:
     reference: DriftReference
     selftest: SelfTestReport
     settings: EffectiveSettings  # the bundle's line settings with the box's override layers on top
+    choice: Optional[VariantChoice] = None  # which variant runs and why (timed on this CPU: variant_choice)
 
     @property
     def version(self) -> str:
@@ -128,7 +131,7 @@ class BundleManager:
     def __init__(self, state_dir: str | Path, public_key: Any, *, backend: Optional[str] = None, threads: int = 2,
                  tolerance: Optional[Tolerance] = None, max_crashes: int = 3, selftest_all: bool = True,
                  settings_layers: Sequence[SettingsLayer] = (), line: Optional[str] = None,
-                 limits: Optional[ArchiveLimits] = None) -> None:
+                 limits: Optional[ArchiveLimits] = None, variant: Optional[str] = None) -> None:
         self.dir = Path(state_dir)
         self.bundles, self.inbox = self.dir / "bundles", self.dir / "inbox"
         self.downloads = self.dir / "downloads"
@@ -139,6 +142,7 @@ class BundleManager:
         self._running_line: Optional[str] = None
         self.key = load_public_key(public_key)
         self.backend, self.threads = backend, threads
+        self.variant = check_forced(variant)  # --variant: run this variant when it passes (else the timed choice)
         self.tolerance = tolerance  # None: the bundle's own golden_tolerance (what its gate judged with)
         self.max_crashes, self.selftest_all = max_crashes, selftest_all
         self.settings_layers = tuple(settings_layers)  # go on top of every bundle's settings, this one and the next
@@ -275,17 +279,19 @@ class BundleManager:
             raise BundleError(f"bundle {version} is not installed in {self.bundles}")
         manifest = verify_bundle(root, self.key)  # a missing or malformed settings section is refused here, named
         settings = self.effective_settings(manifest)
-        backend, model = choose_model(manifest, self.backend)
-        detector = bundle_detector(manifest, model, backend, self.threads)
+        backend, _ = choose_model(manifest, self.backend)
         reference = DriftReference.load(manifest.path(manifest.drift_reference.file))
         if len(reference.class_names) not in (0, len(manifest.classes)):
             raise BundleError(f"bundle {version}: drift_reference.json has {len(reference.class_names)} classes, the "
                               f"model {len(manifest.classes)}; rebuild the reference with this model")
-        report = self_test(manifest, [detector], threads=1, tolerance=self.tolerance,
-                           backends=None if self.selftest_all else [backend])
+        # every variant of the backend loaded with the box's threads, self-tested, timed; the fastest passing runs
+        detector, report, choice = load_variants(
+            manifest, backend, self.threads, state_dir=self.dir, tolerance=self.tolerance,
+            selftest_backends=None if self.selftest_all else [backend], forced=self.variant,
+            keep_versions=(self.state.current, self.state.previous))
         if not report.ok:
             raise BundleError(report.line())
-        return LoadedModel(manifest, detector, backend, reference, report, settings)
+        return LoadedModel(manifest, detector, backend, reference, report, settings, choice)
 
     def effective_settings(self, manifest: Manifest) -> EffectiveSettings:
         """The bundle's settings < the override file < the flags; refused (ConfigError: the overrides need a person)
@@ -433,7 +439,7 @@ class BundleManager:
         self._running_line = loaded.manifest.line
         crashpoint("commit:after-state")
         self.event("installed" if not probation else "swapped", loaded.version,
-                   f"{loaded.backend}; {loaded.selftest.line()}")
+                   f"{loaded.backend}; {loaded.choice.line() + '; ' if loaded.choice else ''}{loaded.selftest.line()}")
 
     def confirm(self) -> None:
         """The new bundle ran long enough: end its probation (a later crash no longer reverts it)."""

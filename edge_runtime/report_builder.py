@@ -31,6 +31,9 @@ class ReportBuilder:
             if not NAME_RE.fullmatch(str(val)):
                 raise UserInputError(f"{key} {val!r} is not usable: use 1-64 letters, digits, '.', '_' or '-'")
         self.device_id, self.line, self.bundle_version = device_id, line, bundle_version
+        # which variant of the bundle runs and its measured speed (edge_runtime.variant_choice.health_fields): in
+        # every report's health, as extra keys (the wire schema's top level is fixed; health takes extra scalars)
+        self.variant_health: dict[str, Any] = {}
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self._clock = clock
         self._started = time.monotonic()
@@ -58,6 +61,7 @@ class ReportBuilder:
         With ``spool`` (an :class:`edge_runtime.spool.Spool`) the spool counters are read from it:
         items dropped by the size cap since the previous report, and items still waiting.
         """
+        health_extra = {**self.variant_health, **dict(health_extra or {})}
         if spool is not None:
             spool_dropped = spool.take_dropped()
             dead_dropped = spool.take_dead_dropped()

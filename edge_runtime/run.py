@@ -42,6 +42,7 @@ from edge_runtime.spool import Spool, SpoolError
 from edge_runtime.bundle_manager import FAILED_KINDS, BundleManager, LoadedModel
 from edge_runtime.update_channel import UpdateChannel
 from edge_runtime.uplink import Uplink, UplinkThread
+from edge_runtime.variant_choice import health_fields
 
 log = logging.getLogger("defectkit.run")
 
@@ -140,7 +141,7 @@ class Inspector:
         self.manager = BundleManager(options.state_dir, options.public_key, backend=options.backend,
                                      threads=options.threads, max_crashes=options.max_crashes,
                                      selftest_all=options.selftest_all, settings_layers=options.settings_layers,
-                                     line=options.line, limits=options.archive_limits)
+                                     line=options.line, limits=options.archive_limits, variant=options.variant)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -195,6 +196,7 @@ class Inspector:
         self.spool.max_bytes = int(s.report.spool_max_mb * 2**20)
         self.outputs.summary_interval_s = s.report.interval_s
         self.builder.bundle_version = model.version
+        self.builder.variant_health = health_fields(model.choice)  # which variant runs: in every report's health
         self.outputs.classes = list(model.manifest.classes)
         self._classes = list(model.manifest.classes)
         self._active_since = time.monotonic()
@@ -208,7 +210,8 @@ class Inspector:
 
     def _publish_settings(self, model: LoadedModel) -> None:
         """The effective settings and the source of each value: in /healthz and in state/effective_settings.json."""
-        shown = {"bundle_version": model.version, **model.settings.to_dict()}
+        shown = {"bundle_version": model.version, **model.settings.to_dict(),
+                 "variant": model.choice.to_dict() if model.choice else None}  # the timed choice, and why
         self.metrics.set_settings(shown)
         try:
             atomic_write_json(self.opts.state_dir / EFFECTIVE_SETTINGS, shown)

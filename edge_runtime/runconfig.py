@@ -36,6 +36,7 @@ class RunOptions:
     insecure_http: bool = False  # accept http:// to a host that is not loopback (the token travels in clear)
     ca_file: Optional[Path] = None  # verify the collector's https certificate against this CA only (else system CAs)
     backend: Optional[str] = None
+    variant: Optional[str] = None  # run this variant of the bundle (fp32, ort-int8) instead of the timed choice
     threads: int = 2
     settings_override: Optional[Path] = None
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -153,6 +154,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     a("--out", type=Path, default=None, help=f"outputs: predictions/, ng/, summary/ {_d('out_dir')}")
     a("--state-dir", type=Path, default=None, help="installed bundles, update inbox, spool (default: OUT/state)")
     a("--backend", default=None, help="force a backend (onnxruntime, paddlelite, paddle); default: by bundle and install")
+    a("--variant", default=None, metavar="NAME",
+      help="run this variant of the bundle (e.g. fp32, ort-int8) when it passes its self-test; default: each "
+      "variant is timed on this CPU at install and the fastest runs, never one slower than fp32")
     a("--threads", type=int, default=None, help=f"inference threads {_d('threads')}")
     a("--settings-override", type=Path, default=None, metavar="JSON_FILE",
       help='on top of the bundle\'s line settings: any subset of {"runtime": {...}, "drift": {...}, "report": {...}}')
@@ -191,7 +195,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     given = {
         "out_dir": args.out, "state_dir": args.state_dir, "collector": args.collector, "backend": args.backend,
         "insecure_http": args.insecure_http, "ca_file": args.ca_file,
-        "threads": args.threads, "watch": args.watch, "settle_ms": args.settle_ms, "watch_after": args.watch_after,
+        "threads": args.threads, "variant": args.variant, "watch": args.watch, "settle_ms": args.settle_ms, "watch_after": args.watch_after,
         "metrics_host": args.metrics_host, "metrics_port": args.metrics_port, "max_frames": args.max_frames,
         "update_poll_s": args.update_poll, "keep_days": args.keep_days, "line": args.line,
         "targets_public_key": args.targets_public_key, "hardware_target": args.hardware_target,
