@@ -59,8 +59,9 @@ def register(subparsers) -> None:
 
     r = bsub.add_parser("run", help="(default form: `defectkit bundle RUN --variant NAME`) bundle gated variants of a run")
     r.add_argument("run", type=Path, help="a training run folder runs/<line>/<run> (after `defectkit compress`)")
-    r.add_argument("--variant", action="append", required=True,
-                   help="variant to ship (fp32, ort-int8, ptq-int8, prune-30, qat-int8, ...); repeatable")
+    r.add_argument("--variant", action="append", default=None,
+                   help="variant to ship (fp32, ort-int8, ptq-int8, prune-30, qat-int8, ...); repeatable. Default: "
+                   "fp32 and every gate-passed ONNX Runtime variant (the box times them on its CPU, runs the fastest)")
     r.add_argument("--key", required=True, type=Path, help="private signing key (defectkit keys init)")
     r.add_argument("--out", type=Path, default=Path("bundles"), help="bundle store root (default ./bundles)")
     r.add_argument("--version", dest="bundle_version", help="new version (default: next major, e.g. 2.0.0)")
