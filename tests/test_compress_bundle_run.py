@@ -121,6 +121,38 @@ def test_refused_variant_is_not_shipped_and_the_figures_are_shown(gated_run, tmp
         bundle_from_run(run.root, ["qat-int8"], tmp_path / "b", keys.private, progress=False)
 
 
+def test_default_packs_fp32_and_every_gate_passed_ort_variant(gated_run, tmp_path):
+    """`defectkit bundle RUN` without --variant: FP32 (every form, first) and each gate-passed ONNX Runtime variant
+    (its ONNX model only), each model tagged with its variant; the refused ort-int8 is left out and the manifest
+    says why. The passed variant here is a stand-in that reuses the parent's export (the packing rule is tested,
+    not INT8 accuracy); the box loads the bundle, self-tests both and records a timed choice."""
+    import shutil
+
+    from compress.variants import variant_dir
+    from edge_runtime.bundle_manager import BundleManager
+
+    spec, run, parent, _, keys = gated_run
+    ok = Variant("ort-int8-ok", "ptq", "fp32", parent.export_dir, eval=dict(parent.eval),
+                 gate=judge("ort-int8-ok", "fp32", parent.map50_95, parent.map50_95, GoldenCheck(4), 1.0).to_dict())
+    ok.save(run.root)
+    try:
+        out = bundle_from_run(run.root, None, tmp_path / "b", keys.private, progress=False)
+    finally:
+        shutil.rmtree(variant_dir(run.root, "ort-int8-ok"))
+    man = verify_bundle(out, keys.public)
+    assert [(m.variant, m.format, m.file) for m in man.models] == [
+        ("fp32", "onnx", "models/fp32-model_nonms.onnx"), ("fp32", "paddle", "models/fp32-model_nonms.pdmodel"),
+        ("ort-int8-ok", "onnx", "models/ort-int8-ok-model_nonms.onnx")]
+    assert man.recipe["variants_not_packed"]["ort-int8"].startswith("refused by the gate: mAP50-95 dropped")
+    assert man.metrics["ort-int8-ok.gate_passed"] == 1.0
+    loaded = BundleManager(tmp_path / "state", keys.public, threads=2).prepare(out, operator=True)
+    assert loaded.selftest.ok and {"onnxruntime:fp32-model_nonms.onnx",
+                                   "onnxruntime:ort-int8-ok-model_nonms.onnx"} <= set(loaded.selftest.backends)
+    assert loaded.choice.variant in ("fp32", "ort-int8-ok") and set(loaded.choice.medians_ms) == {"fp32", "ort-int8-ok"}
+    with pytest.raises(UserInputError, match="name at least one --variant"):
+        bundle_from_run(run.root, [], tmp_path / "b", keys.private, progress=False)
+
+
 def test_cli_bundle_run_form(gated_run, tmp_path, capsys):
     spec, run, _, _, keys = gated_run
     code = main(["bundle", str(run.root), "--variant", "fp32", "--key", str(keys.private),
