@@ -324,3 +324,51 @@ def test_import_spec_starts_from_the_shipped_base_unless_told_otherwise(truth, t
                  "--out", str(tmp_path / "e"), "--model-size", "s", "--image-size", "256", "--no-pretrained"]) == 0
     other = LineSpec.load(tmp_path / "e" / "e.yaml")
     assert (other.model_size, other.image_size, other.settings.train.pretrained) == ("s", 256, "")
+
+
+def _yolo_folder(root: Path, images: dict[str, "np.ndarray"]) -> Path:
+    """A YOLO folder with one centred 'dent' box per image (written as the file's own pixel format)."""
+    import cv2
+
+    for name, img in images.items():
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labels").mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / "images" / name), img)
+        (root / "labels" / f"{Path(name).stem}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    (root / "classes.txt").write_text("dent\n")
+    return root
+
+
+def test_16_bit_and_grayscale_images_are_converted_or_kept_and_said_so(tmp_path: Path, capsys) -> None:
+    import cv2
+    import numpy as np
+
+    ramp = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (64, 1))  # 12-bit data in 16-bit files: 0..4080
+    gray8 = np.full((64, 256), 77, np.uint8)
+    src = _yolo_folder(tmp_path / "src", {"a.png": ramp, "b.tif": ramp[:, ::-1].copy(), "c.png": gray8,
+                                          "d.jpg": np.full((64, 256, 3), 90, np.uint8)})
+    assert main(["data", "import", "--format", "yolo", str(src), "--out", str(tmp_path / "o"), "--val", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "2 image(s) have 16 bits per sample (largest value 4080: 12-bit data): converted to 8 bits " \
+           "(value x 255/4095" in err
+    assert "1 image(s) are single-channel grayscale: kept as they are" in err
+    a = cv2.imread(str(tmp_path / "o" / "images" / "a.png"), cv2.IMREAD_UNCHANGED)
+    b = cv2.imread(str(tmp_path / "o" / "images" / "b.tif"), cv2.IMREAD_UNCHANGED)
+    assert a.dtype == b.dtype == np.uint8 and a.shape == (64, 256)
+    assert a.max() == 254 and a[0, 128] == round(2048 * 255 / 4095)  # the bit depth's scale, not OpenCV's >> 8
+    assert np.array_equal(b, a[:, ::-1])
+    assert (cv2.imread(str(tmp_path / "o" / "images" / "c.png"), cv2.IMREAD_UNCHANGED) == gray8).all()
+    info = json.loads((tmp_path / "o" / "annotations" / "all.json").read_text())["info"]
+    assert info["pixel_conversion"] == {"wide_images": 2, "bits": 12, "scale": round(255 / 4095, 6),
+                                        "grayscale_images": 1}
+    assert check_target(tmp_path / "o" / "o.yaml").ok
+
+
+def test_floating_point_images_are_refused_with_the_reason(tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    src = _yolo_folder(tmp_path / "src", {"f.tif": np.random.default_rng(0).random((32, 32)).astype(np.float32)})
+    assert main(["data", "import", "--format", "yolo", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "1 image(s) store 32-bit or floating-point samples, e.g. f.tif (32-bit float)" in err
+    assert "Convert them to 8- or 16-bit PNG" in err and not (tmp_path / "o").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +19,7 @@ from detect.settings import DataSettings
 
 from .coco import Layout, box_annotation, make_coco, subset, write_coco
 from .linefile import write_line_spec
-from .readers import Record, read_coco, read_labelme, read_voc, read_yolo, yolo_class_names
+from .readers import Record, pixel_format, read_coco, read_labelme, read_voc, read_yolo, yolo_class_names
 from .split import stratified_split
 
 FORMATS = ("coco", "voc", "yolo", "labelme")
@@ -122,6 +123,78 @@ def split_warnings(train: list[dict], val: list[dict], anns: list[dict], classes
     return out
 
 
+@dataclass
+class PixelPlan:
+    """What the import does to pixels: 16-bit images are scaled to 8 bits with one factor for the whole data set
+    (its bit depth: 12-bit data in 16-bit files keeps its contrast), grayscale is kept and said so."""
+
+    wide: set[Path] = field(default_factory=set)  # images with more than 8 bits per sample
+    gray: int = 0  # single-channel 8-bit images (read as three equal channels by training and the box)
+    bits: int = 8  # effective bit depth of the wide images (their largest value decides)
+    peak: int = 0
+
+    @property
+    def scale(self) -> float:
+        return 255.0 / (2 ** self.bits - 1)
+
+    def messages(self) -> list[str]:
+        out = []
+        if self.wide:
+            out.append(f"{len(self.wide)} image(s) have 16 bits per sample (largest value {self.peak}: {self.bits}-bit "
+                       f"data): converted to 8 bits (value x 255/{2 ** self.bits - 1}, one factor for the whole data "
+                       "set). The trainer and the edge box decode 8 bits (OpenCV keeps only the top 8 of 16, which "
+                       "would train on nearly black images); feed the box frames converted the same way.")
+        if self.gray:
+            out.append(f"{self.gray} image(s) are single-channel grayscale: kept as they are; training and the edge "
+                       "box read them as three equal channels.")
+        return out
+
+    def record(self) -> dict:
+        return {"wide_images": len(self.wide), "bits": self.bits, "scale": round(self.scale, 6),
+                "grayscale_images": self.gray} if (self.wide or self.gray) else {}
+
+
+def plan_pixels(records: list[Record]) -> PixelPlan:
+    """Read every image's pixel format; refuse what cannot be converted without a choice only the user can make."""
+    import cv2
+
+    plan = PixelPlan()
+    floats = []
+    for rec in records:
+        fmt = pixel_format(rec.image)
+        if fmt.kind == "float" or fmt.bits > 16:
+            floats.append(f"{rec.image.name} ({fmt.bits}-bit {fmt.kind})")
+        elif fmt.bits > 8:
+            plan.wide.add(rec.image)
+            img = cv2.imread(str(rec.image), cv2.IMREAD_UNCHANGED)
+            if img is None:
+                raise DataError(f"import: image '{rec.image}' cannot be decoded by OpenCV; fix or remove it.")
+            plan.peak = max(plan.peak, int(img.max()))
+        elif fmt.channels == 1:
+            plan.gray += 1
+    if floats:
+        raise DataError(f"import: {len(floats)} image(s) store 32-bit or floating-point samples, e.g. "
+                        f"{', '.join(floats[:3])}: there is no one right way to map them to the 8 bits the model reads."
+                        " Convert them to 8- or 16-bit PNG with the scaling your camera uses, then import again.")
+    if plan.wide:
+        plan.bits = min(16, max(8, int(plan.peak).bit_length()))
+    return plan
+
+
+def copy_image(src: Path, dst: Path, plan: PixelPlan) -> None:
+    """Copy one image into the layout, scaled to 8 bits when the plan says it is wider (same format, same name)."""
+    if src not in plan.wide:
+        shutil.copyfile(src, dst)
+        return
+    import cv2
+    import numpy as np
+
+    img = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    out = np.clip(np.round(img.astype(np.float32) * plan.scale), 0, 255).astype(np.uint8)
+    if not cv2.imwrite(str(dst), out):
+        raise DataError(f"import: could not write the 8-bit copy of '{src}' to '{dst}'.")
+
+
 def _building_dir(out_dir: Path) -> Path:
     """A fresh temporary folder beside ``out_dir`` (same parent: relative paths from it are the same)."""
     import tempfile
@@ -182,10 +255,11 @@ def import_dataset(
             + f", e.g. in {', '.join(where)}. Add them to --classes / the line spec, or pass --drop-unknown."
         )
     warn = warn or (lambda message: print(message, file=sys.stderr))
+    pixels = plan_pixels(records)
     build = _building_dir(out_dir)
     try:
         spec = _write_layout(build, out_dir, src_format, src, records, n_train, val_from is not None, classes,
-                             val_fraction, seed, line, base_spec, image_size, model_size, pretrained, warn)
+                             val_fraction, seed, line, base_spec, image_size, model_size, pretrained, warn, pixels)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename needs the name free
         build.rename(out_dir)
@@ -197,18 +271,22 @@ def import_dataset(
 
 def _write_layout(build: Path, out_dir: Path, src_format: str, src, records: list[Record], n_train: int,
                   own_split: bool, classes: list[str], val_fraction: float, seed: int, line, base_spec,
-                  image_size, model_size, pretrained: bool, warn) -> LineSpec:
+                  image_size, model_size, pretrained: bool, warn, pixels: PixelPlan) -> LineSpec:
     layout = Layout(build)
+    for message in pixels.messages():
+        warn(f"note: {message}")
     layout.images.mkdir(parents=True, exist_ok=True)
     cat_id = {name: i + 1 for i, name in enumerate(classes)}
     images, anns = [], []
     for i, (rec, name) in enumerate(zip(records, _unique_names(records)), start=1):
-        shutil.copyfile(rec.image, layout.images / name)
+        copy_image(rec.image, layout.images / name, pixels)
         images.append({"id": i, "file_name": name, "width": rec.width, "height": rec.height})
         for cls, x, y, w, h in rec.boxes:
             if cls in cat_id:
                 anns.append(box_annotation(len(anns) + 1, i, cat_id[cls], (x, y, w, h)))
     coco = make_coco(images, anns, classes, f"imported from {src_format} '{src}'")
+    if pixels.record():
+        coco["info"]["pixel_conversion"] = pixels.record()
     write_coco(layout.all, coco)
     if own_split:
         train_ids = {im["id"] for im in images[:n_train]}

@@ -38,6 +38,53 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"image '{path}' cannot be opened ({exc}); fix or remove it before importing.") from exc
 
 
+@dataclass(frozen=True)
+class PixelFormat:
+    """Bits per sample, channels and sample kind of an image file, read from its header where possible."""
+
+    bits: int
+    channels: int
+    kind: str = "uint"  # uint | float
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # IHDR colour type -> channels (3: palette, decoded to RGB)
+
+
+def pixel_format(path: Path) -> PixelFormat:
+    """How an image stores its pixels. PNG from its IHDR chunk (PIL reports a 16-bit RGB PNG as 8-bit RGB),
+    TIFF by decoding it (any depth and sample kind occurs), JPEG/BMP are 8-bit (only the channel count is read).
+    The trainer and the edge box decode with OpenCV's IMREAD_COLOR, which keeps only the top 8 bits of a
+    16-bit image: the import must know."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return PixelFormat(max(8, head[24]), _PNG_CHANNELS.get(head[25], 3))
+    if suffix in (".tif", ".tiff"):
+        import cv2
+        import numpy as np
+
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise DataError(f"image '{path}' cannot be decoded by OpenCV; fix or remove it before importing.")
+        kind = "float" if np.issubdtype(img.dtype, np.floating) else "uint"
+        return PixelFormat(max(8, img.dtype.itemsize * 8), 1 if img.ndim == 2 else img.shape[2], kind)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except Exception as exc:
+        raise DataError(f"image '{path}' cannot be opened ({exc}); fix or remove it before importing.") from exc
+    if mode.startswith("I;16"):
+        return PixelFormat(16, 1)
+    if mode in ("I", "F"):
+        return PixelFormat(32, 1, "float" if mode == "F" else "uint")
+    return PixelFormat(8, {"L": 1, "1": 1, "LA": 2, "RGBA": 4}.get(mode, 3))
+
+
 def _find_image(folder: Path, stem: str) -> Path | None:
     for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
         p = folder / f"{stem}{suffix}"
