@@ -178,7 +178,10 @@ def _bundle_verify(args: argparse.Namespace) -> int:
     import tempfile
 
     from edge_runtime.bundle import verify_bundle
+    from edge_runtime.errors import UserInputError
 
+    if not Path(args.path).exists():  # a mistyped path is the user's (exit 2), not a bundle that failed (exit 4)
+        raise UserInputError(f"{args.path} does not exist: give a bundle directory or its .tar.gz")
     with tempfile.TemporaryDirectory(prefix="defectkit-verify-") as tmp:  # used only for a .tar.gz
         man = verify_bundle(args.path, args.public_key, extract_to=Path(tmp) / "bundle")
     n = len(man.files())

@@ -445,6 +445,8 @@ def test_bundle_from_a_run_then_verify_and_tamper(work, bundled):
         f.write(" ")
     refused(kit(work, "bundle", "verify", "tampered", "--public-key", "keys/bundle_signing_key.pub.pem"), "bundle",
             "drift_reference.json", "tampered", code=4)
+    refused(kit(work, "bundle", "verify", "bundles/line7/9.9.9.tar.gz", "--public-key",
+                "keys/bundle_signing_key.pub.pem"), "bundle", "bundles/line7/9.9.9.tar.gz does not exist")
     refused(kit(work, "bundle", "runs/line7/first", "--variant", "nosuch", "--key", "keys/bundle_signing_key.pem"),
             "bundle", "no variant 'nosuch'", "defectkit compress")
 
