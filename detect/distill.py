@@ -192,6 +192,12 @@ def install_retrain_terms(session) -> RetrainTerms | None:
         raise ConfigError(f"retrain {session.run.root}: the teacher's weights {weights} are gone; the run cannot "
                           f"continue as it started (they are the grown parent weights written when it began).")
     n_old = int(teacher_info["old_classes"])
+    old = list((record.get("parent") or {}).get("classes") or [])
+    if old and (len(old) != n_old or list(session.spec.classes[:n_old]) != old):
+        raise ConfigError(f"retrain {session.run.root}: the teacher's classes {old} are not the first classes of "
+                          f"the run's {list(session.spec.classes)}; distilling them would pull each old score toward "
+                          f"another class. Start the retrain again from the parent run (`defectkit retrain --from "
+                          f"{(record.get('parent') or {}).get('run')}`) with its classes first, new ones appended.")
     if not 0 < n_old <= model.yolo_head.num_classes:
         raise ConfigError(f"retrain {session.run.root}: the teacher has {n_old} classes, the student "
                           f"{model.yolo_head.num_classes}; a teacher's classes must be the first of the student's.")

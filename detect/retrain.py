@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,7 +56,8 @@ def read_record(run_dir: Path | str) -> dict[str, Any] | None:
 
 
 EPOCH_RULE: tuple[tuple[float, int], ...] = ((0.10, 3), (0.30, 5), (0.50, 8), (float("inf"), 10))
-"""(share of new images in the merged training set below which, epochs): the rule of ``retrain.epochs: 0``."""
+"""(share of new images among the line's training images — all the parent's plus the new, however many are
+replayed — below which, epochs): the rule of ``retrain.epochs: 0``."""
 
 
 def epochs_for_share(share: float) -> tuple[int, str]:
@@ -66,7 +67,7 @@ def epochs_for_share(share: float) -> tuple[int, str]:
         if share < limit:
             span = f"under {limit:.0%}" if lower == 0.0 else (f"{lower:.0%}-{limit:.0%}" if limit != float("inf")
                                                              else f"over {lower:.0%}")
-            return epochs, f"new data {share:.1%} of the merged training set ({span}: {epochs} epochs)"
+            return epochs, f"new data {share:.1%} of the line's training images ({span}: {epochs} epochs)"
         lower = limit
     raise AssertionError("unreachable: the rule ends at infinity")
 
@@ -102,6 +103,23 @@ def retrain_choices(spec: LineSpec, policy: dict[str, Any], init: Path, cli: Lay
     return spec.with_settings(spec.settings.with_values("train", **choices, pretrained=str(init)))
 
 
+def duplicate_notes(sources: list[dict[str, Any]]) -> list[str]:
+    """What retrain.json and the console say about new images that the parent's data already holds."""
+    from detect.retrain_data import VAL_TAG
+
+    added = [s for s in sources if s["tag"] != "parent" and s["split"] == "train"]
+    val = sum(s.get("duplicates_of", {}).get(VAL_TAG, 0) for s in added)
+    dups = sum(s.get("duplicates", 0) for s in sources if s["tag"] != "parent") - val
+    notes = []
+    if dups:
+        notes.append(f"{dups} image(s) of the new data are already in the parent's data (same content): merged once, "
+                     f"their new labels used, not counted as new data")
+    if val:
+        notes.append(f"{val} training image(s) of the new data are copies of the parent's validation images: left out "
+                     f"of training (the forgetting gate scores on those images)")
+    return notes
+
+
 def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec | None = None,
             run_dir: Path | str | None = None, cli: Layer | None = None, quiet: bool = False) -> RetrainResult:
     """Retrain ``parent_dir``'s model with the data folders ``adds`` (and ``spec``'s classes, if given).
@@ -126,7 +144,8 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
     created = not run.root.exists()
     notes: list[str] = []
     try:  # a refusal while preparing leaves no half-made run behind
-        merged = merge_data(parent, adds, base.classes, run.root / "data", r.replay, base.settings.train.seed)
+        merged = merge_data(parent, adds, base.classes, run.root / "data", r.replay, base.settings.train.seed,
+                            base.settings.train.batch_size)
         policy = retrain_policy(base, parent, *merged.new_share, cli)
         rspec = retrain_spec(retrain_choices(base, policy, init, cli), merged)
         write_grown_weights(parent.weights, len(parent.spec.classes), len(rspec.classes), init)
@@ -142,10 +161,7 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
         if created:
             shutil.rmtree(run.root, ignore_errors=True)
         raise
-    dups = sum(s.get("duplicates", 0) for s in merged.sources if s["tag"] != "parent")
-    if dups:
-        notes.append(f"{dups} image(s) of the new data are already in the parent's data (same content): merged once, "
-                     f"their new labels used")
+    notes += duplicate_notes(merged.sources)
     record = {
         "status": "training",
         "parent": {"run": str(parent.run.root.resolve()), "classes": parent.spec.classes,
@@ -190,7 +206,77 @@ def resume_retrain(run_dir: Path | str, cli: Layer | None = None, quiet: bool = 
         metrics = json.loads(run.metrics.read_text())
     else:
         metrics = resume(run.root, layer, quiet=quiet).metrics
-    return finish_retrain(run, parent, load_run_spec(run.root), metrics, quiet)
+    spec = load_run_spec(run.root)
+    record_policy_change(run, spec.settings.train.epochs)
+    return finish_retrain(run, parent, spec, metrics, quiet)
+
+
+def record_policy_change(run: RunPaths, epochs: int) -> None:
+    """A resume that extended the run (``--epochs N``) changes the retrain's plan: retrain.json says so (the policy
+    was written when the retrain started, and ``defectkit lineage`` and the bundle recipe read it)."""
+    import json
+
+    record = json.loads(record_path(run).read_text())
+    policy = record.get("policy") or {}
+    if policy.get("epochs") == epochs:
+        return
+    policy.setdefault("planned_epochs", policy.get("epochs"))
+    policy.update(epochs=epochs, why=f"extended on resume to {epochs} (planned {policy['planned_epochs']}: "
+                                     f"{policy.get('why_planned', policy.get('why'))})",
+                  why_planned=policy.get("why_planned", policy.get("why")))
+    record["policy"] = policy
+    atomic_write_json(record_path(run), record)
+
+
+PARENT_SCORE = "gate_parent.json"
+
+
+def _eval_result(d: dict[str, Any]):
+    """An EvalResult from its to_dict() form (None -> NaN, as metrics.json stores NaN)."""
+    from detect.evaluate import EvalResult
+
+    nan = lambda m: {k: float("nan") if v is None else v for k, v in (m or {}).items()}  # noqa: E731
+    return EvalResult(d["map50_95"], d["map50"], nan(d.get("per_class")), nan(d.get("per_class_ap50")),
+                      d.get("images", 0), d.get("detections", 0))
+
+
+def parent_score(parent: Parent, out_dir: Path):
+    """The parent's figures on its own val set, for the gate: evaluated once per (weights, val set, input size) and
+    kept in the parent's run (``eval/gate_parent.json``); every later retrain of that parent reads them (the same
+    deterministic evaluation of the same weights on the same images: a cache, not an approximation)."""
+    import hashlib
+    import json
+
+    from detect.checkpoints import file_sha256
+    from detect.infer import evaluate_weights
+
+    key = hashlib.sha256(json.dumps([file_sha256(parent.weights), file_sha256(parent.spec.paths.val),
+                                     parent.spec.image_size, parent.spec.model_size, list(parent.spec.classes)])
+                         .encode()).hexdigest()
+    cache = parent.run.eval_dir / PARENT_SCORE
+    if cache.is_file():
+        try:
+            stored = json.loads(cache.read_text())
+            if stored.get("key") == key:
+                return _eval_result(stored["result"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache: evaluate again
+    result = evaluate_weights(parent.spec, parent.weights, parent.spec.paths.val, out_dir)
+    try:
+        atomic_write_json(cache, {"key": key, "weights": str(parent.weights), "val": str(parent.spec.paths.val),
+                                  "result": asdict(result)})  # full precision (NaN as JSON's NaN)
+    except OSError:  # a read-only parent run: evaluate each time
+        pass
+    return result
+
+
+def training_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the training of a retrain did, from its metrics.json (after any resume): epochs run, best, why it ended,
+    and the epochs it was resumed after."""
+    return {"epochs": metrics.get("epochs"), "epochs_run": metrics.get("epochs_run"),
+            "best_epoch": metrics.get("best_epoch"), "stop_reason": metrics.get("stop_reason"),
+            "train_minutes": metrics.get("train_minutes"),
+            "resumed_after_epochs": [r.get("epoch") for r in metrics.get("resumes") or []]}
 
 
 def finish_retrain(run: RunPaths, parent: Parent, spec: LineSpec, metrics: dict[str, Any],
@@ -202,7 +288,7 @@ def finish_retrain(run: RunPaths, parent: Parent, spec: LineSpec, metrics: dict[
     from detect.infer import evaluate_weights
 
     r = spec.settings.retrain
-    before = evaluate_weights(parent.spec, parent.weights, parent.spec.paths.val, run.eval_dir / "parent")
+    before = parent_score(parent, run.eval_dir / "parent")
     # absolute: ppdet joins a relative annotation path onto the data set folder
     old_val = (run.root / "data" / "val_old.json").resolve()
     after = evaluate_weights(spec, run.best_weights, old_val, run.eval_dir / "old_classes")
@@ -214,6 +300,7 @@ def finish_retrain(run: RunPaths, parent: Parent, spec: LineSpec, metrics: dict[
                     r.min_new_class_ap50)
     record = json.loads(record_path(run).read_text())
     record.update(status="passed" if verdict.passed else "refused", forgetting=verdict.to_dict(),
+                  training=training_summary(metrics),
                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_write_json(record_path(run), record)
     title = f"{spec.line} — retrain {run.root.name} of {parent.run.root.name}"

@@ -107,10 +107,13 @@ class Merged:
 
     @property
     def new_share(self) -> tuple[int, int]:
-        """(new training images, merged training images): added images that were not already merged count."""
+        """(new training images, the line's training images: all of the parent's, replayed or not, plus the new).
+
+        Added images already merged (duplicates) do not count. The share measures how much the line's data
+        changed, so replaying a sample of the parent's images does not inflate it (nor the epochs)."""
         added = sum(s["images"] - s["duplicates"] for s in self.sources if s["split"] == "train" and s["tag"] != "parent")
-        total = sum(s["images"] - s["duplicates"] for s in self.sources if s["split"] == "train")
-        return added, total
+        parent = next(s for s in self.sources if s["split"] == "train" and s["tag"] == "parent")
+        return added, added + parent.get("parent_images", parent["images"])
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -123,12 +126,16 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _remap(part: Part, classes: Sequence[str], images_out: Path, coco: dict[str, Any], out_images: list,
-           out_anns: list, seen: dict[str, tuple[int, str]], hashes: dict[str, str]) -> dict[str, Any]:
+           out_anns: list, seen: dict[str, tuple[int, str]], hashes: dict[str, str],
+           known: dict[str, str] | None = None) -> dict[str, Any]:
     """Append ``coco``'s images (linked into ``images_out``) and boxes to the merged lists, categories by name.
 
     Images are recognised by content (sha256): an image already merged (the same file given twice, or a copy of a
     parent image among the new data) is not added again; its later labels replace the earlier ones and it is
-    counted under ``duplicates``."""
+    counted under ``duplicates``. ``known`` names parent images that are not in this merge (digest -> where):
+    a copy of a parent training image that was not replayed is merged but counted as a duplicate, not as new
+    data; a copy of a parent *validation* image (``parent-val``) is left out of training, or the forgetting
+    gate would score the model on an image it trained on."""
     from detect.retrain_lineage import file_sha256, review_of
 
     if unreviewed_prelabels(coco):
@@ -150,6 +157,12 @@ def _remap(part: Part, classes: Sequence[str], images_out: Path, coco: dict[str,
                             f"Run `defectkit data check {part.ann.parent.parent}`.")
         digest = file_sha256(src)
         own.append(digest)
+        where = (known or {}).get(digest)
+        if where is not None and digest not in seen:
+            duplicates[where] = duplicates.get(where, 0) + 1
+            if where == VAL_TAG:
+                new_id[im["id"]] = None
+                continue
         if digest in seen:  # the same image given twice (e.g. a relabelled hard example): the later labels win
             drop, where = seen[digest]
             duplicates[where] = duplicates.get(where, 0) + 1
@@ -163,6 +176,8 @@ def _remap(part: Part, classes: Sequence[str], images_out: Path, coco: dict[str,
         seen[digest] = (new_id[im["id"]], part.tag)
         out_images.append({"id": new_id[im["id"]], "file_name": name, "width": im["width"], "height": im["height"]})
     for a in coco["annotations"]:
+        if new_id[a["image_id"]] is None:  # a parent val image: not trained on
+            continue
         out_anns.append({**a, "id": len(out_anns) + 1, "image_id": new_id[a["image_id"]],
                          "category_id": cat_id[a["category_id"]]})
     import hashlib
@@ -179,31 +194,71 @@ def _remap(part: Part, classes: Sequence[str], images_out: Path, coco: dict[str,
 
 
 def _merge(parts: list[tuple[Part, dict[str, Any]]], classes: Sequence[str], images_out: Path, dst: Path,
-           description: str, hashes: dict[str, str] | None = None) -> tuple[Path, list[dict[str, Any]]]:
+           description: str, hashes: dict[str, str] | None = None,
+           known: dict[str, str] | None = None) -> tuple[Path, list[dict[str, Any]]]:
     images: list = []
     anns: list = []
     seen: dict[str, tuple[int, str]] = {}
     hashes = {} if hashes is None else hashes
-    sources = [_remap(p, classes, images_out, coco, images, anns, seen, hashes) for p, coco in parts]
+    sources = [_remap(p, classes, images_out, coco, images, anns, seen, hashes, known) for p, coco in parts]
     for i, a in enumerate(anns, 1):
         a["id"] = i
     return write_coco(dst, make_coco(images, anns, classes, description)), sources
 
 
-def replayed(parent_train: dict[str, Any], replay: float, seed: int) -> dict[str, Any]:
-    """The share ``replay`` of the parent's training images, stratified by rarest class (all of them at 1.0)."""
+VAL_TAG = "parent-val"
+
+
+def _parent_digests(images: Path, train: dict[str, Any], replay_set: dict[str, Any],
+                    val: dict[str, Any]) -> dict[str, str]:
+    """Content hash -> where, of the parent's images a training merge does not hold: its training images left out
+    of the replay ("parent") and its validation images (``VAL_TAG``)."""
+    from detect.retrain_lineage import file_sha256
+
+    kept = {im["id"] for im in replay_set["images"]}
+    out = {}
+    for coco, tag in ((train, "parent"), (val, VAL_TAG)):
+        for im in coco["images"]:
+            if tag == VAL_TAG or im["id"] not in kept:
+                path = images / im["file_name"]
+                if path.is_file():
+                    out[file_sha256(path)] = tag
+    return out
+
+
+def replay_count(n_parent: int, replay: float, n_new: int, batch_size: int) -> int:
+    """How many parent images to replay: the share ``replay``, raised (when replay > 0) so that the merged set
+    fills at least two batches — a few new images (k-shot) must not leave an epoch of one batch or none."""
     if not 0.0 <= replay <= 1.0:
         raise ConfigError(f"retrain.replay is a share of the parent's training images in [0, 1], got {replay}.")
-    if replay >= 1.0 or len(parent_train["images"]) < 2:
-        return parent_train if replay > 0 else {**parent_train, "images": [], "annotations": []}
     if replay <= 0.0:
+        return 0
+    return min(n_parent, max(round(replay * n_parent), 2 * batch_size - n_new, 1))
+
+
+def replayed(parent_train: dict[str, Any], count: int, seed: int) -> dict[str, Any]:
+    """``count`` of the parent's training images, stratified by rarest class (so a rare old class keeps its share),
+    plus one image of any class the stratified draw left out (every old class is replayed); all of them when
+    ``count`` covers the set."""
+    from detect.data.coco import subset
+
+    n = len(parent_train["images"])
+    if count <= 0:
         return {**parent_train, "images": [], "annotations": []}
-    kept, _ = stratified_split(parent_train, 1.0 - replay, seed)
-    return kept
+    if count >= n or n < 2:
+        return parent_train
+    kept, _ = stratified_split(parent_train, 1.0 - count / n, seed)
+    ids = [im["id"] for im in kept["images"]]
+    have = {a["category_id"] for a in kept["annotations"]}
+    for a in sorted(parent_train["annotations"], key=lambda a: (a["category_id"], a["image_id"])):
+        if a["category_id"] not in have:  # a class all of whose images fell on the dropped side
+            ids.append(a["image_id"])
+            have |= {b["category_id"] for b in parent_train["annotations"] if b["image_id"] == a["image_id"]}
+    return subset(parent_train, ids)
 
 
 def merge_data(parent: Parent, adds: Sequence[Path | str], classes: Sequence[str], out: Path, replay: float,
-               seed: int) -> Merged:
+               seed: int, batch_size: int = 1) -> Merged:
     """Write ``out/{train,val,val_old}.json`` and ``out/images`` for a retrain of ``parent`` with ``adds``."""
     if not adds:
         raise ConfigError("a retrain needs new data: give at least one --add DATA_FOLDER (new images, labelled "
@@ -216,24 +271,30 @@ def merge_data(parent: Parent, adds: Sequence[Path | str], classes: Sequence[str
         if class_names(coco) != parent.spec.classes:
             raise DataError(f"'{ann}': categories {class_names(coco)} are not the parent's classes "
                             f"{parent.spec.classes}; the parent run's data changed since it trained.")
-    train_parts = [(Part(p.train, p.images, "parent"), replayed(old_train, replay, seed))]
     val_parts = [(Part(p.val, p.images, "parent"), old_val)]
+    added: list[tuple[Part, dict[str, Any]]] = []
     for i, root in enumerate(adds, 1):
         tr, va = added_parts(Path(root).resolve(), f"add{i}")  # absolute: lineage is read from anywhere
-        train_parts.append((tr, load_coco(tr.ann)))
+        added.append((tr, load_coco(tr.ann)))
         if va is not None:
             val_parts.append((va, load_coco(va.ann)))
+    n_new = sum(len(coco["images"]) for _, coco in added)
+    count = replay_count(len(old_train["images"]), replay, n_new, batch_size)
+    replay_set = replayed(old_train, count, seed)
+    train_parts = [(Part(p.train, p.images, "parent"), replay_set)] + added
     desc = f"defectkit retrain of {parent.run.root.name}"
     hashes: dict[str, str] = {}
-    train, sources = _merge(train_parts, classes, images_out, out / "train.json", desc, hashes)
+    train, sources = _merge(train_parts, classes, images_out, out / "train.json", desc, hashes,
+                            known=_parent_digests(p.images, old_train, replay_set, old_val))
     val, val_sources = _merge(val_parts, classes, images_out, out / "val.json", desc + " (val)", hashes)
     val_old, _ = _merge(val_parts[:1], classes, images_out, out / "val_old.json", desc + " (parent's val)")
     for s, role in zip(sources + val_sources, ["train"] * len(sources) + ["val"] * len(val_sources)):
         s["split"] = role
-    sources[0]["replay"] = replay
-    if sum(s["images"] for s in sources[1:]) == 0:
-        raise DataError(f"the new data ({', '.join(str(a) for a in adds)}) holds no training image: an empty "
-                        f"increment. Give data folders with new images or labelled hard examples (--add).")
+    sources[0].update(replay=replay, parent_images=len(old_train["images"]))
+    if sum(s["images"] - s["duplicates_of"].get(VAL_TAG, 0) for s in sources[1:]) == 0:
+        raise DataError(f"the new data ({', '.join(str(a) for a in adds)}) holds no training image (none, or only "
+                        f"copies of the parent's validation images): an empty increment. Give data folders with new "
+                        f"images or labelled hard examples (--add).")
     return Merged(train, val, val_old, images_out, sources + val_sources, hashes)
 
 

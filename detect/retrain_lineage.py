@@ -114,6 +114,12 @@ def describe(run_dir: Path | str) -> str:
     pol = record.get("policy") or {}
     if pol:
         lines.append(f"  epochs {pol.get('epochs')} ({pol.get('why')}); lr {pol.get('lr')}")
+    done = record.get("training") or {}
+    if done:
+        resumed = done.get("resumed_after_epochs") or []
+        lines.append(f"  trained {done.get('epochs_run')} of {done.get('epochs')} epochs (best {done.get('best_epoch')}, "
+                     f"{done.get('stop_reason')})" + (f"; resumed after epoch {', '.join(map(str, resumed))}"
+                                                      if resumed else ""))
     lines.append("  parents (newest first):")
     for i, p in enumerate(lin["parents"], 1):
         what = (f"retrain, data version {p['data_version'][:16]}" if p.get("kind") == "retrain"

@@ -121,10 +121,19 @@ def test_merged_data_replays_the_parent_and_keeps_the_class_order(parent, new_da
     old_train, old_val = load_coco(parent_spec.paths.train), load_coco(parent_spec.paths.val)
     new_train, new_val = load_coco(new_data / "annotations/train.json"), load_coco(new_data / "annotations/val.json")
     assert class_names(train) == class_names(val) == class_names(val_old) == list(DEFECT_CLASSES)
-    assert len(train["images"]) == len(old_train["images"]) + len(new_train["images"])
-    assert len(val["images"]) == len(old_val["images"]) + len(new_val["images"])
+    replayed = [im for im in train["images"] if im["file_name"].startswith("parent-")]
+    n_old = len(old_train["images"])
+    assert round(0.3 * n_old) <= len(replayed) <= round(0.3 * n_old) + 5  # retrain.replay 0.3 (+ a missed class)
+    assert len(train["images"]) == len(replayed) + len(new_train["images"])
+    assert len(val["images"]) == len(old_val["images"]) + len(new_val["images"])  # every val image: the gate's
     assert len(val_old["images"]) == len(old_val["images"])
-    assert len(train["annotations"]) == len(old_train["annotations"]) + len(new_train["annotations"])
+    old_boxes = {im["file_name"]: sum(a["image_id"] == im["id"] for a in old_train["annotations"])
+                 for im in old_train["images"]}
+    assert len(train["annotations"]) == sum(old_boxes[im["file_name"].split("-", 1)[1]] for im in replayed) + \
+        len(new_train["annotations"])
+    replayed_ids = {im["id"] for im in replayed}
+    cat = {c["id"]: c["name"] for c in train["categories"]}
+    assert {cat[a["category_id"]] for a in train["annotations"] if a["image_id"] in replayed_ids} == set(OLD)
     for im in train["images"] + val["images"]:
         assert (data / "images" / im["file_name"]).is_file()
     # a parent box keeps its class name; spurious_copper boxes come only from the new data
@@ -134,7 +143,7 @@ def test_merged_data_replays_the_parent_and_keeps_the_class_order(parent, new_da
     spec = load_run_spec(retrained.run.root)
     assert spec.paths.train == (data / "train.json").resolve() and spec.classes == list(DEFECT_CLASSES)
     record = json.loads((retrained.run.root / "retrain.json").read_text())
-    assert record["new_classes"] == ["spurious_copper"] and record["retrain"]["replay"] == 1.0
+    assert record["new_classes"] == ["spurious_copper"] and record["retrain"]["replay"] == 0.3
     assert [s["split"] for s in record["data"]] == ["train", "train", "val", "val"]
 
 

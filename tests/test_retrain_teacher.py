@@ -178,6 +178,14 @@ def test_a_retrain_run_trains_with_the_teacher_and_records_it(retrained):
     assert "loss_distill_cls" in log and "loss_distill_dfl" in log  # ppdet's own step logged the teacher's terms
 
 
+def test_a_teacher_whose_classes_are_not_the_first_of_the_run_is_refused(retrained, tmp_path):
+    record = json.loads((retrained.run.root / "retrain.json").read_text())
+    swapped = [OLD[1], OLD[0]] + OLD[2:]  # the parent's class list no longer a prefix of the run's
+    with pytest.raises(ConfigError, match=r"teacher's classes \['mouse_bite', 'missing_hole'.*are not the first "
+                                          r"classes of the run's.*defectkit retrain --from"):
+        _session(retrained, tmp_path, record_update={"parent": {**record["parent"], "classes": swapped}})
+
+
 def test_distillation_off_installs_nothing(retrained, tmp_path):
     session = _session(retrained, tmp_path, {"retrain": {"distill": 0.0, "distill_dfl": 0.0}})
     assert getattr(session.trainer, "retrain_terms", None) is None
