@@ -542,8 +542,8 @@ class Inspector:
             self.summary.predictions = self.outputs.current_jsonl()
         self.stop_event.set()  # ends the update channel's loop
         if self._uplink_thread is not None:
-            self._uplink_thread.stop(timeout=2.0)
-            res = self.uplink.flush(deadline=self.uplink._clock() + 2.0)  # one last, bounded try
+            self._uplink_thread.stop(timeout=self.opts.exit_flush_s)
+            res = self.uplink.flush(deadline=self.uplink._clock() + self.opts.exit_flush_s)  # one last, bounded try
             if res.sent:
                 log.info("sent %d spooled item(s) on the way out", res.sent)
         self.manager.wait_idle(timeout=10.0)

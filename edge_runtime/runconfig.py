@@ -59,6 +59,7 @@ class RunOptions:
     keep_days: int = 30
     selftest_all: bool = True
     uplink_interval_s: float = 5.0
+    exit_flush_s: float = 2.0  # on the way out, how long the box keeps sending spooled items (the rest waits in the spool)
     capture_factory: Optional[Callable[..., Any]] = None  # a fake camera in tests; cv2.VideoCapture otherwise
 
     def __post_init__(self) -> None:
@@ -167,6 +168,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     a("--metrics-port", type=int, default=None,
       help=f"port of /healthz and /metrics; 0 = any free, -1 = off {_d('metrics_port')}")
     a("--max-frames", type=int, default=None, help="stop after this many frames (tests, benchmarks)")
+    a("--exit-flush-seconds", type=float, default=None,
+      help=f"on the way out, keep sending spooled reports this long; what is left stays spooled for the next start "
+      f"{_d('exit_flush_s')}")
     a("--targets-public-key", type=Path, default=None,
       help="the fleet's targets public key (.pub.pem; the collector's --targets-key pair, not the bundle signer's): "
       "with --collector, the box polls /api/v1/devices/ID/target for signed target metadata and installs what it "
@@ -197,6 +201,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         "insecure_http": args.insecure_http, "ca_file": args.ca_file,
         "threads": args.threads, "variant": args.variant, "watch": args.watch, "settle_ms": args.settle_ms, "watch_after": args.watch_after,
         "metrics_host": args.metrics_host, "metrics_port": args.metrics_port, "max_frames": args.max_frames,
+        "exit_flush_s": args.exit_flush_seconds,
         "update_poll_s": args.update_poll, "keep_days": args.keep_days, "line": args.line,
         "targets_public_key": args.targets_public_key, "hardware_target": args.hardware_target,
         "max_bundle_mb": args.max_bundle_mb, "max_bundle_files": args.max_bundle_files,
