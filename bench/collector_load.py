@@ -1,7 +1,8 @@
 """Load on a real collector: N simulated edge boxes on loopback posting reports (and hard examples) for a fixed time.
 
     python bench/collector_load.py --db sqlite --processes 1 --boxes 500 --interval 5 --duration 120
-    python bench/collector_load.py --db postgresql --processes 2 --boxes 500 --interval 1 --duration 120
+    python bench/collector_load.py --db postgresql --processes 2 --boxes 500 --interval 1 --duration 120 \
+        [--baseline-src /tmp/baseline]      # a worktree of an older commit: both collectors side by side, one run
 
 Each box holds one keep-alive HTTP connection (asyncio, one client process) and posts a new report every
 ``--interval`` seconds (random phase), a hard example (a real JPEG) every ``--hard-example-every`` reports, and,
@@ -10,7 +11,8 @@ like a real box, posts an unacknowledged item again until it gets a 2xx. The col
 server started here with Debian's binaries: tests/pgserver.py); boxes are spread over them round-robin.
 
 Figures: reports/s acknowledged, latency p50/p99 of report posts, collector CPU seconds per 1000 reports
-(utime+stime of the collector processes from /proc), and the count check: every acknowledged report id is in the
+(utime+stime of the collector processes from /proc), the same for the load generator (this process: it shares
+the cores) and for the PostgreSQL server, the 1-minute load average before and after, and the count check: every acknowledged report id is in the
 store exactly once and the store holds nothing else. Results: ``bench/results/collector_load_<db>_<n>p.json``.
 """
 from __future__ import annotations
@@ -39,13 +41,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_collectors(db: str, n: int, work: Path, tokens: Path):
+def pg_cpu_seconds(data_dir: Path) -> float:
+    """CPU of the PostgreSQL server: the postmaster (with its reaped children) and its live backends."""
+    root = int((data_dir / "postmaster.pid").read_text().split()[0])
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a backend that just exited: its time is in the postmaster's cutime/cstime
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == root:
+            total += sum(int(x) for x in fields[11:15])
+        elif ppid == root:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def start_collectors(db: str, n: int, work: Path, tokens: Path, src: Path = ROOT):
     procs, urls = [], []
     for i in range(n):
         p = subprocess.Popen([sys.executable, "-m", "fleet.collector", "serve", "--db", db, "--port", "0",
                               "--tokens", str(tokens), "--data-dir", str(work / "images"),
                               "--registry-dir", str(work / "registry")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(src),
+                             env={**os.environ, "PYTHONPATH": str(src)})
         for line in p.stdout:
             m = re.search(r"collector listening on (http://\S+)", line)
             if m:
@@ -148,8 +182,27 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of load")
     ap.add_argument("--hard-example-every", type=int, default=10, help="a hard example every K reports (0 = none)")
     ap.add_argument("--out", type=Path, help="result JSON (default bench/results/collector_load_<db>_<n>p.json)")
+    ap.add_argument("--baseline-src", type=Path,
+                    help="also run the same load, first, against the collector of this source tree (e.g. a git "
+                         "worktree of an older commit): both rows in one run, one result file")
     args = ap.parse_args()
 
+    runs = [("baseline", args.baseline_src.resolve())] if args.baseline_src else []
+    runs.append(("current", ROOT))
+    results = []
+    for label, src in runs:
+        res = run_once(args, src)
+        res["collector_src"] = label if src == ROOT else f"{label}: {src}"
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    out = args.out or ROOT / "bench" / "results" / f"collector_load_{args.db}_{args.processes}p.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
+    return 0 if all(r["lost"] == 0 and r["duplicated"] == 0 and r["stored_not_acked"] == 0 for r in results) else 1
+
+
+def run_once(args, src: Path) -> dict:
+    """One load run against collector processes started from ``src``; the figures as a dict."""
     import cv2
     import numpy as np
 
@@ -170,10 +223,16 @@ def main() -> int:
     procs = []
     try:
         db.migrate(location)
-        procs, urls = start_collectors(location, args.processes, work, work / "tokens.json")
+        procs, urls = start_collectors(location, args.processes, work, work / "tokens.json", src)
+        load0 = os.getloadavg()
         cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+        client0 = self_cpu_seconds()
+        pg0 = pg_cpu_seconds(pg.data) if pg else 0.0
         stats, elapsed = asyncio.run(drive(urls, tokens, args, jpeg))
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
+        client = self_cpu_seconds() - client0
+        pg_cpu = (pg_cpu_seconds(pg.data) - pg0) if pg else None
+        load1 = os.getloadavg()
         with store.session(path=location) as conn:
             stored = store.report_ids(conn)
         acked = stats["acked"]
@@ -181,22 +240,25 @@ def main() -> int:
         extra = len(set(stored) - set(acked))
         dup_rows = len(stored) - len(set(stored))
         lat = stats["latency"]
-        res = {
+        per_k = 1000 / max(1, len(acked))
+        return {
             "db": args.db, "processes": args.processes, "boxes": args.boxes, "interval_s": args.interval,
             "duration_s": round(elapsed, 1), "reports_acked": len(acked), "reports_per_s": round(len(acked) / elapsed, 1),
             "offered_per_s": round(args.boxes / args.interval, 1),
             "latency_ms_p50": round(percentile(lat, 0.50) * 1000, 1),
             "latency_ms_p99": round(percentile(lat, 0.99) * 1000, 1),
-            "cpu_s_per_1000_reports": round(cpu / max(1, len(acked)) * 1000, 2),
+            "cpu_s_per_1000_reports": round(cpu * per_k, 2),  # the collector processes (hard examples included)
+            "client_cpu_s_per_1000_reports": round(client * per_k, 2),  # the 500 simulated boxes (this process)
+            "postgres_cpu_s_per_1000_reports": None if pg_cpu is None else round(pg_cpu * per_k, 2),
+            "cpu_s_total": {"collectors": round(cpu, 1), "client": round(client, 1),
+                            "postgres": None if pg_cpu is None else round(pg_cpu, 1),
+                            "available": round(elapsed * (os.cpu_count() or 1), 1)},
             "stored": len(stored), "lost": lost, "duplicated": dup_rows, "stored_not_acked": extra,
             "non_2xx_answers": stats["errors"], "hard_examples": stats["hard_examples"],
-            "reconnects": stats["reconnects"], "cpu_count": os.cpu_count(),
+            "reconnects": stats["reconnects"], "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+            "loadavg_1m_before_after": [round(load0[0], 2), round(load1[0], 2)],
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - elapsed)),
         }
-        out = args.out or ROOT / "bench" / "results" / f"collector_load_{args.db}_{args.processes}p.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        print(json.dumps(res))
-        return 0 if lost == 0 and dup_rows == 0 and extra == 0 else 1
     finally:
         for i, p in enumerate(procs):
             if p.poll() is not None:

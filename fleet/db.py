@@ -24,6 +24,7 @@ from edge_runtime.errors import ConfigError, require
 DbLocation = Union[str, Path]
 _PG_LOCK_KEY = 0x64656b74  # "dekt": the one advisory lock of the collector's write transactions
 HEAD = "0002"
+PG_POOL = 16  # PostgreSQL connections per collector process (4 processes: 64, inside the server's default 100)
 
 
 def is_url(db: DbLocation) -> bool:
@@ -181,7 +182,11 @@ def engine(db: DbLocation):
                 require("psycopg", "fleet", "a PostgreSQL store")
                 from sqlalchemy import create_engine
 
-                eng = create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True, pool_timeout=30,
+                # a fixed pool, no overflow: an overflow connection is closed when it is given back, so under
+                # load every request paid a new PostgreSQL backend (fork, auth, catalog caches) and the server
+                # spent more CPU per report than the collector; past PG_POOL busy connections a worker thread
+                # waits for one (pool_timeout, then 503 + Retry-After)
+                eng = create_engine(url, pool_size=PG_POOL, max_overflow=0, pool_pre_ping=True, pool_timeout=30,
                                     connect_args={"connect_timeout": 5})
             _ENGINES[url] = eng
     return eng
@@ -246,17 +251,29 @@ class Cursor:
         return iter(self.fetchall())
 
 
+_TEXTS: Dict[str, Any] = {}
+
+
 def _qmark(sql: str, params: Sequence[Any]):
-    """``?`` placeholders -> SQLAlchemy ``text()`` with named binds (the statements hold no ``?`` or ``:`` literals)."""
+    """``?`` placeholders -> SQLAlchemy ``text()`` with named binds (the statements hold no ``?`` or ``:`` literals).
+
+    One ``text()`` per distinct statement, kept: re-parsing and re-compiling the same SQL on every call was a
+    measurable share of a report's CPU (the statements are fixed strings; their number is bounded)."""
     from sqlalchemy import text
 
-    parts = sql.split("?")
-    if len(parts) - 1 != len(params):
-        raise ValueError(f"{len(parts) - 1} placeholders but {len(params)} parameters in {sql!r}")
-    out = parts[0]
-    for i, part in enumerate(parts[1:]):
-        out += f":p{i}" + part
-    return text(out), {f"p{i}": v for i, v in enumerate(params)}
+    n = sql.count("?")
+    if n != len(params):
+        raise ValueError(f"{n} placeholders but {len(params)} parameters in {sql!r}")
+    stmt = _TEXTS.get(sql)
+    if stmt is None:
+        parts = sql.split("?")
+        out = parts[0]
+        for i, part in enumerate(parts[1:]):
+            out += f":p{i}" + part
+        stmt = text(out)
+        if len(_TEXTS) < 4096:  # a bound in case a caller ever formats values into the SQL
+            _TEXTS[sql] = stmt
+    return stmt, {f"p{i}": v for i, v in enumerate(params)}
 
 
 class Conn:
@@ -269,6 +286,9 @@ class Conn:
         self.db = db
         self.engine = engine(db)
         self.dialect = self.engine.dialect.name
+        # PostgreSQL: a statement outside a tx runs in autocommit (the driver sends it alone: no BEGIN and COMMIT
+        # round trips around it); the option is set on the connection when it is checked out and undone on return
+        self._single = self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.postgres else None
         self._c = None
         self._tx = None
 
@@ -287,6 +307,9 @@ class Conn:
             stmt, binds = sql, params
         if self._tx is not None:
             return self._run(self._c, stmt, binds)
+        if self._single is not None:
+            with self._single.connect() as c:
+                return self._run(c, stmt, binds)
         with self.engine.connect() as c, c.begin():
             return self._run(c, stmt, binds)
 

@@ -200,46 +200,6 @@ def test_healthz_shows_no_figures_without_the_admin_token(collector):
     assert st == 200 and body["reports"] >= 1
 
 
-def test_a_seeded_stream_of_hostile_bodies_gets_no_500(collector):
-    """2000 mutated reports and hard examples (seeded): only 2xx/4xx answers, and the store still reads."""
-    import random
-
-    rng = random.Random(12)
-    url = collector.url
-    values = [None, True, -1, 2 ** 63, 1.5e308, "", "\n", "x" * 500, [], {}, [[[]]], {"a": {"b": {}}}, "0" * 32,
-              "ﬀ\u0000", 0.5, "2026-11-22T10:00:00Z\n"]
-
-    def mutate(obj, depth=0):
-        if isinstance(obj, dict) and obj:
-            k = rng.choice(list(obj))
-            if rng.random() < 0.6 and depth < 4:
-                obj[k] = mutate(obj[k], depth + 1)
-            elif rng.random() < 0.5:
-                obj[k] = rng.choice(values)
-            else:
-                obj[rng.choice(["x", k + "\n", "", "é" * 70])] = rng.choice(values)
-            return obj
-        if isinstance(obj, list) and obj and rng.random() < 0.5:
-            obj[rng.randrange(len(obj))] = rng.choice(values)
-            return obj
-        return rng.choice(values)
-
-    statuses = {}
-    for i in range(1000):
-        r = mutate(report())
-        st = call(url, "POST", "/api/v1/reports", r, TOK1)[0]
-        statuses[st] = statuses.get(st, 0) + 1
-        he = mutate(hard_example())
-        st = call(url, "POST", "/api/v1/hard-examples", he, TOK1)[0]
-        statuses[st] = statuses.get(st, 0) + 1
-    assert all(s < 500 for s in statuses), statuses
-    assert statuses.get(422, 0) > 1000  # the mutations really were refused
-    st, body, _ = call(url, "GET", "/api/v1/reports?limit=1000", token=ADMIN)
-    assert st == 200 and body["count"] >= 1
-    st, body, _ = call(url, "GET", "/api/v1/hard-examples?limit=1000", token=ADMIN)
-    assert st == 200
-
-
 def test_export_skips_rows_stored_before_the_checks(tmp_path):
     """Rows an older collector accepted (an HTML 'image', a reversed or non-numeric box) no longer abort the
     export of the whole line: the bad image and the bad boxes are left out and counted."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Annotated, Any, Dict, Iterator, Optional, Tuple
+from typing import Annotated, Any, AsyncIterator, Dict, Optional, Tuple
 
 from fastapi import Depends, HTTPException, Request
 
@@ -20,14 +20,18 @@ from fleet.db import Conn
 _AUTH_HINT = "send 'Authorization: Bearer <token>' with the device's token from the collector's token file"
 
 
-def get_settings(request: Request) -> CollectorSettings:
+async def get_settings(request: Request) -> CollectorSettings:
+    """``async``: no I/O, so FastAPI calls it on the event loop instead of a worker-thread hop."""
     return request.app.state.settings
 
 
 SettingsDep = Annotated[CollectorSettings, Depends(get_settings)]
 
 
-def get_db(settings: SettingsDep) -> Iterator[Conn]:
+async def get_db(settings: SettingsDep) -> AsyncIterator[Conn]:
+    """A store handle (it holds no connection: each statement or ``tx`` checks one out in the worker thread that
+    runs it). ``async``: making the handle does no I/O (the store was migrated when the app was created), so it
+    costs no worker-thread hop on the way in and none on the way out."""
     with store.session(path=settings.db) as conn:
         yield conn
 
@@ -50,16 +54,21 @@ def bearer_token(request: Request) -> str:
 
 
 def _identify(request: Request, settings: CollectorSettings, conn: Conn, token: str):
-    """(device id, None) for a token of the token file or of an enrolled device; (None, why) otherwise."""
+    """(device id, None) for a token of the token file or of an enrolled device; (None, why) otherwise.
+
+    The device's enrolment (or None) is kept in ``request.state.enrolment`` for :func:`check_line`, so a post
+    reads the enrolments table once."""
     if settings.tokens is not None:
         device = settings.tokens.device_for(token)
         if device is not None:
             enrolled = devices.find(conn, device_id=device)
             if enrolled is not None and enrolled.revoked_at is not None:
                 return None, f"device {device!r} was revoked; enrol it again (defectkit fleet enroll)"
+            request.state.enrolment = (device, enrolled)
             return device, None
     dev, why = request.app.state.authenticator.identify(conn, token)
     if dev is not None:
+        request.state.enrolment = (dev.device_id, dev)
         return dev.device_id, None
     return None, why or "unknown token: no device in the collector's token file or enrolled in its store has it"
 
@@ -104,11 +113,13 @@ def _is_enrolled_token(request: Request, settings: CollectorSettings, token: str
     return dev is not None or why is not None
 
 
-def check_line(db: Conn, device: Optional[str], line: str, what: str) -> None:
-    """403 when an enrolled device posts for another line than the one it is bound to."""
+def check_line(db: Conn, device: Optional[str], line: str, what: str, request: Optional[Request] = None) -> None:
+    """403 when an enrolled device posts for another line than the one it is bound to (the enrolment read when
+    the token was checked, else read now)."""
     if device is None:
         return
-    enrolled = devices.find(db, device_id=device)
+    known = getattr(request.state, "enrolment", None) if request is not None else None
+    enrolled = known[1] if known is not None and known[0] == device else devices.find(db, device_id=device)
     if enrolled is not None and enrolled.line != line:
         raise HTTPException(status_code=403, detail=f"device {device!r} is enrolled on line {enrolled.line!r}: a "
                                                     f"{what} for line {line!r} is refused")

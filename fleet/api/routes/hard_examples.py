@@ -60,7 +60,7 @@ async def post_hard_example(request: Request, settings: SettingsDep, device: Cur
         raise HTTPException(status_code=422, detail=f"hard-example meta does not follow {SCHEMA}: " + "; ".join(errs))
     meta = obj["meta"]
     check_claim(device, meta["device_id"], "hard example")
-    check_line(db, device, meta["line"], "hard example")
+    check_line(db, device, meta["line"], "hard example", request)
     try:
         image = base64.b64decode(obj["image_b64"], validate=True)
     except (binascii.Error, TypeError, ValueError) as exc:

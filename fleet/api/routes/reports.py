@@ -27,7 +27,7 @@ async def post_report(request: Request, settings: SettingsDep, device: CurrentDe
     if errs:
         raise HTTPException(status_code=422, detail=f"report does not follow {SCHEMA}: " + "; ".join(errs))
     check_claim(device, obj["device_id"], "report")
-    check_line(db, device, obj["line"], "report")
+    check_line(db, device, obj["line"], "report", request)
     outcome = await run_in_threadpool(lambda: store.insert_report(db, report=obj))  # the request's one connection
     if outcome == "conflict":
         raise HTTPException(status_code=409, detail=f"report id {obj['id']} is already used by another device")
