@@ -106,7 +106,9 @@ def nms_single_class(
     max_keep: int = -1,
 ) -> np.ndarray:
     """Indices kept by greedy NMS for one class, best score first (at most ``max_keep`` when > -1)."""
-    candidates = np.nonzero(scores > np.float32(score_threshold))[0]
+    candidates = np.flatnonzero(scores > np.float32(score_threshold))
+    if candidates.size <= 1 or top_k == 0 or max_keep == 0:  # nothing to compare: no sort, no IoU
+        return candidates[: 0 if top_k == 0 or max_keep == 0 else 1].astype(np.int64, copy=False)
     order = candidates[np.argsort(-scores[candidates], kind="stable")]
     if top_k > -1:
         order = order[:top_k]
@@ -151,7 +153,8 @@ def multiclass_nms(
     if min_score is not None and min_score > score_threshold:
         boxes, scores = prefilter(boxes, scores, min_score)
     kept_boxes, kept_scores, kept_classes = [], [], []
-    for c in range(scores.shape[0]):
+    # only the classes with a candidate: with the decision floor most classes of most frames have none
+    for c in np.flatnonzero((scores > np.float32(score_threshold)).any(axis=1)).tolist():
         # a class's box beyond its keep_top_k-th can never reach the overall top keep_top_k: stop there
         idx = nms_single_class(boxes, scores[c], score_threshold, nms_iou, nms_top_k, normalized, keep_top_k)
         kept_boxes.append(boxes[idx])

@@ -7,6 +7,7 @@ cannot drift apart (tests compare both on real images).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -38,25 +39,45 @@ def preprocess(image_bgr: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, np.n
     """BGR uint8 image -> (image [1,3,h,w] float32, scale_factor [1,2] float32 = [[h/H, w/W]]).
 
     Steps, in ppdet's order: colour to ``spec.color``, stretch-resize to (w, h) with ``spec.interp``,
-    ``* scale``, ``- mean``, ``/ std``, HWC -> CHW. The arithmetic mirrors ppdet's NormalizeImage
-    (float32 multiply by the scale, float64 mean/std applied in place) so the results agree bit for bit.
+    ``* scale``, ``- mean``, ``/ std``, HWC -> CHW. The per-pixel arithmetic (:func:`normalize`) depends only
+    on the channel and the 8-bit value, so it is computed once per spec for the 256 values of each channel
+    and applied as a lookup table (``cv2.LUT``, plane by plane straight into the CHW array): the same floats
+    bit for bit, with a tenth of the CPU and no full-size temporaries, and OpenCV releases the GIL while it
+    runs, so the edge loop's inference thread is not held up by its reader thread.
     """
     image = as_bgr(image_bgr)
     src_h, src_w = image.shape[:2]
     dst_h, dst_w = spec.size
-    if spec.color == "RGB":
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if (src_h, src_w) != (dst_h, dst_w):
         image = cv2.resize(image, (dst_w, dst_h), interpolation=spec.cv2_interp)
-    out = image.astype(np.float32)
+    tables = _tables(spec)
+    planes = cv2.split(image)  # B, G, R
+    order = (2, 1, 0) if spec.color == "RGB" else (0, 1, 2)  # an exact channel swap, as cvtColor BGR2RGB is
+    chw = np.empty((1, 3, dst_h, dst_w), dtype=np.float32)
+    for c, src in enumerate(order):
+        cv2.LUT(planes[src], tables[c], dst=chw[0, c])
+    scale_factor = np.array([[dst_h / src_h, dst_w / src_w]], dtype=np.float32)
+    return chw, scale_factor
+
+
+def normalize(hwc: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """ppdet's NormalizeImage on an H,W,3 uint8 image already in ``spec.color`` order: float32 multiply by
+    the scale, float64 mean/std applied in place (float32 result). The definition the tables are built from."""
+    out = hwc.astype(np.float32)
     out *= np.float32(spec.scale)
     if any(spec.mean):
         out -= np.asarray(spec.mean, dtype=np.float64)[None, None, :]
     if any(s != 1.0 for s in spec.std):
         out /= np.asarray(spec.std, dtype=np.float64)[None, None, :]
-    chw = np.ascontiguousarray(out.transpose(2, 0, 1))[None]
-    scale_factor = np.array([[dst_h / src_h, dst_w / src_w]], dtype=np.float32)
-    return chw, scale_factor
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(spec: InputSpec) -> tuple[np.ndarray, ...]:
+    """One [1,256] float32 table per output channel: :func:`normalize` of every 8-bit value."""
+    values = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # [1,256,3]
+    table = normalize(values, spec)[0]  # [256,3]
+    return tuple(np.ascontiguousarray(table[:, c]).reshape(1, 256) for c in range(3))
 
 
 def model_feeds(image_bgr: np.ndarray, spec: InputSpec, names: Sequence[str]) -> dict[str, np.ndarray]:
