@@ -54,7 +54,8 @@ def test_surfaces_pretrain_resumes_reuses_its_corpus_and_publishes_partial(tmp_p
     record = json.loads(weights.with_suffix(".json").read_text())
     assert record["partial"] is True and record["metrics"]["epochs_run"] == 2
     assert "map50" in record["metrics"]["val"] and set(record["metrics"]["val"]["per_class"]) == set(SURFACE_CLASSES)
-    assert record["resume_command"].endswith(f"--work {work} --resume") and "--corpus surfaces" in record["resume_command"]
+    assert record["resume_command"].endswith(f"--work {work} --resume")
+    assert "--corpus surfaces" in record["resume_command"]
     assert record["run_dir"] == str(work / "run")
 
 

@@ -58,7 +58,8 @@ class SurfaceRecipe:
 
     def check(self) -> None:
         if self.count < 2:
-            raise ConfigError(f"surfaces corpus: count must be at least 2 (one train and one val image), got {self.count}.")
+            raise ConfigError(f"surfaces corpus: count must be at least 2 (one train and one val image), "
+                              f"got {self.count}.")
         for name in ("defect_free_fraction", "gray_fraction", "part_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"surfaces corpus: {name} must be in [0, 1), got {getattr(self, name)}.")

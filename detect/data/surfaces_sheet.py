@@ -67,7 +67,7 @@ def contact_sheet(root: Path, out_png: Path, n: int = 48, cols: int = 8, side: i
         cv2.putText(legend, name, (x + 16, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
         x += 24 + 9 * len(name)
     sheet = np.vstack([legend] + rows)
-    ok, buf = cv2.imencode(".png", sheet)
+    ok, buf = cv2.imencode(".png", sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:  # pragma: no cover
         raise DataError(f"could not encode the contact sheet {sheet.shape}.")
     return atomic_write_bytes(Path(out_png), buf.tobytes())
