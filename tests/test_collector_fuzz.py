@@ -2,8 +2,9 @@
 
 The bodies come from a seeded generator (Hypothesis is not installed; a seed makes a failure replayable: the
 failing body is printed): a valid body built by the box's own code, then mutated — a field replaced by a hostile
-value (wrong type, huge, control characters, deep nesting), a key added or renamed, a list element swapped, or
-the JSON text itself cut, flipped or spliced. They go to the real collector app (FastAPI, real SQLite store) in
+value (wrong type, huge, control characters, deep nesting), a key added or renamed, a list element swapped, all
+counts scaled together past 2^53 (consistent sums: only the collector's bounds refuse them), or the JSON text
+itself cut, flipped or spliced. They go to the real collector app (FastAPI, real SQLite store) in
 this process through httpx's ASGI transport: the same routes, dependencies, validation and store as under
 uvicorn, without a socket per request (10 000 requests over loopback HTTP took most of the time budget; the
 HTTP layer's own limits — 413 before reading, chunked bodies — are tested over a real socket in
@@ -97,7 +98,19 @@ class Mutator:
             return raw + r.choice([b" ", b"\n", b"x", b"{}", b"]", b"\x00"])  # trailing data
         return r.choice([b"", b"null", b"[]", b"{}", b"0", b'"x"', b"[" * 9 + b"]" * 9, b"\"\\ud800\"", raw * 2])
 
+    def scaled_counts(self, obj: dict) -> dict:
+        """Every count of a report times one factor: the sums stay consistent, so the box's own schema passes it
+        and only the collector's bounds stand between a 20-digit count and the store's 64-bit columns."""
+        k = self.rng.choice([10 ** 15, 2 ** 53, 2 ** 53 + 1, 2 ** 62, 10 ** 19, 10 ** 20])
+        c = obj["counts"]
+        for key in ("frames", "ok", "ng", "errors"):
+            c[key] *= k
+        c["per_class"] = {name: n * k for name, n in c["per_class"].items()}
+        return obj
+
     def body(self, valid: dict) -> bytes:
+        if "counts" in valid and self.rng.random() < 0.05:
+            return json.dumps(self.scaled_counts(copy.deepcopy(valid))).encode()
         if self.rng.random() < 0.7:
             return json.dumps(self.tree(copy.deepcopy(valid)), ensure_ascii=self.rng.random() < 0.5).encode()
         return self.text(json.dumps(valid).encode())
