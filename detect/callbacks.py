@@ -240,7 +240,10 @@ class EarlyStopping(Callback):
 
 
 class TimeBudget(Callback):
-    """Requests a stop after the first epoch that ends past the budget (the run stays resumable)."""
+    """Requests a stop after the first epoch that ends past the budget (the run stays resumable).
+
+    It looks at the clock at the epoch's last training step (so :class:`detect.eval_schedule.EvalSchedule`,
+    registered after it, evaluates the epoch the run ends with) and again when the epoch is complete."""
 
     def __init__(self, trainer, minutes: float, clock: Callable[[], float] = time.time):
         super().__init__(trainer)
@@ -249,9 +252,17 @@ class TimeBudget(Callback):
         self.clock = clock
         self.reason: str | None = None
 
-    def on_epoch_end(self, status):
-        if epoch_complete(self.model, status) and self.clock() >= self.deadline:
+    def _check(self, status) -> None:
+        if self.reason is None and self.clock() >= self.deadline:
             self.reason = f"time budget of {self.minutes:g} minutes reached after epoch {int(status['epoch_id']) + 1}"
+
+    def on_step_end(self, status):
+        if status.get("mode") == "train" and int(status["step_id"]) + 1 == int(status["steps_per_epoch"]):
+            self._check(status)
+
+    def on_epoch_end(self, status):
+        if epoch_complete(self.model, status):
+            self._check(status)
 
 
 class CloseMosaic(Callback):

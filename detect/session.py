@@ -55,6 +55,25 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
 
 
+def prefer_mkl_avx2(enabled: bool = True) -> bool:
+    """On an AMD CPU with AVX2, ask paddle's MKL for its AVX2 kernels (``MKL_DEBUG_CPU_TYPE=5``).
+
+    MKL dispatches on the CPU vendor and runs a generic path on non-Intel CPUs; paddle's CPU convolutions and
+    matrix products go through it. MKL reads the variable at its first call, so this must happen before any
+    paddle computation of the process (a later call changes nothing); a value already set is left alone.
+    Returns whether the variable is now 5."""
+    import os
+
+    if enabled and "MKL_DEBUG_CPU_TYPE" not in os.environ:
+        try:
+            info = open("/proc/cpuinfo", encoding="utf-8").read(8192)
+        except OSError:
+            info = ""
+        if "AuthenticAMD" in info and " avx2" in info:
+            os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    return os.environ.get("MKL_DEBUG_CPU_TYPE") == "5"
+
+
 def set_device(device: str) -> str:
     paddle = __import__("detect.heavy", fromlist=["paddle_stack"]).paddle_stack().paddle
     if device == "auto":
@@ -184,6 +203,7 @@ def build_session(spec: LineSpec, run: RunPaths, fresh: bool = True,
     from detect.session_state import checkpoint_writer
 
     train = spec.settings.train
+    prefer_mkl_avx2(train.mkl_avx2_on_amd)
     seed_everything(train.seed)
     device = set_device(train.device)
     cfg = build_config(spec, run, static_assigner_epoch=static_assigner_epoch)
@@ -194,6 +214,7 @@ def build_session(spec: LineSpec, run: RunPaths, fresh: bool = True,
     from ppdet.engine.callbacks import Checkpointer, VisualDLWriter
 
     from detect import callbacks as cb
+    from detect.eval_schedule import EvalSchedule
 
     log_file = run.log if process_rank()[0] == 0 else run.root / f"train.rank{process_rank()[0]}.log"
     route_ppdet_logs(log_file)
@@ -216,13 +237,14 @@ def build_session(spec: LineSpec, run: RunPaths, fresh: bool = True,
     )
     session = Session(spec, run, trainer, loader, freeze, ns, skipped, log_file)
     ns.checkpointing = cb.Checkpointing(trainer, checkpoint_writer(session), [ns.early, ns.budget])
+    ns.evals = EvalSchedule(trainer, train.eval_interval, train.eval_share, [ns.budget])  # after the budget
     ns.close_mosaic = (cb.CloseMosaic(trainer, train.close_mosaic, train.time_budget_min,
                                       lambda: time.time() - session.began + session.start)
                        if train.mosaic > 0 and train.close_mosaic > 0 and train.time_budget_min > 0 else None)
     trainer._callbacks = [c for c in trainer._callbacks if not isinstance(c, Checkpointer)]
     trainer.register_callbacks([cb.ScalarLossStats(trainer), ns.seeder, ns.unfreezer, ns.progress, ns.history]
                                + ([ns.close_mosaic] if ns.close_mosaic else [])
-                               + [ns.early, ns.budget, ns.saver, ns.checkpointing])  # Checkpointing last
+                               + [ns.early, ns.budget, ns.evals, ns.saver, ns.checkpointing])  # Checkpointing last
     from detect.distill import install_retrain_terms
 
     install_retrain_terms(session)  # a retrain's run (retrain.json): the parent as teacher, EWC, inside the loss

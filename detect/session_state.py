@@ -80,6 +80,7 @@ def checkpoint_writer(session) -> Callable[[dict, dict | None], Checkpoint]:
             "thawed": bool(session.freeze.thawed),
             "best": session.cb.saver.state(),
             "early_stopping": session.cb.early.state(),
+            "eval_schedule": session.cb.evals.state(),
             "metrics": coco_results(trainer) if evaluates(trainer, status) else {},
             "stop": stop,
             "train_seconds": round(session.start + time.time() - session.began, 1),
@@ -120,9 +121,10 @@ def restore_session(session, ckpt: Checkpoint, state: dict[str, Any]) -> None:
     trainer.start_epoch = int(state["epoch"])
     session.cb.saver.load_state(state["best"])
     session.cb.early.load_state(state["early_stopping"])
+    if "eval_schedule" in state:  # checkpoints written before the schedule existed: it starts afresh
+        session.cb.evals.load_state(state["eval_schedule"])
     session.start = float(state.get("train_seconds", 0.0))
     if session.cb.vdl is not None:  # continue VisualDL's step axes instead of restarting them at 0
         session.cb.vdl.vdl_loss_step = int(state["iteration"])
-        session.cb.vdl.vdl_mAP_step = sum(1 for e in range(state["epoch"])
-                                          if (e + 1) % session.spec.settings.train.eval_interval == 0)
+        session.cb.vdl.vdl_mAP_step = session.cb.evals.evaluations
     restore_rng(state["rng"])

@@ -51,7 +51,8 @@ class TrainSettings:
     clip_grad_norm: float = 10.0
     ema: bool = True
     ema_decay: float = 0.998
-    eval_interval: int = 1
+    eval_interval: int = 0
+    eval_share: float = 0.1
     patience: int = 10
     min_delta: float = 0.0
     time_budget_min: float = 20.0
@@ -72,12 +73,19 @@ class TrainSettings:
     keep_weekly: bool = True
     visualdl: bool = True
     device: str = "auto"
+    mkl_avx2_on_amd: bool = True
     log_interval: int = 10
 
     def validate(self, where: str) -> None:
-        for key in ("epochs", "batch_size", "eval_interval"):
+        for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}: train.{key} must be at least 1, got {getattr(self, key)}.")
+        if self.eval_interval < 0:
+            raise ConfigError(f"{where}: train.eval_interval must be >= 0 (0 = auto, from train.eval_share), "
+                              f"got {self.eval_interval}.")
+        if not 0.0 < self.eval_share <= 1.0:
+            raise ConfigError(f"{where}: train.eval_share is a share of the training time in (0, 1], "
+                              f"got {self.eval_share}.")
         for key in ("flip", "mosaic", "mixup"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{where}: train.{key} is a probability in [0, 1], got {getattr(self, key)}.")

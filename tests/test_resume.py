@@ -160,7 +160,8 @@ def test_early_stopped_run_is_not_resumed(tiny_spec, tmp_path):
     from detect.train import resume, train
 
     spec = tiny_spec.with_cli({"train": {"epochs": 6, "batch_size": 4, "warmup_steps": 2, "lr": 0.0,
-                                         "multiscale": False, "patience": 1, "visualdl": False}})
+                                         "multiscale": False, "patience": 1, "visualdl": False,
+                                         "eval_interval": 1}})  # patience counts evaluations: one per epoch
     result = train(spec, tmp_path / "es", quiet=True)
     assert result.metrics["stop_reason"].startswith("early stop")
     with pytest.raises(ConfigError, match=r"stopped early at epoch 2.*--pretrained .*best.pdparams"):
@@ -205,7 +206,8 @@ def test_sigkill_at_three_random_moments_then_the_run_finishes_intact(tiny_spec,
     base = [sys.executable, "-m", "defectkit", "train", str(tiny_spec.source), "--runs", str(tmp_path)]
     start = base + ["--name", "killed", "--epochs", str(epochs), "--batch-size", "4", "--set", "warmup_steps=2",
                     "--set", "multiscale=False", "--set", "visualdl=False", "--set", "mosaic=0.5",
-                    "--set", "close_mosaic=2", "--set", "lr=0.01", "--set", "log_interval=1"]
+                    "--set", "close_mosaic=2", "--set", "lr=0.01", "--set", "log_interval=1",
+                    "--set", "eval_interval=1"]  # every epoch evaluated (checked below)
     again = [sys.executable, "-m", "defectkit", "train", "--resume", str(run_dir)]  # the run is the spec
     kills, seen, command = [], 0, start
     log = open(tmp_path / "stderr.log", "w")
