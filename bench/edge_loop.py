@@ -68,6 +68,60 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+ROLES = {"defectkit-inference": "inference", "MainThread": "loop", "defectkit-reader": "reader",
+         "defectkit-writer": "writer"}  # Python thread name -> role; other Python threads: "service"
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) of every thread of this process so far, summed by role: the pipeline's
+    threads by name, other Python threads (metrics server, uplink, update channel) as "service", threads Python
+    did not start (ONNX Runtime's intra-op pool, codec threads) as "native". From /proc (the box has no psutil)."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended between listdir and read
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        name = names.get(int(tid))
+        role = "native" if name is None else ROLES.get(name, "service")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _cpu_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in set(a) | set(b)}
+
+
+class InferTimer:
+    """Wraps ``Detector.infer`` (the call both sides make): wall time and the calling thread's CPU time per call,
+    summed per mode ("loop" or "alone"). At 1 intra-op thread the model runs in the calling thread, so wall - CPU
+    is time the call spent off the CPU: preempted, or waiting for the GIL after ONNX Runtime released it."""
+
+    def __init__(self, detector: Any) -> None:
+        self.inner = detector.infer
+        self.mode = "loop"
+        self.sums = {"loop": [0, 0.0, 0.0], "alone": [0, 0.0, 0.0]}  # calls, wall s, thread CPU s
+        detector.infer = self
+
+    def __call__(self, feeds: Any) -> Any:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        out = self.inner(feeds)
+        s = self.sums[self.mode]
+        s[0] += 1
+        s[1] += time.perf_counter() - w0
+        s[2] += time.thread_time() - c0
+        return out
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return {m: {"calls": n, "wall_ms": round(w * 1e3 / max(n, 1), 3), "thread_cpu_ms": round(c * 1e3 / max(n, 1), 3)}
+                for m, (n, w, c) in self.sums.items()}
+
+
 class LoopingCapture:
     """cv2.VideoCapture of a video file that rewinds at its end: a camera stream that never ends, decoded
     frame by frame as the real VideoSource decodes it (passed as the loop's ``capture_factory``)."""
@@ -123,24 +177,43 @@ class Recorder:
         self.infer_only: list[dict] = []
         self.periodic_in_loop = 0.0
         self._periodic_at_seg = 0.0
+        self.cpu_loop: dict[str, float] = {}  # CPU seconds by thread role over the loop segments
+        self.cpu_alone: dict[str, float] = {}  # ... over the inference-only phases
+        self.calls_alone = 0
+        self._cpu_at_seg: dict[str, float] = {}
+        self.timer: Optional[InferTimer] = None
 
     def _infer_only(self) -> None:
         det = self.inspector.model.detector
         feeds = self.feeds_of(det)
-        for f in feeds[:3]:
-            det.infer(f)
-        n, t0 = 0, time.perf_counter()
+        for f in feeds[:3]:  # warm-up, not timed
+            self.timer.inner(f)
+        self.timer.mode = "alone"
+        n, cpu0, t0 = 0, thread_cpu_s(), time.perf_counter()
         while True:
             det.infer(feeds[n % len(feeds)])
             n += 1
             el = time.perf_counter() - t0
             if el >= self.infer_s:
                 break
+        delta = _cpu_delta(cpu0, thread_cpu_s())
+        delta["inference"] = delta.get("inference", 0.0) + delta.pop("loop", 0.0)  # this thread called the model
+        self._add(self.cpu_alone, delta)
+        self.calls_alone += n
+        self.timer.mode = "loop"
         self.infer_only.append({"calls": n, "seconds": round(el, 2), "fps": round(n / el, 3)})
 
+    @staticmethod
+    def _add(total: dict[str, float], delta: dict[str, float]) -> None:
+        for k, v in delta.items():
+            total[k] = total.get(k, 0.0) + v
+
     def _begin_segment(self) -> None:
+        if self.timer is None:
+            self.timer = InferTimer(self.inspector.model.detector)
         self._infer_only()
         self._periodic_at_seg = self.inspector.periodic_ms
+        self._cpu_at_seg = thread_cpu_s()
         self.seg_frames.append(0)
         self.seg_start = time.perf_counter()
 
@@ -165,6 +238,7 @@ class Recorder:
         if now - self.seg_start >= self.seconds / self.segments:
             self.loop_s += now - self.seg_start
             self.periodic_in_loop += self.inspector.periodic_ms - self._periodic_at_seg
+            self._add(self.cpu_loop, _cpu_delta(self._cpu_at_seg, thread_cpu_s()))
             if len(self.seg_frames) >= self.segments:
                 self.rss.append((round(self.loop_s, 1), round(rss_mb(), 1)))
                 self._infer_only()
@@ -193,6 +267,10 @@ class Recorder:
             "drift_report_loop_ms": round(loop_thread, 3), "drift_report_pct": round(100 * loop_thread / wall_ms, 2),
             "drift_report_with_reader_pct": round(100 * with_reader / wall_ms, 2),
             "rss_mb_samples": self.rss, "rss_mb_spread": round(max(rss) - min(rss), 1),
+            "cpu_ms_per_frame": {k: round(v * 1e3 / n, 3) for k, v in sorted(self.cpu_loop.items())},
+            "cpu_ms_per_call_alone": {k: round(v * 1e3 / max(self.calls_alone, 1), 3)
+                                      for k, v in sorted(self.cpu_alone.items())},
+            "infer_call": self.timer.result() if self.timer else {},
         }
 
 
@@ -469,10 +547,16 @@ def markdown(results: list[dict], meta: dict) -> str:
         " and a writer thread writes the JSON lines, NG images and CSV rows of the frames before. Post-processing"
         " drops candidates below min(lowest decision threshold, hard-example band low) before the NMS (floor 0.3"
         " with this line's settings; the serial loop's NMS ran on every candidate above 0.01).",
-        "In the same process, with the same detector and thread count, the model alone (`Detector.infer` back to back"
-        f" on pre-processed frames of the same video) runs for {meta.get('infer_seconds', 12):g} s before, between and"
-        f" after 4 loop segments ({meta['seconds']:g} s of loop in all); loop throughput is compared with the"
-        " phases' mean.",
+        "What the two sides measure. **Loop**: frames inspected per second of loop time (4 segments, wall clock),"
+        " everything above included (decode, pre-processing, drift, post-processing, decisions, reports, JSON lines,"
+        " NG images). **Inference-only**: in the same process, on the same `Detector` object (the same ONNX Runtime"
+        " session: same intra-op thread count, same session options, spinning off on both sides), `Detector.infer`"
+        " called back to back in one thread on 16 frames of the same video pre-processed by the same"
+        " `Detector.prepare` beforehand (so neither decoding nor pre-processing is in its time), for"
+        f" {meta.get('infer_seconds', 12):g} s before, between and after the 4 loop segments ({meta['seconds']:g} s of"
+        " loop in all); its figure is the phases' mean. While it runs the pipeline's threads wait on their full"
+        " queues (the CPU they still use is in the table below, under `alone`); the collector process gets no"
+        " reports then. Both sides go through the same timing wrapper around `Detector.infer`.",
         f"Command: `{meta['command']}`. Measured {meta['date']} on {meta['machine']} ({meta.get('cpu_flags', '')}),"
         f" cores shared with other engineers' work (1-min load average {min(loads):.1f}-{max(loads):.1f} at the"
         " runs' start and end).", "",
@@ -493,6 +577,25 @@ def markdown(results: list[dict], meta: dict) -> str:
     for r in results:
         st = r["stage_ms"]
         lines.append(f"| {r['backend']} | {r['threads']} | " + " | ".join(f"{st[c]:.2f}" for c in cols) + f" | {r['wall_ms_per_frame']:.1f} |")
+    roles = ("inference", "native", "reader", "loop", "writer", "service")
+    lines += ["", "CPU time by thread (ms per frame in the loop, per call alone; from /proc, user + system): `inference`"
+              " = the thread calling the model (ONNX Runtime computes in it; alone, the loop thread calls it), `native` = threads Python did not start"
+              " (ONNX Runtime's intra-op pool at 2 threads), `reader` = decode + pre-processing + image drift features,"
+              " `loop` = post-processing, decisions, drift, reports, metrics, `writer` = JSON lines, drawing and JPEG"
+              " encoding of NG images, atomic writes, `service` = metrics server, uplink. `infer call` = wall and"
+              " calling-thread CPU of one `Detector.infer` (at 1 thread, wall - CPU is time off the CPU: preempted"
+              " by other work, or waiting for the GIL once ONNX Runtime hands back):", "",
+              "| threads | side | " + " | ".join(roles) + " | all but inference+native | infer call wall / CPU ms |",
+              "|---|---|" + "---|" * (len(roles) + 2)]
+    for r in results:
+        if "cpu_ms_per_frame" not in r:
+            continue
+        for side, key, call in (("loop", "cpu_ms_per_frame", "loop"), ("alone", "cpu_ms_per_call_alone", "alone")):
+            cpu = r[key]
+            rest = sum(v for k, v in cpu.items() if k not in ("inference", "native"))
+            ic = r["infer_call"].get(call, {})
+            lines.append(f"| {r['threads']} | {side} | " + " | ".join(f"{cpu.get(k, 0.0):.2f}" for k in roles)
+                         + f" | {rest:.2f} | {ic.get('wall_ms', 0):.2f} / {ic.get('thread_cpu_ms', 0):.2f} |")
     worst_ratio = min(r["loop_vs_infer_only_pct"] for r in results)
     worst = max(r["drift_report_pct"] for r in results)
     lines += ["", "Runs: " + ", ".join(
@@ -569,6 +672,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="seconds of each inference-only phase, interleaved with 4 loop segments (default 12)")
     ap.add_argument("--report-interval", type=float, default=5.0, help="seconds between reports (default 5)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/defectkit-bench-edge-loop"), help="kit and run folders")
+    ap.add_argument("--results-name", default=None,
+                    help="write bench/results/<name>.json and leave docs/benchmarks.md alone (e.g. a 10-minute RSS run)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds = min(args.seconds, 20.0)
@@ -584,7 +689,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 results.append(run_target(where, backend, kit, args.work, args, collector.url, threads))
     finally:
         collector.stop()
-    name = "edge_loop_quick.json" if args.quick else "edge_loop.json"
+    name = f"{args.results_name}.json" if args.results_name else "edge_loop_quick.json" if args.quick else "edge_loop.json"
     meta = {"command": ("python bench/edge_loop.py " + " ".join(argv)).strip(), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
             "cpu_flags": _cpu_flags(), "infer_seconds": args.infer_seconds,
@@ -596,7 +701,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     atomic_write_text(RESULTS / name, json.dumps({"meta": meta, "runs": results}, indent=1))
     section = markdown(results, meta)
     print("\n" + section)
-    if not args.quick:
+    if not args.quick and not args.results_name:
         write_docs_section(section)
     return 0
 
