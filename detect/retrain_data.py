@@ -106,6 +106,13 @@ class Merged:
     hashes: dict[str, str] = field(default_factory=dict)  # merged image file name -> sha256 of its content
 
     @property
+    def train_images(self) -> int:
+        """Images in the merged training set (what one epoch trains on)."""
+        import json
+
+        return len(json.loads(self.train.read_text())["images"])
+
+    @property
     def new_share(self) -> tuple[int, int]:
         """(new training images, the line's training images: all of the parent's, replayed or not, plus the new).
 

@@ -160,6 +160,13 @@ def test_forgetting_verdict_is_computed_from_both_models_on_the_parents_val_set(
                                    retrained.run.root / "eval" / "check")
     assert v.old_map_parent == pytest.approx(parent_eval.map50_95, abs=1e-4)
     assert v.old_map_parent > 0.5  # the base detector really detects the five old classes
+    # the gate scores the retrained model from the merged val set's detections of the parent's images: the same
+    # figures as running it over the parent's val set again
+    again = evaluate_weights(load_run_spec(retrained.run.root), retrained.run.best_weights,
+                             retrained.run.root / "data" / "val_old.json", retrained.run.root / "eval" / "check_old")
+    assert v.old_map_retrained == pytest.approx(again.map50_95, abs=1e-4)
+    for c in v.classes:
+        assert c.retrained == pytest.approx(again.per_class[c.name], abs=1e-4), c.name
     for c in v.classes:
         assert c.drop_points == pytest.approx((c.parent - c.retrained) * 100, abs=0.02)
         assert (f"class '{c.name}'" in " ".join(v.reasons)) == (c.drop_points > v.max_class_drop)

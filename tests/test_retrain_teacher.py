@@ -246,6 +246,10 @@ def test_epochs_follow_the_new_datas_share_and_are_recorded(parent, new_data, re
     auto = retrain_policy(spec, p, 5, 100)
     assert auto["epochs"] == 3 and "5.0%" in auto["why"] and auto["new_share"] == 0.05
     assert auto["lr"] == pytest.approx(0.003 * 0.2) and auto["patience"] == 2
+    # warmup: at most one epoch of the retrain (the parent's 30 steps would cover a short retrain whole)
+    assert spec.settings.train.warmup_steps == 30 and auto["warmup_steps"] == 30  # steps per epoch unknown
+    assert retrain_policy(spec, p, 5, 100, None, 7)["warmup_steps"] == 7
+    assert retrain_policy(spec, p, 5, 100, {"train": {"warmup_steps": 20}}, 7)["warmup_steps"] == 30  # given
     assert retrain_policy(spec, p, 40, 100)["epochs"] == 8
     assert retrain_policy(spec.with_cli({"retrain": {"epochs": 7}}), p, 5, 100)["epochs"] == 7
     cli = {"train": {"epochs": 4, "lr": 0.001}}
