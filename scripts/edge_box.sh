@@ -3,31 +3,70 @@
 # ONNX Runtime, numpy, opencv-python-headless, cryptography and the kit's edge_runtime in /opt/edge.
 # PyPI has paddlelite only for Python <= 3.10, so the kit converts and runs .nb files in here (STACK.md).
 #
-#   scripts/edge_box.sh [build] [--install-deps] [ROOT]
+#   scripts/edge_box.sh [--arch ARCH] [build] [--install-deps] [ROOT]
 #                                              build or refresh (default ROOT: $DEFECTKIT_CACHE/edgebox-bullseye-py39);
 #                                              a missing debootstrap is refused unless --install-deps (then announced)
-#   scripts/edge_box.sh run [--root ROOT] [--bind PATH]... [--] CMD...
+#   scripts/edge_box.sh [--arch ARCH] run [--root ROOT] [--bind PATH]... [--] CMD...
 #                                              run CMD inside the box: project read-only at /opt/defectkit,
 #                                              /proc mounted, PYTHONPATH=/opt/defectkit, each --bind PATH
 #                                              read-write at the same path. Mounts live in a private mount
 #                                              namespace (unshare), so they vanish when CMD ends, even on a crash.
-#   scripts/edge_box.sh path                   print the default ROOT
+#   scripts/edge_box.sh [--arch ARCH] path     print the default ROOT
+# ARCH: amd64 (default) or arm64. The arm64 box ($DEFECTKIT_CACHE/edgebox-bullseye-py39-arm64) has ONNX Runtime
+# only (PyPI has no aarch64 paddlelite). On a host of another architecture it is built with debootstrap --foreign
+# and entered with `proot -q qemu-aarch64-static` (every exec goes through qemu; no binfmt_misc needed): Debian
+# packages qemu-user-static and proot. Timings inside an emulated box mean nothing.
 # Needs root (debootstrap, chroot, mount). A second build with the same recipe only refreshes edge_runtime.
 set -euo pipefail
 
 PROJECT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${DEFECTKIT_CACHE:-$HOME/.cache/defectkit}"
-DEFAULT_ROOT="$CACHE/edgebox-bullseye-py39"
 SUITE=bullseye
 MIRROR="${DEFECTKIT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-# Pins chosen because they have cp39 manylinux wheels that run on bullseye's glibc 2.31.
-PIP_PACKAGES=(paddlelite==2.13rc0 numpy==1.23.5 opencv-python-headless==4.8.1.78 onnxruntime==1.19.2
-              cryptography==43.0.3)
+# Pins chosen because they have cp39 manylinux wheels that run on bullseye's glibc 2.31, for x86_64 and (all but
+# paddlelite) for aarch64 (onnxruntime 1.19.2 aarch64 needs glibc 2.27+).
+COMMON_PIP=(numpy==1.23.5 opencv-python-headless==4.8.1.78 onnxruntime==1.19.2 cryptography==43.0.3)
 STAMP_NAME=.defectkit-edgebox-recipe
 BOX_PROJECT=/opt/defectkit   # where `run` mounts the project
 
 log() { printf 'edge_box: %s\n' "$*" >&2; }
 die() { printf 'edge_box: error: %s\n' "$*" >&2; exit 2; }
+
+set_arch() {  # ARCH, the default ROOT, the wheels, and how to enter the box (chroot, or proot + qemu)
+  case "$1" in
+    amd64|x86_64) ARCH=amd64 ;;
+    arm64|aarch64) ARCH=arm64 ;;
+    *) die "--arch $1: unknown architecture (use amd64 or arm64)" ;;
+  esac
+  if [ "$ARCH" = amd64 ]; then
+    DEFAULT_ROOT="$CACHE/edgebox-bullseye-py39"
+    PIP_PACKAGES=(paddlelite==2.13rc0 "${COMMON_PIP[@]}")
+    IMPORT_CHECK="import paddlelite.lite, onnxruntime, cv2, numpy, cryptography"
+    QEMU=qemu-x86_64-static
+  else
+    DEFAULT_ROOT="$CACHE/edgebox-bullseye-py39-arm64"
+    PIP_PACKAGES=("${COMMON_PIP[@]}")   # no paddlelite: PyPI has no aarch64 wheel
+    IMPORT_CHECK="import onnxruntime, cv2, numpy, cryptography"
+    QEMU=qemu-aarch64-static
+  fi
+  local host
+  host="$(dpkg --print-architecture 2>/dev/null || uname -m)"
+  case "$host" in x86_64) host=amd64 ;; aarch64) host=arm64 ;; esac
+  FOREIGN=0; [ "$host" = "$ARCH" ] || FOREIGN=1
+}
+
+need_emulator() {  # a foreign box runs through qemu-user under proot (no binfmt_misc on these hosts)
+  [ "$FOREIGN" = 1 ] || return 0
+  local missing=() pkg
+  command -v "$QEMU" >/dev/null || missing+=(qemu-user-static)
+  command -v proot >/dev/null || missing+=(proot)
+  [ ${#missing[@]} = 0 ] && return 0
+  [ "${INSTALL_DEPS:-0}" = 1 ] || die "the $ARCH box on this $(uname -m) host needs $QEMU and proot: install the \
+Debian packages ${missing[*]} (apt-get install ${missing[*]}; \`make test\` does, via scripts/host_deps.sh) or \
+pass --install-deps to let this script install them"
+  for pkg in "${missing[@]}"; do log "installing Debian package '$pkg' on this host: it runs the $ARCH box's programs"; done
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
 
 need_root() { [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, mount): run it with sudo"; }
 
@@ -60,8 +99,9 @@ local_pip_dirs() {  # directories behind file:// URLs and plain paths in the pip
   return 0
 }
 
-recipe_hash() {
-  { echo "$SUITE ${PIP_PACKAGES[*]} python3,python3-pip,python3-venv"; host_pip_conf; } | sha256sum | cut -c1-16
+recipe_hash() {  # the amd64 line is unchanged so existing x86 boxes stay valid
+  local arch=""; [ "$ARCH" = amd64 ] || arch=" arch=$ARCH"
+  { echo "$SUITE ${PIP_PACKAGES[*]} python3,python3-pip,python3-venv$arch"; host_pip_conf; } | sha256sum | cut -c1-16
 }
 
 # Runs "$@" in a private mount namespace with ROOT's /proc, /tmp and the given binds set up, then chroots.
@@ -79,12 +119,19 @@ while read -r p; do
   [ -n "$p" ] || continue
   mkdir -p "$root$p"; mount --bind "$p" "$root$p"
 done <<< "$rw"
-exec chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/edge/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+if [ "${BOX_SYS:-0}" = 1 ]; then  # read-only /sys: ONNX Runtime aarch64 (cpuinfo) aborts at import without it
+  mount --rbind /sys "$root/sys"; mount -o remount,bind,ro "$root/sys"
+fi
+enter=(chroot "$root")
+# A foreign box: proot (-q) starts every program of the root through qemu-user (no binfmt_misc needed).
+[ -z "${BOX_QEMU:-}" ] || enter=(proot -q "$BOX_QEMU" -r "$root" -w /)
+exec "${enter[@]}" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/edge/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   PYTHONPATH="${BOX_PYTHONPATH:-}" PYTHONDONTWRITEBYTECODE=1 "$@"
 '
 in_box() {
   local root="$1" ro="$2" rw="$3"; shift 4
-  unshare --mount --propagation private --fork -- /bin/bash -c "$IN_BOX_SCRIPT" in_box "$root" "$ro" "$rw" "$@"
+  local qemu="" sys=0; [ "$FOREIGN" = 1 ] && qemu="$QEMU"; [ "$ARCH" = arm64 ] && sys=1
+  BOX_QEMU="$qemu" BOX_SYS="$sys" unshare --mount --propagation private --fork -- /bin/bash -c "$IN_BOX_SCRIPT" in_box "$root" "$ro" "$rw" "$@"
 }
 
 refresh_edge_runtime() {  # the kit's edge_runtime, copied (not linked) so the box stands alone
@@ -121,11 +168,19 @@ build() {
     log "installing Debian package 'debootstrap' on this host: it builds the edge-box root filesystem"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
   fi
+  need_emulator
   mkdir -p "$root"
   t0=$SECONDS
-  log "debootstrap $SUITE into $root"
-  debootstrap --variant=minbase --include=python3,python3-pip,python3-venv "$SUITE" "$root" "$MIRROR" \
+  local foreign=(); [ "$FOREIGN" = 1 ] && foreign=(--foreign "--arch=$ARCH")
+  log "debootstrap $SUITE ($ARCH) into $root"
+  debootstrap "${foreign[@]}" --variant=minbase --include=python3,python3-pip,python3-venv "$SUITE" "$root" "$MIRROR" \
     > "$root.debootstrap.log" 2>&1 || { tail -n 20 "$root.debootstrap.log" >&2; die "debootstrap failed (log: $root.debootstrap.log)"; }
+  if [ "$FOREIGN" = 1 ]; then
+    # Second stage inside the box, under qemu. DEBOOTSTRAP_DIR is set because its own `[ -x ]` probe fails under proot.
+    log "debootstrap --second-stage under $QEMU (slow: every dpkg and maintainer script is emulated)"
+    in_box "$root" "" "" -- /bin/sh -c 'DEBOOTSTRAP_DIR=/debootstrap exec /debootstrap/debootstrap --second-stage' \
+      >> "$root.debootstrap.log" 2>&1 || { tail -n 20 "$root.debootstrap.log" >&2; die "debootstrap --second-stage failed (log: $root.debootstrap.log)"; }
+  fi
   log "debootstrap took $((SECONDS - t0)) s"
   cp /etc/resolv.conf "$root/etc/resolv.conf"
   cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
@@ -138,7 +193,7 @@ build() {
     "python3 -m venv /opt/edge && /opt/edge/bin/pip install -q --no-cache-dir $(printf "'%s' " "${PIP_PACKAGES[@]}")" >&2
   log "pip took $((SECONDS - t0)) s"
   in_box "$root" "" "" -- /opt/edge/bin/python -c \
-    "import paddlelite.lite, onnxruntime, cv2, numpy, cryptography; print('edge box ok', onnxruntime.__version__, numpy.__version__)" >&2
+    "$IMPORT_CHECK; import platform; print('edge box ok', platform.machine(), onnxruntime.__version__, numpy.__version__)" >&2
   refresh_edge_runtime "$root"
   rm -rf "$root/var/cache/apt/archives/"*.deb
   echo "$want" > "$root/$STAMP_NAME"
@@ -157,18 +212,28 @@ run() {
   done
   [ $# -gt 0 ] || die "run: no command given (usage: edge_box.sh run [--root ROOT] [--bind PATH]... -- CMD...)"
   need_root
-  [ -f "$root/$STAMP_NAME" ] || die "no edge box at $root: build it first with scripts/edge_box.sh build"
+  local arch_opt=""; [ "$ARCH" = amd64 ] || arch_opt="--arch $ARCH "
+  [ -f "$root/$STAMP_NAME" ] || die "no edge box at $root: build it first with scripts/edge_box.sh ${arch_opt}build"
+  need_emulator
   BOX_PYTHONPATH="$BOX_PROJECT" in_box "$root" "$PROJECT $BOX_PROJECT" "$rw" -- "$@"
 }
 
 export BOX_PYTHONPATH="${BOX_PYTHONPATH:-}"
 INSTALL_DEPS=0
+set_arch amd64
+if [ "${1:-}" = --arch ]; then [ $# -ge 2 ] || die "--arch needs a value (amd64 or arm64)"; set_arch "$2"; shift 2; fi
 case "${1:-build}" in
   build) shift || true
-         if [ "${1:-}" = --install-deps ]; then INSTALL_DEPS=1; shift; fi
+         while [ $# -gt 0 ]; do
+           case "$1" in
+             --install-deps) INSTALL_DEPS=1; shift ;;
+             --arch) [ $# -ge 2 ] || die "--arch needs a value (amd64 or arm64)"; set_arch "$2"; shift 2 ;;
+             *) break ;;
+           esac
+         done
          build "${1:-}" ;;
   run) shift; run "$@" ;;
   path) echo "$DEFAULT_ROOT" ;;
-  -h|--help|help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help|help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) build "$1" ;;
 esac
