@@ -147,9 +147,16 @@ def _check_recipe(recipe: PretrainRecipe, work_dir: Path, resume: bool) -> None:
     if diff:
         raise ConfigError(f"{path} was started with another recipe ({'; '.join(diff)}). Resume with the same flags, "
                           f"or choose another --work folder.")
-    if not resume and (work_dir / "run" / "checkpoints").is_dir():
+    from detect.checkpoints import list_checkpoints
+
+    started = bool(list_checkpoints(work_dir / "run" / "checkpoints"))
+    if not resume and started:
         raise UserInputError(f"{work_dir} already holds a pretrain run: continue it with "
                              f"`{recipe.command(work_dir)} --resume`, or choose another --work folder.")
+    if resume and not started:
+        raise UserInputError(f"the pretrain in {work_dir} stopped before its first checkpoint (end of epoch 1): "
+                             f"nothing to resume. Start it again without --resume: `{recipe.command(work_dir)}` "
+                             "(the corpus on disk is reused).")
     atomic_write_json(path, {**stored, **{k: now[k] for k in RESUMABLE_FIELDS}})
 
 

@@ -62,3 +62,12 @@ def test_surfaces_pretrain_resumes_reuses_its_corpus_and_publishes_partial(tmp_p
 def test_resume_without_a_pretrain_names_the_command(tmp_path):
     with pytest.raises(UserInputError, match="defectkit pretrain --corpus surfaces"):
         pretrain(RECIPES["surfaces-base-tiny-320"], tmp_path, tmp_path / "out", resume=True)
+
+
+def test_resume_before_the_first_checkpoint_says_start_again(tmp_path):
+    from dataclasses import asdict
+
+    recipe = RECIPES["surfaces-base-tiny-320"]
+    (tmp_path / "recipe.json").write_text(json.dumps(asdict(recipe)))  # killed while drawing the corpus
+    with pytest.raises(UserInputError, match="before its first checkpoint.*without --resume"):
+        pretrain(recipe, tmp_path, tmp_path / "out", resume=True)
