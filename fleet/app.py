@@ -74,6 +74,7 @@ def create_app(settings: CollectorSettings) -> FastAPI:
 
     @app.exception_handler(DBAPIError)
     @app.exception_handler(PoolTimeout)
+    @app.exception_handler(db.StoreUnavailable)
     async def store_busy(request: Request, exc: Exception) -> JSONResponse:
         # a locked or full SQLite file, a PostgreSQL server down or refusing: the device keeps the item, retries
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]

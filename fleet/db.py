@@ -19,9 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
-from edge_runtime.errors import ConfigError, require
+from edge_runtime.errors import ConfigError, DefectkitError, require
 
 DbLocation = Union[str, Path]
+
+
+class StoreUnavailable(DefectkitError):
+    """The database cannot be reached (down, refusing, unreachable). A request meeting it is answered 503 with
+    Retry-After; a collector starting against it stops with this message instead of a driver traceback."""
 _PG_LOCK_KEY = 0x64656b74  # "dekt": the one advisory lock of the collector's write transactions
 HEAD = "0002"
 PG_POOL = 16  # PostgreSQL connections per collector process (4 processes: 64, inside the server's default 100)
@@ -400,14 +405,29 @@ def migrate(db: DbLocation, *, force: bool = False) -> str:
     key = sqlalchemy_url(db)
     if key in _MIGRATED and not force:
         return HEAD
+    from sqlalchemy.exc import OperationalError
+
+    eng = engine(db)
+
+    try:
+        _upgrade(db, eng, key, force)
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0][:300]
+        raise StoreUnavailable(f"cannot open the collector store {describe(db)}: {reason}; start the database "
+                               f"server or correct --db (the schema is migrated when the store opens)") from None
+    with _LOCK:
+        _MIGRATED.add(key)
+    return HEAD
+
+
+def _upgrade(db: DbLocation, eng: Any, key: str, force: bool) -> None:
     from alembic import command
     from alembic.script import ScriptDirectory
     from sqlalchemy import inspect, text
 
-    eng = engine(db)
     with _MIGRATE_LOCK, eng.connect() as c:
         if key in _MIGRATED and not force:  # another thread of this process just did it
-            return HEAD
+            return
         c.info["immediate"] = True  # SQLite: take the write lock first (a read upgraded to a write is refused)
         with c.begin():
             if eng.dialect.name == "postgresql":  # one process migrates, the others wait and find it done
@@ -422,9 +442,6 @@ def migrate(db: DbLocation, *, force: bool = False) -> str:
                                   f"know (made by a newer defectkit?); upgrade defectkit, or use another --db")
             command.upgrade(cfg, "head")
         c.info.pop("immediate", None)
-    with _LOCK:
-        _MIGRATED.add(key)
-    return HEAD
 
 
 def connect(db: DbLocation, *, migrate_schema: bool = True) -> Conn:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -189,3 +190,19 @@ def test_postgresql_down_is_503_with_retry_after_then_stored(tmp_path):
     finally:
         db.dispose_all()
         server.cleanup()
+
+
+def test_a_collector_started_on_a_database_that_refuses_says_so_without_a_traceback(tmp_path):
+    """The store is opened (and migrated) before the collector listens: a refused connection stops it with one
+    line naming the store and the fix, not a driver traceback (systemd restarts it; the boxes keep their items)."""
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://collector:secret@127.0.0.1:{port}/fleet"
+    res = subprocess.run([sys.executable, "-m", "fleet.collector", "serve", "--db", url, "--port", "0",
+                          "--data-dir", str(tmp_path / "images"), "--registry-dir", str(tmp_path / "registry")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "collector: error: cannot open the collector store postgresql://collector:***@127.0.0.1" in res.stderr
+    assert "refused" in res.stderr and "start the database server or correct --db" in res.stderr
+    assert "Traceback" not in res.stderr and "secret" not in res.stderr
