@@ -1,16 +1,18 @@
 """The arm64 edge box gives the same verdicts on a real bundle's golden images as the x86 box.
 
-What runs: the kit's base detector (PP-YOLOE+ tiny, 320 px, FP32 ONNX without NMS) in a signed bundle whose golden
-expectations come from paddle.inference on the host. Both boxes run it through their own code (``edge_runtime.cli``,
+What runs: the kit's base detector (PP-YOLOE+ tiny, 320 px, FP32 ONNX without NMS) in a signed bundle with two golden
+images (one NG, one OK) whose expectations come from paddle.inference on the host. Both boxes run it through their own code (``edge_runtime.cli``,
 the ``python -m edge_runtime predict --bundle`` entry point, then the golden self-test) with their own ONNX Runtime
 1.19.2 wheel: x86_64 natively, aarch64 under qemu-user emulation (this host has no ARM CPU: qemu stands in for one,
 and executes the real aarch64 wheel's NEON kernels). Paddle Lite's ARM ``.nb`` is not covered: PyPI has no aarch64
 paddlelite, so the arm64 box has ONNX Runtime only.
 
 Tolerance, why: both sides run the same FP32 graph, but through different MLAS kernels (AVX2/FMA vs NEON), which sum
-in another order; measured differences are around 1e-6 in scores and 1e-4 px in boxes. The assertions leave two
-orders of magnitude (scores 1e-3, boxes 0.05 px of a 320 px input): still far below anything that changes a verdict,
-and far below the golden self-test's own tolerance (0.05 in score, 2 px).
+in another order. Measured on 2026-11-30 over every anchor of both golden images (raw outputs, before NMS): scores
+differ by up to 3.6e-7, boxes by up to 1.2e-4 px; after the wire form's rounding the detections were identical. The
+assertions allow 1e-3 in score and 0.05 px in box (320 px input): three orders of magnitude of headroom for other
+kernels or CPUs, still far below anything that moves a verdict (threshold 0.5) and below the golden self-test's own
+tolerance (0.05 in score, 2 px).
 """
 from __future__ import annotations
 
@@ -46,23 +48,21 @@ COMPARE_FLOOR = 0.1
 # costs seconds.
 _IN_BOX = """
 import json, platform, sys
-import cv2, numpy as np, onnxruntime
+import numpy as np, onnxruntime
 from edge_runtime.bundle import load_public_key, verify_bundle
 from edge_runtime.cli import main
-from edge_runtime.preprocess import preprocess
 from edge_runtime.selftest import bundle_detector, choose_model, self_test
 rc = main(["predict", "--bundle", {bundle!r}, "--public-key", {key!r}, "--source", {source!r},
            "--out", {out!r}, "--threads", "1"{extra}])
 manifest = verify_bundle({bundle!r}, load_public_key({key!r}))
 backend, model = choose_model(manifest)
 det = bundle_detector(manifest, model, backend, threads=1)
-raw = {{}}  # every anchor's box and score, before NMS: what the wire form's rounding would hide
-for i, g in enumerate(manifest.golden):
-    image, scale = preprocess(cv2.imread(str(manifest.path(g.file))), det.spec.input)
-    for j, out in enumerate(det.backend.infer({{"image": image, "scale_factor": scale}})):
-        raw["g%d_out%d" % (i, j)] = out
-np.savez({raw!r}, **raw)
+# Keep the self-test's raw model outputs (every anchor's box and score, before NMS and before the wire form's
+# rounding) instead of running the golden images a third time: each costs seconds under qemu.
+raw, infer = [], det.backend.infer
+det.backend.infer = lambda feeds: raw.append(infer(feeds)) or raw[-1]
 report = self_test(manifest, detectors=[det], threads=1)
+np.savez({raw!r}, **{{"g%d_out%d" % (i, j): o for i, outs in enumerate(raw) for j, o in enumerate(outs)}})
 try:
     import paddlelite  # noqa: F401
     lite = True
@@ -75,19 +75,20 @@ print(json.dumps({{"machine": platform.machine(), "python": platform.python_vers
 
 
 def _pick_golden(images: list[Path], reference: Detector, cfg: RuntimeSettings) -> list[Path]:
-    """Two NG images and one OK image (by the paddle reference), so equal verdicts mean something both ways."""
+    """One NG image and one OK image (by the paddle reference), so equal verdicts mean something both ways; two
+    only, because each image costs about 10 s per pass under qemu on this contended host."""
     ng, ok = [], []
     for path in images:
         verdict = decide(reference(cv2.imread(str(path))), reference.classes, cfg)
         (ng if verdict.is_ng else ok).append(path)
-        if len(ng) >= 2 and ok:
-            return ng[:2] + ok[:1]
-    raise AssertionError(f"the base detector gave {len(ng)} NG / {len(ok)} OK images: need 2 NG and 1 OK")
+        if ng and ok:
+            return [ng[0], ok[0]]
+    raise AssertionError(f"the base detector gave {len(ng)} NG / {len(ok)} OK images: need one of each")
 
 
 @pytest.fixture(scope="module")
 def arm_bundle(base_run, base_export, tmp_path_factory):
-    """A signed bundle of the base detector's FP32 ONNX (host NMS), 3 golden images expected by paddle.inference."""
+    """A signed bundle of the base detector's FP32 ONNX (host NMS), 2 golden images expected by paddle.inference."""
     from detect.run_settings import load_run_spec
 
     base = tmp_path_factory.mktemp("armbox")
@@ -160,10 +161,10 @@ def test_arm64_box_verdicts_equal_the_x86_box(arm_bundle, tmp_path):
     assert x86["selftest_ok"] and arm["selftest_ok"], (x86["selftest"], arm["selftest"])  # both match paddle.inference
 
     predicted = sorted(x86_preds)
-    assert sorted(arm_preds) == sorted(x86_preds) and len(predicted) == len(golden_names) == 3
+    assert sorted(arm_preds) == sorted(x86_preds) and len(predicted) == len(golden_names) == 2
     verdicts = {n: (x86_preds[n]["verdict"], arm_preds[n]["verdict"]) for n in predicted}
     assert all(a == b for a, b in verdicts.values()), verdicts
-    assert sorted(v for v, _ in verdicts.values()) == ["NG", "NG", "OK"]  # the golden set has both outcomes
+    assert sorted(v for v, _ in verdicts.values()) == ["NG", "OK"]  # the golden set has both outcomes
 
     worst = [0.0, 0.0]
     compared = 0
@@ -174,7 +175,7 @@ def test_arm64_box_verdicts_equal_the_x86_box(arm_bundle, tmp_path):
         assert not _unmatched(b, a, worst), (name, "arm64 detections missing or off on x86", _unmatched(b, a, worst))
     print(f"x86 vs arm64: {compared} detections compared (score >= {COMPARE_FLOOR}), max |score| diff {worst[0]:.2e}, "
           f"max box diff {worst[1]:.2e} px")
-    assert compared >= 2  # the NG images' detections at least
+    assert compared >= 1  # the NG image's detections at least
 
     # every anchor of every golden image, before NMS and before the wire form's rounding (5 decimals, 0.01 px)
     assert sorted(x86_raw) == sorted(arm_raw) and len(x86_raw) == 2 * len(golden_names)
