@@ -584,9 +584,12 @@ def markdown(results: list[dict], meta: dict) -> str:
               " `loop` = post-processing, decisions, drift, reports, metrics, `writer` = JSON lines, drawing and JPEG"
               " encoding of NG images, atomic writes, `service` = metrics server, uplink. `infer call` = wall and"
               " calling-thread CPU of one `Detector.infer` (at 1 thread, wall - CPU is time off the CPU: preempted"
-              " by other work, or waiting for the GIL once ONNX Runtime hands back):", "",
-              "| threads | side | " + " | ".join(roles) + " | all but inference+native | infer call wall / CPU ms |",
-              "|---|---|" + "---|" * (len(roles) + 2)]
+              " by other work, or waiting for the GIL once ONNX Runtime hands back); `frame wall` = loop time per frame,"
+              " or 1 / the inference-only rate, and in brackets what is left after the infer call: the inference"
+              " thread waiting for a prepared frame or for room downstream, and the hand-offs between threads:", "",
+              "| threads | side | " + " | ".join(roles) + " | all but inference+native | infer call wall / CPU ms |"
+              " frame wall ms (gap) |",
+              "|---|---|" + "---|" * (len(roles) + 3)]
     for r in results:
         if "cpu_ms_per_frame" not in r:
             continue
@@ -594,8 +597,11 @@ def markdown(results: list[dict], meta: dict) -> str:
             cpu = r[key]
             rest = sum(v for k, v in cpu.items() if k not in ("inference", "native"))
             ic = r["infer_call"].get(call, {})
+            frame = r["wall_ms_per_frame"] if side == "loop" else 1e3 / r["infer_only_fps"]
+            gap = frame - ic.get("wall_ms", 0.0)  # loop: the inference thread outside the model (hand-off, starved)
             lines.append(f"| {r['threads']} | {side} | " + " | ".join(f"{cpu.get(k, 0.0):.2f}" for k in roles)
-                         + f" | {rest:.2f} | {ic.get('wall_ms', 0):.2f} / {ic.get('thread_cpu_ms', 0):.2f} |")
+                         + f" | {rest:.2f} | {ic.get('wall_ms', 0):.2f} / {ic.get('thread_cpu_ms', 0):.2f} |"
+                         f" {frame:.2f}" + (f" ({gap:+.2f})" if side == "loop" else "") + " |")
     worst_ratio = min(r["loop_vs_infer_only_pct"] for r in results)
     worst = max(r["drift_report_pct"] for r in results)
     lines += ["", "Runs: " + ", ".join(
