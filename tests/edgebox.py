@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "edge_box.sh"
 _READY: dict[str, Path] = {}
 # First-build budgets: the amd64 box builds natively; the arm64 one runs debootstrap's second stage and pip under
-# qemu (see docs/architecture.md, "ARM box", for the measured time).
+# qemu (measured 2026-11-30 on 2 contended cores: see the issue 14 item 4 note; tens of minutes, once per machine).
 FIRST_BUILD_TIMEOUT = {"amd64": 900.0, "arm64": 3600.0}
 
 
