@@ -155,7 +155,7 @@ def test_two_training_processes_through_paddle_distributed_launch_on_cpu(tiny_sp
     out = subprocess.run(
         ["bash", str(SCRIPT), str(tiny_spec.source), "--no-docker", "--cpu-procs", "2", "--runs", str(tmp_path),
          "--name", "d2", "--epochs", "4", "--batch-size", "2", "--set", "multiscale=False", "--set", "lr=0.0",
-         "--set", "patience=1", "--set", "visualdl=False"],
+         "--set", "patience=1", "--set", "visualdl=False", "--set", "eval_interval=1"],  # one evaluation per epoch
         cwd=tmp_path, capture_output=True, text=True, timeout=170, env={**os.environ, "DEFECTKIT_PY": sys.executable})
     logs = tmp_path / "launch-logs"
     assert out.returncode == 0, (out.stdout[-1500:], [p.read_text()[-1500:] for p in logs.glob("workerlog.*")])
