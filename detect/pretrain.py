@@ -139,6 +139,8 @@ def _check_recipe(recipe: PretrainRecipe, work_dir: Path, resume: bool) -> None:
             raise UserInputError(f"--resume: {work_dir} holds no pretrain (no recipe.json). Start one without "
                                  f"--resume: `{recipe.command(work_dir)}`.")
         atomic_write_json(path, asdict(recipe))
+        atomic_write_json(work_dir / "started.json", {  # the first session's start and code, kept across resumes
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kit_commit": git_commit()})
         return
     stored = json.loads(path.read_text())
     now = json.loads(json.dumps(asdict(recipe)))
@@ -231,8 +233,7 @@ def publish(recipe: PretrainRecipe, work_dir: Path, out_dir: Path = BASE_WEIGHTS
         "command": recipe.command(),
         "corpus": corpus_record(recipe),
         "classes": classes or _classes(recipe, work_dir),
-        "kit_commit": commit or git_commit(),
-        "started": started,
+        **_first_session(work_dir, started, commit),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metrics": {k: metrics.get(k) for k in ("val", "best_epoch", "epochs_run", "stop_reason", "train_minutes")},
         "partial": partial,
@@ -244,6 +245,18 @@ def publish(recipe: PretrainRecipe, work_dir: Path, out_dir: Path = BASE_WEIGHTS
                           f"`{record['resume_command']}` (the run folder keeps the corpus and checkpoints)")
     atomic_write_json(out_dir / f"{recipe.name}.json", record)
     return weights
+
+
+def _first_session(work_dir: Path, started: str | None, commit: str | None) -> dict[str, Any]:
+    """``kit_commit`` and ``started`` of the run's first session; the latest session's when they differ."""
+    path = Path(work_dir) / "started.json"
+    first = json.loads(path.read_text()) if path.is_file() else {}
+    out = {"kit_commit": first.get("kit_commit") or commit or git_commit(), "started": first.get("started") or started}
+    if first.get("note"):
+        out["started_note"] = first["note"]
+    if first and (commit, started) != (None, None) and started != first.get("started"):
+        out["last_session"] = {"started": started, "kit_commit": commit}
+    return out
 
 
 def _classes(recipe: PretrainRecipe, work_dir: Path) -> list[str]:

@@ -36,6 +36,7 @@ def test_surfaces_pretrain_resumes_reuses_its_corpus_and_publishes_partial(tmp_p
     assert record["corpus"]["kind"] == "surfaces" and record["corpus"]["recipe"]["seed"] == 3
     assert record["corpus"]["texture_sources"][0]["licence"] and len(record["corpus"]["families"]) >= 8
     assert record["partial"] is False and record["metrics"]["epochs_run"] == 1
+    first_started = record["started"]
 
     with pytest.raises(UserInputError, match="--resume"):  # a second start in the same folder is refused
         pretrain(recipe, work, out)
@@ -48,6 +49,7 @@ def test_surfaces_pretrain_resumes_reuses_its_corpus_and_publishes_partial(tmp_p
     record = json.loads(weights.with_suffix(".json").read_text())
     assert frame.stat().st_mtime_ns == stamp  # the corpus on disk was reused, not redrawn
     assert record["metrics"]["epochs_run"] == 2 and record["partial"] is False
+    assert record["started"] == first_started and record["last_session"]["started"] > first_started
 
     (work / "run" / "metrics.json").unlink()  # as if the run were still going: publish evaluates the best so far
     weights = publish(replace(recipe, epochs=5), work, out)
