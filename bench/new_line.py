@@ -39,9 +39,10 @@ from bench.lines.yolo_data import write_yolo_dataset  # noqa: E402
 LINES = {"a": "stone", "b": "strip", "c": "weave"}
 
 
-def run(cmd: list, log: Path, cpu: int | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run(cmd: list, log: Path, cpu: int | None = None, cwd: Path = REPO) -> float:
     """Run a command (pinned to one core when ``cpu`` is given, one thread), its output appended to ``log``;
-    a failure raises with the log's tail."""
+    return its CPU seconds (user + system, its waited-for children included); a failure raises with the log's
+    tail."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(log.parent / "ultralytics-config")}
     cmd = [str(c) for c in cmd]
@@ -50,11 +51,13 @@ def run(cmd: list, log: Path, cpu: int | None = None, cwd: Path = REPO) -> subpr
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-    if done.returncode:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-30:])
-        raise RuntimeError(f"{cmd[0] if cpu is None else cmd[3]} failed (exit {done.returncode}); see {log}:\n{tail}")
-    return done
+        raise RuntimeError(f"{cmd[0] if cpu is None else cmd[3]} failed (exit {proc.returncode}); see {log}:\n{tail}")
+    return round(usage.ru_utime + usage.ru_stime, 1)
 
 
 def kit_arm(spec: Path, work: Path, minutes: float, cpu: int, out: dict) -> None:
@@ -62,12 +65,14 @@ def kit_arm(spec: Path, work: Path, minutes: float, cpu: int, out: dict) -> None
     dk = Path(sys.executable).parent / "defectkit"
     runs, log = work / "runs", work / "kit.log"
     t0 = time.time()
-    run([dk, "train", spec, "--name", "first", "--runs", runs, "--time-budget-min", minutes], log, cpu)
+    cpu_s = run([dk, "train", spec, "--name", "first", "--runs", runs, "--time-budget-min", minutes], log, cpu)
     t1 = time.time()
     run_dir = next(runs.glob("*/first"))
-    run([dk, "eval", spec, "--run", run_dir, "--out", run_dir / "eval" / "bench"], log, cpu)
+    run([dk, "eval", "--run", run_dir, "--out", run_dir / "eval" / "bench"], log, cpu)
     m = json.loads((run_dir / "metrics.json").read_text())
-    out.update({"epochs": m["epochs_run"], "train_seconds": round(m["train_minutes"] * 60, 1),
+    history = [json.loads(ln) for ln in (run_dir / "history.jsonl").read_text().splitlines() if ln.strip()]
+    out.update({"epochs": m["epochs_run"], "train_seconds": round(m["train_minutes"] * 60, 1), "cpu_s": cpu_s,
+                "fit_seconds": round(sum(h.get("train_seconds", 0.0) for h in history), 1),
                 "best_epoch": m["best_epoch"], "stop_reason": m["stop_reason"], "wall_train_s": round(t1 - t0, 1),
                 "wall_eval_s": round(time.time() - t1, 1), "run": str(run_dir),
                 "detections": json.loads((run_dir / "eval" / "bench" / "bbox.json").read_text())})
@@ -75,9 +80,14 @@ def kit_arm(spec: Path, work: Path, minutes: float, cpu: int, out: dict) -> None
 
 def yolo_arm(py: Path, data: Path, val_map: Path, minutes: float, imgsz: int, work: Path, cpu: int, out: dict) -> None:
     result = work / "yolo_result.json"
-    run([py, "-m", "bench.lines.yolo_arm", "--data", data, "--val-map", val_map, "--minutes", minutes,
-         "--imgsz", imgsz, "--project", work / "yolo_runs", "--out", result], work / "yolo.log", cpu)
+    common = [py, "-m", "bench.lines.yolo_arm", "--data", data, "--val-map", val_map, "--minutes", minutes,
+              "--imgsz", imgsz, "--project", work / "yolo_runs", "--out", result]
+    t0 = time.time()
+    cpu_s = run([*common, "--stage", "train"], work / "yolo.log", cpu)
+    t1 = time.time()
+    run([*common, "--stage", "predict"], work / "yolo.log", cpu)
     out.update(json.loads(result.read_text()))
+    out.update({"cpu_s": cpu_s, "wall_train_s": round(t1 - t0, 1), "wall_predict_s": round(time.time() - t1, 1)})
 
 
 def score(val_json: Path, detections: list[dict]) -> dict:
@@ -135,20 +145,23 @@ def one_line(key: str, py: Path, args, root: Path) -> dict:
         dets = res.pop("detections")
         res.update(score(spec.paths.val, dets))
         res["images_per_s"] = round(res["epochs"] * n_train / max(1e-9, res["train_seconds"]), 2)
+        res["images_per_fit_s"] = round(res["epochs"] * n_train / max(1e-9, res["fit_seconds"]), 2)
+        res["images_per_cpu_s"] = round(res["epochs"] * n_train / max(1e-9, res["cpu_s"]), 2)
         row[arm] = res
     return row
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| line | arm | mAP50 | mAP50-95 | per-class AP50 | epochs | train s | images/s |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| line | arm | mAP50 | mAP50-95 | per-class AP50 | epochs | train s (eval inside) | images/s | "
+           "images/s without eval | CPU s of the train command | images per CPU s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for arm in ("kit", "yolo11n"):
             a = r[arm]
             pc = ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in a["per_class_ap50"].items())
             out.append(f"| {r['line']} {r['name']} | {'kit (README path)' if arm == 'kit' else 'YOLO11n scratch'} | "
                        f"{a['map50']:.3f} | {a['map50_95']:.3f} | {pc} | {a['epochs']} | {a['train_seconds']:.0f} | "
-                       f"{a['images_per_s']} |")
+                       f"{a['images_per_s']} | {a['images_per_fit_s']} | {a['cpu_s']:.0f} | {a['images_per_cpu_s']} |")
     return "\n".join(out)
 
 
@@ -167,6 +180,8 @@ def chart(rows: list[dict], path: Path, minutes: float) -> None:
                    label="kit (README path)" if arm == "kit" else "YOLO11n from scratch")
         ax.set_xticks(x, [f"{r['line']} {r['name']}" for r in rows])
         ax.set_title(label)
+        if key != "images_per_s":
+            ax.set_ylim(0, 1)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"First model on a new line, {minutes:g} min of one core each")
     fig.tight_layout()

@@ -4,7 +4,7 @@ Runs in the bench's own venv (ultralytics is never a kit dependency), offline (`
 ``yolo11n.yaml`` builds the network from its description), with ultralytics' defaults except: ``time`` (the
 budget, hours), ``imgsz`` (the kit's input size), ``device=cpu`` and ``plots=False`` (plots fetch a font from
 the internet). ``python -m bench.lines.yolo_arm --data D.yaml --val-map M.json --minutes 3 --imgsz 320 --project
-DIR --out R.json``. Training seconds run from ``on_train_start`` to the last ``on_fit_epoch_end`` (each epoch's
+DIR --out R.json --stage train`` then the same with ``--stage predict``. Training seconds run from ``on_train_start`` to the last ``on_fit_epoch_end`` (each epoch's
 validation inside, the final re-validation of best.pt outside); the last epoch may be cut by the budget
 mid-way, so epochs are counted in batches (3.4 = three epochs and 40 % of the fourth).
 """
@@ -27,7 +27,10 @@ def train(data: Path, minutes: float, imgsz: int, project: Path, seed: int) -> d
         clock["start"] = time.time()
 
     def on_train_epoch_start(tr) -> None:
-        clock["batches"] = 0
+        clock["batches"], clock["epoch_start"] = 0, time.time()
+
+    def on_train_epoch_end(tr) -> None:  # before the epoch's validation
+        clock["fit_seconds"] = clock.get("fit_seconds", 0.0) + time.time() - clock["epoch_start"]
 
     def on_train_batch_end(tr) -> None:
         clock["batches"] += 1
@@ -38,13 +41,14 @@ def train(data: Path, minutes: float, imgsz: int, project: Path, seed: int) -> d
 
     model = YOLO("yolo11n.yaml")
     for name, fn in [("on_train_start", on_train_start), ("on_train_epoch_start", on_train_epoch_start),
-                     ("on_train_batch_end", on_train_batch_end), ("on_fit_epoch_end", on_fit_epoch_end)]:
+                     ("on_train_epoch_end", on_train_epoch_end), ("on_train_batch_end", on_train_batch_end), ("on_fit_epoch_end", on_fit_epoch_end)]:
         model.add_callback(name, fn)
     model.train(data=str(data), time=minutes / 60.0, imgsz=imgsz, device="cpu", project=str(project), name="yolo",
                 exist_ok=True, plots=False, seed=seed, verbose=False)
     best = Path(model.trainer.best)
     return {"best": str(best if best.is_file() else model.trainer.last), "epochs": round(clock.get("epochs", 0), 2),
             "train_seconds": round(clock.get("end", clock.get("start", 0)) - clock.get("start", 0), 1),
+            "fit_seconds": round(clock.get("fit_seconds", 0.0), 1),
             "batch": model.trainer.batch_size, "ultralytics_time_h": minutes / 60.0}
 
 
@@ -70,19 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--project", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path, help="result JSON (train writes it, predict adds to it)")
+    ap.add_argument("--stage", choices=("train", "predict"), required=True,
+                    help="two commands, so the bench can time and count the CPU of training alone")
     args = ap.parse_args(argv)
     os.environ["YOLO_OFFLINE"] = "1"
-    t0 = time.time()
-    result = train(args.data, args.minutes, args.imgsz, args.project, args.seed)
-    t1 = time.time()
-    dets = predict(Path(result["best"]), json.loads(args.val_map.read_text()), args.imgsz)
-    import torch
-    import ultralytics
+    if args.stage == "train":
+        import torch
+        import ultralytics
 
-    result.update({"detections": dets, "wall_train_s": round(t1 - t0, 1), "wall_predict_s": round(time.time() - t1, 1),
-                   "ultralytics": ultralytics.__version__, "torch": torch.__version__,
-                   "torch_threads": torch.get_num_threads()})
+        result = train(args.data, args.minutes, args.imgsz, args.project, args.seed)
+        result.update({"ultralytics": ultralytics.__version__, "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads()})
+    else:
+        result = json.loads(args.out.read_text())
+        result["detections"] = predict(Path(result["best"]), json.loads(args.val_map.read_text()), args.imgsz)
     args.out.write_text(json.dumps(result))
     return 0
 
