@@ -1,4 +1,10 @@
-"""``defectkit bundle RUN --variant NAME``: a signed bundle from gated variants of a training run.
+"""``defectkit bundle RUN [--variant NAME ...]``: a signed bundle from gated variants of a training run.
+
+Without ``--variant``: FP32 and every variant the gate passed that has a host-NMS ONNX model (:func:`default_variants`);
+each model entry names its variant, FP32 first, and the box times the ONNX Runtime variants on its own CPU and runs
+the fastest that passes its self-test, never one slower than FP32 (:mod:`edge_runtime.variant_choice`). Variants left
+out (refused by the gate, never gated, no ONNX model) are listed with the reason in the recipe's
+``variants_not_packed``.
 
 What goes in (ARCHITECTURE.md, Bundle):
 - the model files of each variant (a variant refused by the gate is never shipped; a Paddle Lite x86 ``.nb``

@@ -13,8 +13,10 @@ output error when one conv alone is quantized": that needs one calibrated ``quan
 PP-YOLOE+ s), this needs one model and two passes over the calibration images. The worst are kept in FP32, more
 at each round (0, 1, 2, 4, 8 ...), until the quantized model's detections on the calibration images match FP32
 within the gate's golden tolerance (``edge_runtime.selftest.compare``) and its calibration-set mAP drop is within
-a quarter of the gate. Before the rounds, the backbone stem and the DFL projection convs are fixed FP32
-(:func:`fixed_fp32`), and weights are always 7-bit so no x86 kernel saturates (``REDUCE_RANGE``). The result is then verified against paddle.inference running the FP32 host-NMS program
+a quarter of the gate. Before the rounds, the backbone's stem conv and the DFL projection convs are fixed FP32
+(:func:`fixed_fp32`), and weights are always 7-bit so no x86 kernel saturates (``REDUCE_RANGE``). Besides the convs,
+the activations and element-wise ops between them are quantized (:data:`QUANT_OPS`: the profile found the FP32 swish
+between Q/DQ pairs costing a third of the INT8 time), except the head's tail after the last convs (:func:`tail_fp32`). The result is then verified against paddle.inference running the FP32 host-NMS program
 (``detect.compare``) on held-out images; those figures go in the recipe for the gate to judge.
 
 Measured (onnxruntime 1.31.1, AVX-512 VNNI host): on the kit's base detector (PP-YOLOE+ tiny, 320 px) the first
@@ -76,21 +78,54 @@ class _Reader:
 # speed cost, and every consumer of the file would have to set it.)
 REDUCE_RANGE = True
 
+# Which ops are quantized, besides Conv: the activations and element-wise ops between the convs. Why (ONNX Runtime's
+# profiler, bench/edge_latency.py profile, PP-YOLOE+ s 320 px, 2 threads, AVX-512 VNNI): with Conv alone, every swish
+# (x * sigmoid(x)) sits between a DequantizeLinear and a QuantizeLinear and runs in FP32 (ONNX Runtime has no int8 conv
+# + swish fusion; in the FP32 graph it is fused as QuickGelu): Sigmoid, Mul, QuantizeLinear and DequantizeLinear took
+# about a third of the INT8 model's time. Quantized, they become QLinearSigmoid (a lookup table) and QLinearMul on uint8
+# and the Q/DQ pairs between convs disappear. Accuracy: raw-output SQNR against FP32 on 48 images of the base detector
+# moved from 26.9 to 26.0 dB (scores) and 43.8 to 44.0 dB (boxes); none of these ops use the int16 ``vpmaddubsw`` path
+# that saturates on AVX2 (only the convs do, hence REDUCE_RANGE). The head's tail stays FP32 (:func:`tail_fp32`).
+QUANT_OPS = ("Conv", "Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize", "GlobalAveragePool", "AveragePool")
 
-def _quantize(pre: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: list[str]) -> None:
+
+def _quantize(pre: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: list[str],
+              ops: Sequence[str] = QUANT_OPS) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(str(pre), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE,
-                        op_types_to_quantize=["Conv"], nodes_to_exclude=list(exclude))
+                        op_types_to_quantize=list(ops), nodes_to_exclude=list(exclude))
 
 
-def fixed_fp32(model: Path, stem: int = 3) -> list[str]:
-    """Convs kept FP32 before any measurement: the backbone stem (the first ``stem`` convs from the image input,
-    raw pixels, 3-27 weights per channel: 7-bit weights hurt them most) and the DFL projection convs (Softmax ->
-    Conv, one output channel, zeroed by the fused int8 kernel). Both rank first in :func:`conv_sensitivity` on the
-    tiny test model and the base detector; fixing them removes a noisy calibration-mAP decision about them."""
+def tail_fp32(model: Path) -> list[str]:
+    """Non-conv nodes between the head's last convs and the graph outputs (the score sigmoid, the DFL softmax, the
+    reshapes, transposes and concats of the outputs): kept FP32 so the scores and the box distributions the host
+    decodes are not rounded to 8 bits (a uint8 score moves in steps of 1/255 near the decision threshold)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    out: list[str] = []
+    stack = [o.name for o in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.op_type == "Conv" or node.name in out:
+            continue
+        out.append(node.name)
+        stack.extend(node.input)
+    return out
+
+
+def fixed_fp32(model: Path, stem: int = 1) -> list[str]:
+    """Convs kept FP32 before any measurement: the backbone stem (the first ``stem`` convs from the image input:
+    the first one reads raw pixels with 27 weights per output channel, where 7-bit weights hurt most) and the DFL
+    projection convs (Softmax -> Conv, one output channel, zeroed by the fused int8 kernel). Both rank first in
+    :func:`conv_sensitivity` on the tiny test model and the base detector; fixing them removes a noisy
+    calibration-mAP decision about them. ``stem`` was 3 until the profile showed the 2nd and 3rd stem convs
+    (32 channels in, at half and full 160 px resolution) costing ~10 % of the INT8 model's time in FP32; quantizing
+    them left the base detector's raw-output SQNR unchanged (26.8 vs 26.9 dB scores, 44.1 vs 43.8 dB boxes)."""
     import onnx
 
     graph = onnx.load(str(model), load_external_data=False).graph
@@ -268,8 +303,12 @@ def _write_candidate(src: Path, dst_dir: Path, deploy: ModelSpec, meta: dict) ->
 
 
 def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_images: list[Path], *,
-                  source: str = "model_nonms.onnx", max_excluded: int = 16, progress: bool = True) -> Variant:
-    """Write ``out_dir/model_nonms.onnx`` (INT8 QDQ) and its deploy.json; return the ``ort-int8`` variant."""
+                  source: str = "model_nonms.onnx", max_excluded: int = 16, progress: bool = True,
+                  ops: Sequence[str] = QUANT_OPS, stem: int | None = None) -> Variant:
+    """Write ``out_dir/model_nonms.onnx`` (INT8 QDQ) and its deploy.json; return the ``ort-int8`` variant.
+
+    ``ops`` and ``stem``: the recipe's quantized op types and FP32 stem convs (defaults: :data:`QUANT_OPS`,
+    :func:`fixed_fp32`'s); other values only for side-by-side benchmarks of recipes."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -302,11 +341,12 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         best: tuple[tuple, list[str]] | None = None
-        fixed = fixed_fp32(pre)
+        fixed = fixed_fp32(pre, stem) if stem is not None else fixed_fp32(pre)
+        tail = tail_fp32(pre) if set(ops) - {"Conv"} else []
         k = 0
         while True:
             excluded = fixed + ([n for n in sorted(lost, key=lost.get, reverse=True) if n not in fixed][:k] if k else [])
-            _quantize(pre, out_dir / "model_nonms.onnx", feeds, excluded)
+            _quantize(pre, out_dir / "model_nonms.onnx", feeds, excluded + tail, ops)
             cand = _write_candidate(src, out_dir, deploy, meta)
             bad, flips = _mismatches(reference, cand, calib_images, tol, deploy.classes, runtime)
             drop = 0.0 if fp32_map is None else round((fp32_map - evaluate_model(
@@ -332,7 +372,7 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
             k = 1 if k == 0 else k * 2
         excluded = best[1]
         if rounds[-1]["kept_fp32"] != len(excluded):  # the best round was an earlier one: rebuild it
-            _quantize(pre, out_dir / "model_nonms.onnx", feeds, excluded)
+            _quantize(pre, out_dir / "model_nonms.onnx", feeds, excluded + tail, ops)
             _write_candidate(src, out_dir, deploy, meta)
     dst = out_dir / "model_nonms.onnx"
     onnx.checker.check_model(str(dst))
@@ -341,10 +381,10 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
     log.info("ort-int8 vs paddle.inference FP32: %s", verified.get("summary", verified.get("skipped")))
     recipe = {
         "tool": f"onnxruntime.quantization {onnxruntime.__version__}", "format": "QDQ", "per_channel": True,
-        "activations": "QUInt8", "weights": "QInt8", "ops": ["Conv"], "calibration_images": len(feeds),
+        "activations": "QUInt8", "weights": "QInt8", "ops": list(ops), "calibration_images": len(feeds),
         "calibration": "MinMax", "sensitivity": "dB of SQNR lost per conv, read after its output QDQ through ONNX Runtime's fused "
                        "int8 kernels, calibration images",
-        "reduce_range": REDUCE_RANGE, "fixed_fp32": fixed,
+        "reduce_range": REDUCE_RANGE, "fixed_fp32": fixed, "tail_fp32": tail,
         "kept_fp32": [{"node": n, "db_lost": lost.get(n)} for n in excluded if n not in fixed],
         "rounds": rounds,
         "most_sensitive": [{"node": n, "db_lost": v} for n, v in sorted(lost.items(), key=lambda x: -x[1])
@@ -356,4 +396,4 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
     return Variant(name="ort-int8", method="ptq", parent="fp32", export_dir=out_dir.resolve(), recipe=recipe)
 
 
-__all__ = ["quantize_onnx", "conv_sensitivity", "verify_against_paddle"]
+__all__ = ["quantize_onnx", "conv_sensitivity", "verify_against_paddle", "fixed_fp32", "tail_fp32", "QUANT_OPS"]
