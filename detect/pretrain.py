@@ -274,6 +274,18 @@ def _evaluate(recipe: PretrainRecipe, work_dir: Path, weights: Path) -> dict[str
     return evaluate_weights(spec, weights, spec.paths.val, work_dir / "publish_eval").to_dict()
 
 
+def stored_recipe(work_dir: Path, asked: PretrainRecipe) -> PretrainRecipe:
+    """The recipe the run in ``work_dir`` records (the truth for its provenance), if it is the one asked for."""
+    path = Path(work_dir) / "recipe.json"
+    if not path.is_file():
+        return asked
+    stored = json.loads(path.read_text())
+    if stored.get("name") != asked.name:
+        raise UserInputError(f"{work_dir} holds the pretrain '{stored.get('name')}', not '{asked.name}': pass the "
+                             f"same --corpus/--model-size/--name as when it started.")
+    return PretrainRecipe(**{f.name: stored[f.name] for f in fields(PretrainRecipe) if f.name in stored})
+
+
 def recipe_from_args(args) -> PretrainRecipe:
     """The named recipe of ``--corpus``/``--model-size`` (or ``--name``), with the flags given on top."""
     name = args.name or f"{args.corpus or 'pcb'}-base-{args.model_size or 'tiny'}-320"
@@ -305,7 +317,7 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     recipe = recipe_from_args(args)
     if args.publish:
-        weights = publish(recipe, args.work, args.out)
+        weights = publish(stored_recipe(args.work, recipe), args.work, args.out)
     else:
         weights = pretrain(recipe, args.work, args.out, resume=args.resume)
     print(f"base weights: {weights}\nprovenance:   {weights.with_suffix('.json')}")

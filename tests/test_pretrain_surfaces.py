@@ -73,3 +73,15 @@ def test_resume_before_the_first_checkpoint_says_start_again(tmp_path):
     (tmp_path / "recipe.json").write_text(json.dumps(asdict(recipe)))  # killed while drawing the corpus
     with pytest.raises(UserInputError, match="before its first checkpoint.*without --resume"):
         pretrain(recipe, tmp_path, tmp_path / "out", resume=True)
+
+
+def test_publish_takes_the_recipe_the_run_recorded(tmp_path):
+    from dataclasses import asdict
+
+    from detect.pretrain import stored_recipe
+
+    ran = replace(RECIPES["surfaces-base-tiny-320"], time_budget_min=70.0)
+    (tmp_path / "recipe.json").write_text(json.dumps(asdict(ran)))
+    assert stored_recipe(tmp_path, RECIPES["surfaces-base-tiny-320"]) == ran  # its budget, not the flag's default
+    with pytest.raises(UserInputError, match="holds the pretrain 'surfaces-base-tiny-320', not 'surfaces-base-s-320'"):
+        stored_recipe(tmp_path, RECIPES["surfaces-base-s-320"])
