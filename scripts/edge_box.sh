@@ -63,7 +63,7 @@ need_emulator() {  # a foreign box runs through qemu-user under proot (no binfmt
   [ ${#missing[@]} = 0 ] && return 0
   [ "${INSTALL_DEPS:-0}" = 1 ] || die "the $ARCH box on this $(uname -m) host needs $QEMU and proot: install the \
 Debian packages ${missing[*]} (apt-get install ${missing[*]}; \`make test\` does, via scripts/host_deps.sh) or \
-pass --install-deps to let this script install them"
+let this script install them: scripts/edge_box.sh --arch $ARCH build --install-deps"
   for pkg in "${missing[@]}"; do log "installing Debian package '$pkg' on this host: it runs the $ARCH box's programs"; done
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }

@@ -183,3 +183,33 @@ def test_arm64_box_verdicts_equal_the_x86_box(arm_bundle, tmp_path):
     raw_score = max(float(np.abs(x86_raw[k] - arm_raw[k]).max()) for k in x86_raw if k.endswith("out1"))
     print(f"raw outputs, all anchors: max |score| diff {raw_score:.2e}, max box diff {raw_box:.2e} px")
     assert raw_score <= SCORE_TOL and raw_box <= BOX_TOL_PX
+
+
+def test_arm64_box_without_qemu_or_proot_names_the_debian_packages(tmp_path):
+    """Without binfmt_misc the arm64 box needs qemu-user-static and proot: the error says so and how to get them."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.edgebox import SCRIPT
+
+    tools = tmp_path / "bin"  # a PATH with what the script needs to get there, but no qemu-aarch64-static or proot
+    tools.mkdir()
+    for name in ("bash", "id", "dirname", "dpkg", "uname"):
+        os.symlink(shutil.which(name), tools / name)
+    root = tmp_path / "box"
+    root.mkdir()
+    (root / ".defectkit-edgebox-recipe").write_text("x\n")
+    env = {"PATH": str(tools), "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(SCRIPT), "--arch", "arm64", "run", "--root", str(root), "--", "true"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert "qemu-aarch64-static and proot" in proc.stderr and "Debian packages qemu-user-static proot" in proc.stderr
+    assert "scripts/edge_box.sh --arch arm64 build --install-deps" in proc.stderr
+
+    bad = subprocess.run(["bash", str(SCRIPT), "--arch", "mips", "path"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown architecture (use amd64 or arm64)" in bad.stderr
+    paths = [subprocess.run(["bash", str(SCRIPT), *a, "path"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DEFECTKIT_CACHE": str(tmp_path)}).stdout.strip()
+             for a in ([], ["--arch", "amd64"], ["--arch", "arm64"])]
+    assert paths == [str(tmp_path / "edgebox-bullseye-py39")] * 2 + [str(tmp_path / "edgebox-bullseye-py39-arm64")]
