@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "edge_box.sh"
 _READY: dict[str, Path] = {}
 # First-build budgets: the amd64 box builds natively; the arm64 one runs debootstrap's second stage and pip under
-# qemu (measured 2026-11-30 on 2 contended cores: see the issue 14 item 4 note; tens of minutes, once per machine).
+# qemu: 25 min 20 s on 2026-11-30 here (2 cores under a CPU load test and other builds: 19.5 min debootstrap,
+# 5.6 min pip), once per machine; a cached box refreshes in seconds.
 FIRST_BUILD_TIMEOUT = {"amd64": 900.0, "arm64": 3600.0}
 
 
