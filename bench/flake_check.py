@@ -57,8 +57,11 @@ def main() -> int:
     try:
         for i in range(1, args.rounds + 1):
             r0 = time.monotonic()
+            # PYTHONPATH: the tests' own `python -m defectkit` subprocesses import this checkout, not whichever
+            # checkout the venv's editable install points at (a worktree run mixed two versions of the kit)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *args.tests],
-                                  cwd=ROOT, capture_output=True, text=True)
+                                  cwd=ROOT, capture_output=True, text=True, env=env)
             failed = [ln.split(" ", 2)[1] for ln in proc.stdout.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
             last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
             rounds.append({"round": i, "rc": proc.returncode, "failed": failed, "summary": last,
