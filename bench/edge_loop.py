@@ -173,6 +173,7 @@ class Recorder:
         self.loop_frames = 0
         self.done = False
         self.rss: list[tuple[float, float]] = []
+        self.backlog: list[int] = []  # the writer's backlog at each RSS sample
         self._next_sample = 0.0
         self.infer_only: list[dict] = []
         self.periodic_in_loop = 0.0
@@ -234,6 +235,7 @@ class Recorder:
         elapsed = self.loop_s + now - self.seg_start
         if now >= self._next_sample:
             self.rss.append((round(elapsed, 1), round(rss_mb(), 1)))
+            self.backlog.append(self.inspector.writer.backlog)  # records waiting for the writer (bounded)
             self._next_sample = now + self.sample_s
         if now - self.seg_start >= self.seconds / self.segments:
             self.loop_s += now - self.seg_start
@@ -267,6 +269,7 @@ class Recorder:
             "drift_report_loop_ms": round(loop_thread, 3), "drift_report_pct": round(100 * loop_thread / wall_ms, 2),
             "drift_report_with_reader_pct": round(100 * with_reader / wall_ms, 2),
             "rss_mb_samples": self.rss, "rss_mb_spread": round(max(rss) - min(rss), 1),
+            "writer_backlog_samples": self.backlog,
             "cpu_ms_per_frame": {k: round(v * 1e3 / n, 3) for k, v in sorted(self.cpu_loop.items())},
             "cpu_ms_per_call_alone": {k: round(v * 1e3 / max(self.calls_alone, 1), 3)
                                       for k, v in sorted(self.cpu_alone.items())},
