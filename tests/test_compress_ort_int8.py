@@ -37,8 +37,8 @@ def test_the_model_is_int8_qdq_and_smaller(int8):
 def test_sensitive_convs_come_from_measurement(int8):
     _, _, v = int8
     r = v.recipe
-    fixed = r["fixed_fp32"]  # the stem conv (raw pixels) and the 3 DFL projection convs, then measured
-    assert len(fixed) == 4 and r["rounds"][0]["kept_fp32"] == len(fixed) and r["reduce_range"] is True
+    fixed = r["fixed_fp32"]  # the 3-conv stem and the 3 DFL projection convs, then measured
+    assert len(fixed) == 6 and r["rounds"][0]["kept_fp32"] == len(fixed) and r["reduce_range"] is True
     assert all({"calib_map_drop_pts", "images_off", "verdict_flips"} <= set(x) for x in r["rounds"])
     if len(r["rounds"]) > 1:  # the first round was not good enough: convs were ranked by the dB they lose
         ranked = [x["db_lost"] for x in r["most_sensitive"]]
