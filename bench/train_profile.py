@@ -1,7 +1,8 @@
 """Where a training step's time goes, and images per CPU-second of the kit's training: one command.
 
-    python bench/train_profile.py                          # profile of the defaults (~3 min at 1 thread)
-    python bench/train_profile.py --arms defaults,eval-auto,workers-1 --rounds 2   # + ratios, arms interleaved
+    python bench/train_profile.py                # arms before,defaults, 3 epochs each, profile + ratio (~3 CPU-min)
+    python bench/train_profile.py --arms before,defaults,eval-every-1,mkl-off --epochs 5   # docs/benchmarks.md
+    python bench/train_profile.py --arms defaults,workers-1,batch-16,onednn --rounds 2    # arms alternated
 
 The line is one the shipped base never saw (``bench/first_model.py``'s ``make_line``: ``detect.data.foreign`` boards,
 150 images split 70/30). Each arm fine-tunes ``base_weights/pcb-base-tiny-320`` (tiny, 320 px) for ``--epochs`` epochs
