@@ -188,6 +188,12 @@ class OutputWriter:
     def backlog(self) -> int:
         return len(self._items)
 
+    @property
+    def images_waiting(self) -> int:
+        """Queued records that hold an image (at most ``max_images``: the memory a slow disk can pin)."""
+        with self._cond:
+            return sum(1 for item in self._items if item[0] == "rec" and item[2] is not None)
+
     def submit(self, rec: Any, image: Any = None, roi: Any = None) -> None:
         """One frame's outputs; returns at once (unless ``max_lines`` records are already waiting)."""
         with self._cond:
@@ -203,6 +209,8 @@ class OutputWriter:
                     self.images_dropped += 1
                 else:
                     self._pending_images += 1
+            else:  # an OK frame's image is never written: do not hold it (nor count it out) while the disk is behind
+                image = None
             self._items.append(("rec", rec, image, roi, dropped))
             self._cond.notify_all()
 

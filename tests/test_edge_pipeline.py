@@ -124,6 +124,40 @@ def test_a_slow_disk_never_blocks_inference_and_drops_ng_images_first_never_verd
     assert sum(r["counts"]["frames"] for r in _reports(tmp_path / "out" / "state")) == 20
 
 
+def test_a_slow_disk_pins_at_most_the_ng_image_cap_with_ok_frames_in_the_backlog(kit, tmp_path):
+    # 10 OK frames, then 20 NG frames, inspected while the (deliberately slow) disk writes nothing. Only NG images
+    # are ever written, so only they may wait in memory: at most MAX_PENDING_IMAGES, however many OK frames wait
+    # beside them (an OK frame's image held in the queue, and counted out of the cap when written, let the cap
+    # drift and the backlog pin a full frame per record).
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [30] * 10 + [250] * 20)
+    disks = []
+
+    def wrap(log):
+        disks.append(SlowDisk(log))
+        return disks[0]
+
+    ins = Inspector(_opts(kit, tmp_path, imgs), sink_wrapper=wrap)
+    held = []
+
+    def at_frame(_stages):
+        held.append(ins.writer.images_waiting)
+        if ins.summary.frames == 30:
+            assert disks[0].first_write.wait(60)
+            held.append(ins.writer.backlog)
+            disks[0].gate.set()
+
+    ins.frame_hooks.append(at_frame)
+    summary = ins.run()
+    max_images = Inspector.MAX_PENDING_IMAGES
+    assert summary.frames == 30 and summary.ok == 10 and summary.ng == 20
+    assert held[-1] == 30 and max(held[:-1]) == max_images  # the whole run queued behind the disk, 8 images held
+    lines = _lines(tmp_path / "out")
+    assert [r["index"] for r in lines] == list(range(30))
+    assert [r["index"] for r in lines if r.get("ng_image")] == list(range(10, 10 + max_images))
+    assert ins.writer.images_dropped == 20 - max_images and ins.writer.images_waiting == 0
+
+
 def _rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
