@@ -114,6 +114,7 @@ def test_retrain_adds_a_class_from_the_parent_weights(parent, retrained):
 def test_merged_data_replays_the_parent_and_keeps_the_class_order(parent, new_data, retrained):
     from detect.data.coco import class_names, load_coco
     from detect.run_settings import load_run_spec
+    from detect.settings import RetrainSettings
 
     data = retrained.run.root / "data"
     train, val, val_old = (load_coco(data / f"{n}.json") for n in ("train", "val", "val_old"))
@@ -123,7 +124,8 @@ def test_merged_data_replays_the_parent_and_keeps_the_class_order(parent, new_da
     assert class_names(train) == class_names(val) == class_names(val_old) == list(DEFECT_CLASSES)
     replayed = [im for im in train["images"] if im["file_name"].startswith("parent-")]
     n_old = len(old_train["images"])
-    assert round(0.3 * n_old) <= len(replayed) <= round(0.3 * n_old) + 5  # retrain.replay 0.3 (+ a missed class)
+    share = RetrainSettings().replay  # the default
+    assert 0 < share < 1 and round(share * n_old) <= len(replayed) <= round(share * n_old) + 5  # (+ a missed class)
     assert len(train["images"]) == len(replayed) + len(new_train["images"])
     assert len(val["images"]) == len(old_val["images"]) + len(new_val["images"])  # every val image: the gate's
     assert len(val_old["images"]) == len(old_val["images"])
@@ -143,7 +145,7 @@ def test_merged_data_replays_the_parent_and_keeps_the_class_order(parent, new_da
     spec = load_run_spec(retrained.run.root)
     assert spec.paths.train == (data / "train.json").resolve() and spec.classes == list(DEFECT_CLASSES)
     record = json.loads((retrained.run.root / "retrain.json").read_text())
-    assert record["new_classes"] == ["spurious_copper"] and record["retrain"]["replay"] == 0.3
+    assert record["new_classes"] == ["spurious_copper"] and record["retrain"]["replay"] == RetrainSettings().replay
     assert [s["split"] for s in record["data"]] == ["train", "train", "val", "val"]
 
 

@@ -176,6 +176,7 @@ def test_a_new_class_from_five_images_retrains_with_the_share_rule_and_a_stratif
     from detect.data.coco import load_coco
     from detect.retrain import retrain
     from detect.run_settings import load_run_spec
+    from detect.settings import RetrainSettings
 
     k5 = world["k5"]
     assert len(load_coco(k5 / "annotations" / "train.json")["images"]) == 5
@@ -190,8 +191,9 @@ def test_a_new_class_from_five_images_retrains_with_the_share_rule_and_a_stratif
     assert result.metrics["epochs_run"] == 3
     train = load_coco(result.run.root / "data" / "train.json")
     replayed = [im for im in train["images"] if im["file_name"].startswith("parent-")]
-    # replay 0.3 (two batches at least), plus an image of any old class the stratified draw missed
-    assert max(round(0.3 * n_old), 2 * 8 - 5) <= len(replayed) <= max(round(0.3 * n_old), 2 * 8 - 5) + 5 < n_old
+    # retrain.replay of the parent's images (two batches at least), plus an image of any old class the draw missed
+    want = max(round(RetrainSettings().replay * n_old), 2 * 8 - 5)
+    assert want <= len(replayed) <= want + 5 < n_old
     assert len(train["images"]) == len(replayed) + 5 and len(train["images"]) // 8 >= 2
     names = {c["id"]: c["name"] for c in train["categories"]}
     boxed = {names[a["category_id"]] for a in train["annotations"]}
