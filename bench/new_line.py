@@ -33,6 +33,20 @@ sys.path.insert(0, str(REPO))
 
 import zlib  # noqa: E402,F401  -- before paddle (import-order segfault, STACK.md)
 
+
+def _in_kit_venv() -> None:
+    """Re-run under the kit's venv (scripts/install.sh prints it, creating it if needed) when started by another
+    Python: the kit arm calls that venv's ``defectkit`` and the scoring imports ``detect``."""
+    import importlib.util
+
+    if not (importlib.util.find_spec("paddle") and importlib.util.find_spec("ppdet")):
+        venv = subprocess.run(["bash", str(REPO / "scripts" / "install.sh")], capture_output=True, text=True,
+                              check=True).stdout.strip().splitlines()[-1]
+        python = Path(venv) / "bin" / "python"
+        os.execv(str(python), [str(python), *sys.argv])
+
+
+
 from bench.lines.bench_venv import bench_python, versions  # noqa: E402
 from bench.lines.yolo_data import write_yolo_dataset  # noqa: E402
 
@@ -205,6 +219,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "defectkit" / "bench-new-line")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "new_line.json")
     args = ap.parse_args()
+    _in_kit_venv()
     keys = [k.strip() for k in args.lines.split(",") if k.strip()]
     keys = [next((k for k, v in LINES.items() if v == key), key) for key in keys]
     if not keys or any(k not in LINES for k in keys):
