@@ -46,7 +46,6 @@ def _in_kit_venv() -> None:
         os.execv(str(python), [str(python), *sys.argv])
 
 
-
 from bench.lines.bench_venv import bench_python, versions  # noqa: E402
 from bench.lines.yolo_data import write_yolo_dataset  # noqa: E402
 
