@@ -315,7 +315,10 @@ def test_pretrain_writes_weights_with_their_provenance(work):
     record = json.loads((work / "pt/out/base-test.json").read_text())
     assert record["sha256"] == file_sha256(weights) and weights.stat().st_size > 1_000_000
     assert record["recipe"]["count"] == 12 and record["metrics"]["epochs_run"] == 1
-    assert "defectkit pretrain --name base-test --count 12" in record["command"]
+    command = record["command"].split()  # the command that reproduces the recipe, every recipe flag spelled out
+    assert command[:2] == ["defectkit", "pretrain"], record["command"]
+    for flag, value in (("--corpus", "pcb"), ("--name", "base-test"), ("--count", "12"), ("--epochs", "1")):
+        assert command[command.index(flag) + 1] == value, (flag, record["command"])
     refused(kit(work, "pretrain", "--name", "small", "--count", "8", "--epochs", "1", "--work", "pt/small",
                 "--out", "pt/small-out"), "pretrain", "batch_size")
     assert not (work / "pt/small-out").exists()
