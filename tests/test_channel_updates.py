@@ -381,7 +381,9 @@ def test_a_signed_length_over_the_boxs_cap_is_refused_before_any_download(kit, t
         wait_for(lambda: box.events("refused"), "the length refused")
         (ev,) = box.events("refused")
         assert f"length {length} bytes is outside 1..{length - 1}" in ev["detail"]
-        assert box.ins.channel.last.downloaded == 0 and list(box.ins.manager.downloads.iterdir()) == []
+        # the event is logged inside the poll; the poll's result is recorded when it returns
+        last = wait_for(lambda: box.ins.channel.last, "the refusing poll's result")
+        assert last.outcome == "refused" and last.downloaded == 0 and list(box.ins.manager.downloads.iterdir()) == []
         box.frames_go_on()
         assert box.ins.model.version == "1.0.0" and box.ins.summary.swaps == 0
     finally:
