@@ -124,10 +124,23 @@ def box_settings(spec: LineSpec, where: str) -> BoxSettings:
     return BoxSettings.from_sections(spec.settings.box_sections(), where, require_all=True)
 
 
+def parent_train_images(run_root: Path) -> list[Path]:
+    """A retrain's parent's training images (none for a first run): a retrain replays only a share of them, but
+    they are frames of the same line, so a drift reference may use them when the retrain's own data is small."""
+    record = Path(run_root) / "retrain.json"
+    if not record.is_file():
+        return []
+    from detect.run_settings import load_run_spec
+
+    parent = load_run_spec(Path(json.loads(record.read_text())["parent"]["run"]))
+    return _images(parent, parent.paths.train, 0)
+
+
 def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 400, progress: bool = True,
-                    runtime: RuntimeSettings | None = None) -> Path:
+                    runtime: RuntimeSettings | None = None, more_images: Sequence[Path] = ()) -> Path:
     """``drift_reference.json`` from the training images, through the model that is shipped, decided with
-    ``runtime`` (default: the spec's runtime section; recorded in the reference's ``meta.runtime``)."""
+    ``runtime`` (default: the spec's runtime section; recorded in the reference's ``meta.runtime``); a small line
+    adds its validation images, then ``more_images`` (a retrain's parent's training images)."""
     from edge_runtime.decision import decide
     from edge_runtime.drift import build_reference
     from edge_runtime.drift.reference import MIN_REFERENCE_FRAMES
@@ -139,6 +152,9 @@ def drift_reference(spec: LineSpec, model: Path, out: Path, max_images: int = 40
     images = _images(spec, spec.paths.train, max_images)
     if len(images) < MIN_REFERENCE_FRAMES:  # a small line: its validation images are in-distribution too
         images += _images(spec, spec.paths.val, max_images - len(images))
+    if len(images) < MIN_REFERENCE_FRAMES:
+        known = set(images)
+        images += [p for p in more_images if p not in known][: max_images - len(images)]
     it = tqdm(images, desc="drift reference", unit="img", leave=False) if (progress and tqdm) else images
     feats = []
     for path in it:
@@ -250,7 +266,7 @@ def bundle_from_run(run_dir: str | Path, variants: Sequence[str] | None, store: 
     staging = run.root / COMPRESS_DIR / ".bundle-work"
     staging.mkdir(parents=True, exist_ok=True)
     drift = drift_reference(spec, lead, staging / "drift_reference.json", progress=progress,
-                            runtime=settings.runtime)
+                            runtime=settings.runtime, more_images=parent_train_images(run.root))
     metrics: dict[str, float] = {}
     for v in chosen:
         tag = "" if v is first else f"{v.name}."
