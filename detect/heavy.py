@@ -20,29 +20,6 @@ os.environ.setdefault("FLAGS_call_stack_level", "0")
 # paddle's C++ glog INFO lines ("New Executor is Running") drown the progress output
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-
-def prefer_mkl_avx2(enabled: bool = True) -> bool:
-    """On an AMD CPU with AVX2, ask paddle's MKL for its AVX2 kernels (``MKL_DEBUG_CPU_TYPE=5``).
-
-    MKL dispatches on the CPU vendor and runs a generic path on non-Intel CPUs; paddle's CPU convolutions and
-    matrix products go through it. MKL reads the variable at its first call, so this must happen before any
-    paddle computation of the process (a later call changes nothing); a value already set is left alone.
-    Returns whether the variable is now 5."""
-    if enabled and "MKL_DEBUG_CPU_TYPE" not in os.environ:
-        try:
-            info = open("/proc/cpuinfo", encoding="utf-8").read(8192)
-        except OSError:
-            info = ""
-        if "AuthenticAMD" in info and " avx2" in info:
-            os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
-    return os.environ.get("MKL_DEBUG_CPU_TYPE") == "5"
-
-
-# At import, before any paddle computation of the process: MKL reads the variable once, at its first call, so a
-# later switch (a train session after an export or an evaluation in the same process) would change nothing and
-# leave two processes of one run on different kernels. DEFECTKIT_MKL_AVX2=0 keeps MKL's own dispatch.
-prefer_mkl_avx2(os.environ.get("DEFECTKIT_MKL_AVX2", "1") != "0")
-
 _STACK: types.SimpleNamespace | None = None
 
 

@@ -55,6 +55,25 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
 
 
+def prefer_mkl_avx2(enabled: bool = True) -> bool:
+    """On an AMD CPU with AVX2, ask paddle's MKL for its AVX2 kernels (``MKL_DEBUG_CPU_TYPE=5``).
+
+    MKL dispatches on the CPU vendor and runs a generic path on non-Intel CPUs; paddle's CPU convolutions and
+    matrix products go through it. MKL reads the variable at its first call, so this must happen before any
+    paddle computation of the process (a later call changes nothing); a value already set is left alone.
+    Returns whether the variable is now 5."""
+    import os
+
+    if enabled and "MKL_DEBUG_CPU_TYPE" not in os.environ:
+        try:
+            info = open("/proc/cpuinfo", encoding="utf-8").read(8192)
+        except OSError:
+            info = ""
+        if "AuthenticAMD" in info and " avx2" in info:
+            os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    return os.environ.get("MKL_DEBUG_CPU_TYPE") == "5"
+
+
 def set_device(device: str) -> str:
     paddle = __import__("detect.heavy", fromlist=["paddle_stack"]).paddle_stack().paddle
     if device == "auto":
@@ -176,20 +195,15 @@ def build_session(spec: LineSpec, run: RunPaths, fresh: bool = True,
                   static_assigner_epoch: int | None = None) -> Session:
     """Build the trainer for ``spec.settings`` and record them as the run's settings.yaml (with the device and
     the ppdet configuration); ``fresh`` runs load ``train.pretrained`` (a resume restores instead)."""
-    import logging
     import types
     import warnings
 
     from detect.freeze import apply_freeze, parse_freeze
     from detect.seeded_loader import install_seeded_loader
-    from detect.heavy import prefer_mkl_avx2
     from detect.session_state import checkpoint_writer
 
     train = spec.settings.train
-    if prefer_mkl_avx2(train.mkl_avx2_on_amd) and not train.mkl_avx2_on_amd:
-        logging.getLogger("defectkit.train").warning(
-            "train.mkl_avx2_on_amd is false, but MKL already uses its AVX2 kernels in this process (set when "
-            "detect.heavy was imported: MKL reads it once); start with DEFECTKIT_MKL_AVX2=0 to keep MKL's own dispatch")
+    prefer_mkl_avx2(train.mkl_avx2_on_amd)
     seed_everything(train.seed)
     device = set_device(train.device)
     cfg = build_config(spec, run, static_assigner_epoch=static_assigner_epoch)

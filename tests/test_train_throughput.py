@@ -82,7 +82,7 @@ def test_credit_rule_keeps_evaluation_within_its_share():
 def test_mkl_avx2_is_asked_for_on_amd_cpus_only_and_an_existing_choice_wins(monkeypatch):
     from pathlib import Path
 
-    from detect.heavy import prefer_mkl_avx2
+    from detect.session import prefer_mkl_avx2
 
     info = Path("/proc/cpuinfo").read_text()[:8192]
     amd_avx2 = "AuthenticAMD" in info and " avx2" in info
@@ -94,25 +94,6 @@ def test_mkl_avx2_is_asked_for_on_amd_cpus_only_and_an_existing_choice_wins(monk
     assert prefer_mkl_avx2(True) is amd_avx2
     monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "4")
     assert prefer_mkl_avx2(True) is False and os.environ["MKL_DEBUG_CPU_TYPE"] == "4"
-
-
-@pytest.mark.parametrize("opt_out", ["", "0"])
-def test_the_mkl_switch_is_set_when_detect_heavy_is_imported_before_any_paddle_computation(opt_out):
-    """MKL reads MKL_DEBUG_CPU_TYPE once per process: a switch at a later train session would leave a process that
-    evaluated first (the tests, retrain, the demo) on other kernels than a fresh CLI process of the same run."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    info = Path("/proc/cpuinfo").read_text()[:8192]
-    amd_avx2 = "AuthenticAMD" in info and " avx2" in info
-    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "DEFECTKIT_MKL_AVX2")}
-    if opt_out:
-        env["DEFECTKIT_MKL_AVX2"] = opt_out
-    out = subprocess.run([sys.executable, "-c", "import detect.heavy, os; print(os.environ.get('MKL_DEBUG_CPU_TYPE'))"],
-                         capture_output=True, text=True, env=env, check=True).stdout.strip()
-    assert out == ("5" if amd_avx2 and not opt_out else "None"), out
 
 
 @pytest.mark.parametrize("overrides, message", [
