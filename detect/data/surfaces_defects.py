@@ -55,6 +55,16 @@ def _place(rng: np.random.Generator, h: int, w: int, ph: int, pw: int) -> tuple[
     return int(rng.integers(0, w - pw + 1)), int(rng.integers(0, h - ph + 1))
 
 
+def _place_points(rng: np.random.Generator, h: int, w: int, pts: np.ndarray):
+    """A canvas just large enough for the points (3 px margin) placed in the frame: ``(at, lo, (ph, pw))`` with
+    ``lo`` the points' offset into the canvas, or None when it does not fit."""
+    lo = np.floor(pts.min(0)) - 3
+    size = np.ceil(pts.max(0) - lo) + 4
+    pw, ph = int(size[0]), int(size[1])
+    at = _place(rng, h, w, ph, pw)
+    return None if at is None else (at, lo, (ph, pw))
+
+
 def _walk(rng: np.random.Generator, start: np.ndarray, angle: float, length: float, wiggle: float) -> np.ndarray:
     """A random-walk polyline of 2 px steps whose direction drifts by ``wiggle`` rad per step."""
     pts, p, a = [start], start.astype(np.float64), angle
@@ -75,13 +85,10 @@ def crack(rng: np.random.Generator, h: int, w: int, s: float) -> Mark | None:
         d = main[-1] - main[0]
         base = np.arctan2(d[1], d[0]) + rng.choice([-1, 1]) * rng.uniform(0.35, 1.0)
         lines.append(_walk(rng, at, base, length * rng.uniform(0.2, 0.5), 0.25))
-    allp = np.concatenate(lines)
-    lo = np.floor(allp.min(0)) - 3
-    size = np.ceil(allp.max(0) - lo) + 4
-    pw, ph = int(size[0]), int(size[1])
-    at = _place(rng, h, w, ph, pw)
-    if at is None:
+    placed = _place_points(rng, h, w, np.concatenate(lines))
+    if placed is None:
         return None
+    at, lo, (ph, pw) = placed
     alpha = np.zeros((ph, pw), np.float32)
     thick = 1 if rng.random() < 0.65 else 2
     for ln in lines:
@@ -118,12 +125,10 @@ def scratch(rng: np.random.Generator, h: int, w: int, s: float) -> Mark | None:
     mid = (p0 + p2) / 2 + rng.normal(0, 0.06 * length, 2)
     t = np.linspace(0, 1, max(8, int(length / 3)))[:, None]
     pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * mid + t ** 2 * p2
-    lo = np.floor(pts.min(0)) - 3
-    size = np.ceil(pts.max(0) - lo) + 4
-    pw, ph = int(size[0]), int(size[1])
-    at = _place(rng, h, w, ph, pw)
-    if at is None:
+    placed = _place_points(rng, h, w, pts)
+    if placed is None:
         return None
+    at, lo, (ph, pw) = placed
     alpha = np.zeros((ph, pw), np.float32)
     cv2.polylines(alpha, [np.round(pts - lo).astype(np.int32)], False, 1.0, int(rng.choice([1, 1, 2, 3])), cv2.LINE_AA)
     if rng.random() < 0.3:  # intermittent: the tool skipped
