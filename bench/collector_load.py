@@ -72,12 +72,14 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def start_collectors(db: str, n: int, work: Path, tokens: Path, src: Path = ROOT):
-    procs, urls = [], []
+def start_collectors(db: str, n: int, work: Path, tokens: Path, src: Path = ROOT, stack: str = "auto"):
+    """Start ``n`` collector processes from ``src``; their URLs and the event loop + HTTP parser they announced."""
+    procs, urls, stacks = [], [], []
+    extra = [] if stack == "auto" else ["--server-stack", stack]  # an older --baseline-src has no such flag
     for i in range(n):
         p = subprocess.Popen([sys.executable, "-m", "fleet.collector", "serve", "--db", db, "--port", "0",
                               "--tokens", str(tokens), "--data-dir", str(work / "images"),
-                              "--registry-dir", str(work / "registry")],
+                              "--registry-dir", str(work / "registry"), *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(src),
                              env={**os.environ, "PYTHONPATH": str(src)})
         for line in p.stdout:
@@ -87,11 +89,13 @@ def start_collectors(db: str, n: int, work: Path, tokens: Path, src: Path = ROOT
                 threading.Thread(target=lambda p=p, log=log: [log.write(x) or log.flush() for x in p.stdout],
                                  daemon=True).start()
                 urls.append(m.group(1))
+                s = re.search(r"; (\w+ \+ \w+)\)\s*$", line)
+                stacks.append(s.group(1) if s else "not announced (older collector)")
                 break
         else:
             raise SystemExit(f"collector {i} exited with {p.wait()} before listening")
         procs.append(p)
-    return procs, urls
+    return procs, urls, sorted(set(stacks))
 
 
 def report_body(device: str, rng: random.Random) -> tuple:
@@ -182,16 +186,19 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of load")
     ap.add_argument("--hard-example-every", type=int, default=10, help="a hard example every K reports (0 = none)")
     ap.add_argument("--out", type=Path, help="result JSON (default bench/results/collector_load_<db>_<n>p.json)")
+    ap.add_argument("--stacks", default="auto",
+                    help="comma-separated collector --server-stack values to run one after the other on the current "
+                         "source, e.g. 'asyncio,auto' (asyncio + h11 vs uvloop + httptools) in one run")
     ap.add_argument("--baseline-src", type=Path,
                     help="also run the same load, first, against the collector of this source tree (e.g. a git "
                          "worktree of an older commit): both rows in one run, one result file")
     args = ap.parse_args()
 
-    runs = [("baseline", args.baseline_src.resolve())] if args.baseline_src else []
-    runs.append(("current", ROOT))
+    runs = [("baseline", args.baseline_src.resolve(), "auto")] if args.baseline_src else []
+    runs += [("current", ROOT, stack) for stack in args.stacks.split(",")]
     results = []
-    for label, src in runs:
-        res = run_once(args, src)
+    for label, src, stack in runs:
+        res = run_once(args, src, stack)
         res["collector_src"] = label if src == ROOT else f"{label}: {src}"
         results.append(res)
         print(json.dumps(res), flush=True)
@@ -201,7 +208,7 @@ def main() -> int:
     return 0 if all(r["lost"] == 0 and r["duplicated"] == 0 and r["stored_not_acked"] == 0 for r in results) else 1
 
 
-def run_once(args, src: Path) -> dict:
+def run_once(args, src: Path, stack: str = "auto") -> dict:
     """One load run against collector processes started from ``src``; the figures as a dict."""
     import cv2
     import numpy as np
@@ -223,7 +230,7 @@ def run_once(args, src: Path) -> dict:
     procs = []
     try:
         db.migrate(location)
-        procs, urls = start_collectors(location, args.processes, work, work / "tokens.json", src)
+        procs, urls, served_by = start_collectors(location, args.processes, work, work / "tokens.json", src, stack)
         load0 = os.getloadavg()
         cpu0 = sum(cpu_seconds(p.pid) for p in procs)
         client0 = self_cpu_seconds()
@@ -242,7 +249,7 @@ def run_once(args, src: Path) -> dict:
         lat = stats["latency"]
         per_k = 1000 / max(1, len(acked))
         return {
-            "db": args.db, "processes": args.processes, "boxes": args.boxes, "interval_s": args.interval,
+            "db": args.db, "server_stack": served_by, "processes": args.processes, "boxes": args.boxes, "interval_s": args.interval,
             "duration_s": round(elapsed, 1), "reports_acked": len(acked), "reports_per_s": round(len(acked) / elapsed, 1),
             "offered_per_s": round(args.boxes / args.interval, 1),
             "latency_ms_p50": round(percentile(lat, 0.50) * 1000, 1),

@@ -46,6 +46,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
     s.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     s.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (PEM)")
+    s.add_argument("--server-stack", choices=("auto", "asyncio"), default="auto",
+                   help="event loop and HTTP parser: auto = uvloop + httptools when installed, asyncio = asyncio + "
+                        "h11 (default %(default)s)")
     s.set_defaults(func=_serve)
     m = sub.add_parser("migrate", help="create the store or bring it to the current schema (Alembic), then exit")
     m.add_argument("--db", required=True, type=_db_location, help="SQLite file or postgresql:// URL")
@@ -82,7 +85,8 @@ def _serve(args: argparse.Namespace) -> int:
                                  rollout_interval_s=parse_duration(args.rollout_interval),
                                  tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                                  rate_per_s=args.rate, burst=args.burst,
-                                 quota_bytes_per_day=int(args.quota_mb_per_day * 2**20))
+                                 quota_bytes_per_day=int(args.quota_mb_per_day * 2**20),
+                                 server_stack=args.server_stack)
     serve(settings)
     return 0
 

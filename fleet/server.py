@@ -41,6 +41,26 @@ def tls_options(settings: CollectorSettings) -> Dict[str, Any]:
     return opts
 
 
+def stack_options(settings: CollectorSettings) -> Dict[str, Any]:
+    """uvicorn.Config ``loop``/``http`` for ``settings.server_stack``; uvicorn's "auto" already prefers uvloop and
+    httptools when importable, so "auto" passes nothing and "asyncio" pins the pure-Python pair."""
+    if settings.server_stack not in ("auto", "asyncio"):
+        raise ConfigError(f"collector server_stack {settings.server_stack!r} is unknown; use 'auto' or 'asyncio'")
+    return {} if settings.server_stack == "auto" else {"loop": "asyncio", "http": "h11"}
+
+
+def stack_name(config: Any) -> str:
+    """What will serve, as uvicorn resolved it (e.g. 'uvloop + httptools' or 'asyncio + h11'): for the start-up line
+    and the benches, so a figure is never credited to a stack that did not run. Loads ``config`` (uvicorn skips
+    loading again when it serves)."""
+    if not config.loaded:
+        config.load()
+    factory = config.get_loop_factory()
+    loop = (getattr(factory, "__module__", None) or "asyncio").split(".")[0]
+    http = config.http_protocol_class.__module__.rsplit(".", 1)[-1].replace("_impl", "")
+    return f"{loop} + {http}"
+
+
 def serve(settings: CollectorSettings, *, announce: Callable[[str], None] = print) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn finishes the requests in flight, then returns)."""
     require("fastapi", "fleet", "the collector")
@@ -51,11 +71,11 @@ def serve(settings: CollectorSettings, *, announce: Callable[[str], None] = prin
     sock = bind_socket(settings.host, settings.port)
     settings.port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=5, **tls_options(settings))
+                            timeout_keep_alive=5, **tls_options(settings), **stack_options(settings))
     mode = "DEVELOPMENT mode, no tokens: anyone may post" if settings.dev_mode else \
         f"{len(settings.tokens.devices)} device token(s) in the token file"
     tls = "" if settings.tls else "; plain HTTP: give --tls-cert/--tls-key off loopback"
-    announce(f"collector listening on {settings.url} (db {settings.db}, {mode}{tls})")
+    announce(f"collector listening on {settings.url} (db {settings.db}, {mode}{tls}; {stack_name(config)})")
     sys.stdout.flush()
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises SIGTERM after its graceful shutdown; make that a clean exit (status 0) for systemd
@@ -80,7 +100,8 @@ class CollectorThread:
         settings.port = self._sock.getsockname()[1]
         self.url = settings.url
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2, **tls_options(settings)))
+                                                    timeout_graceful_shutdown=2, **tls_options(settings),
+                                                    **stack_options(settings)))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name="defectkit-collector", daemon=True)
 
@@ -101,4 +122,4 @@ class CollectorThread:
         self._sock.close()
 
 
-__all__ = ["bind_socket", "serve", "CollectorThread", "tls_options"]
+__all__ = ["bind_socket", "serve", "CollectorThread", "tls_options", "stack_options", "stack_name"]

@@ -126,6 +126,9 @@ class CollectorSettings:
     burst: int = 120
     quota_bytes_per_day: int = 1 << 30  # per-device hard-example image bytes stored per 24 h
     max_json_depth: int = 8
+    # uvicorn's event loop and HTTP parser: "auto" = uvloop + httptools when installed (the fleet extra installs
+    # them), else asyncio + h11; "asyncio" forces the pure-Python pair (a fallback should the C ones misbehave)
+    server_stack: str = "auto"
 
     def __post_init__(self) -> None:
         from fleet.db import is_url

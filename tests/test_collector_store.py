@@ -114,25 +114,28 @@ def test_a_store_of_a_newer_schema_is_refused_with_the_reason(tmp_path):
         store.connect(path=path)
 
 
-def _serve(url, tmp_path, name):
+def _serve(url, tmp_path, name, stack="auto"):
+    """A collector process on ``url``; its URL once it announced it, and the event loop + HTTP parser it named."""
     tokens = write_tokens(tmp_path / "tokens.json")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleet.collector", "serve", "--db", url, "--port", "0", "--tokens", str(tokens),
          "--data-dir", str(tmp_path / "images"), "--registry-dir", str(tmp_path / "registry"),
-         "--rate", "100000", "--burst", "100000"],
+         "--rate", "100000", "--burst", "100000", "--server-stack", stack],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # waits for the announcement (a condition), bounded by the process itself
         m = re.search(r"collector listening on (http://\S+)", line)
         if m:
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its log
-            return proc, m.group(1)
+            return proc, m.group(1), line.rstrip().rsplit("; ", 1)[-1].rstrip(")")
     raise AssertionError(f"collector {name} exited with {proc.wait()} before listening")
 
 
 def test_two_collector_processes_on_one_postgresql_store_each_report_once(pg_server, tmp_path):
     url = pg_server.create_db("multi")
-    (pa, ua), (pb, ub) = _serve(url, tmp_path, "a"), _serve(url, tmp_path, "b")
+    (pa, ua, sa), (pb, ub, sb) = _serve(url, tmp_path, "a", "asyncio"), _serve(url, tmp_path, "b", "auto")
     try:
+        # both stacks serve the same store side by side: the pure-Python pair, and the C pair the fleet extra installs
+        assert (sa, sb) == ("asyncio + h11", "uvloop + httptools")
         reports = [report(device="press-01" if i % 2 else "press-02") for i in range(150)]
         hes = [hard_example() for _ in range(10)]
 
