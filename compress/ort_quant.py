@@ -91,6 +91,10 @@ REDUCE_RANGE = True
 # (docs/benchmarks.md "Edge latency"), but the gate judges on it, so it is not the default.
 QUANT_OPS = ("Conv",)
 FAST_OPS = ("Conv", "Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize", "GlobalAveragePool", "AveragePool")
+# compress.ort_recipes -> the variant each recipe makes, its quantized op types and FP32 stem convs (None = the
+# default of fixed_fp32). Each is gated on its own; the box times the gate-passed ones and runs the fastest.
+ORT_RECIPES: dict = {"default": {"variant": "ort-int8", "ops": QUANT_OPS, "stem": None},
+                     "fast": {"variant": "ort-int8-fast", "ops": FAST_OPS, "stem": 1}}
 
 
 def _quantize(pre: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: list[str],
@@ -308,8 +312,8 @@ def _write_candidate(src: Path, dst_dir: Path, deploy: ModelSpec, meta: dict) ->
 
 def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_images: list[Path], *,
                   source: str = "model_nonms.onnx", max_excluded: int = 16, progress: bool = True,
-                  ops: Sequence[str] = QUANT_OPS, stem: int | None = None) -> Variant:
-    """Write ``out_dir/model_nonms.onnx`` (INT8 QDQ) and its deploy.json; return the ``ort-int8`` variant.
+                  ops: Sequence[str] = QUANT_OPS, stem: int | None = None, name: str = "ort-int8") -> Variant:
+    """Write ``out_dir/model_nonms.onnx`` (INT8 QDQ) and its deploy.json; return the variant ``name``.
 
     ``ops`` and ``stem``: the recipe's quantized op types and FP32 stem convs (defaults: :data:`QUANT_OPS`,
     :func:`fixed_fp32`'s); other values only for side-by-side benchmarks of recipes."""
@@ -358,8 +362,8 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
             out_db = output_sqnr_db(src, cand, feeds)
             rounds.append({"kept_fp32": len(excluded), "calib_map_drop_pts": drop, "images_off": bad,
                            "verdict_flips": flips, "output_sqnr_db": out_db})
-            log.info("ort-int8: %d conv(s) in FP32 -> mAP50-95 drop %.2f pt on the calibration images, %d/%d "
-                     "images off, %d verdict flips, raw outputs %.1f dB", len(excluded), drop, bad,
+            log.info("%s: %d conv(s) in FP32 -> mAP50-95 drop %.2f pt on the calibration images, %d/%d "
+                     "images off, %d verdict flips, raw outputs %.1f dB", name, len(excluded), drop, bad,
                      len(calib_images), flips, out_db)
             # accuracy first, then the golden-style agreement, then the raw outputs (boxes that collapse on a model
             # whose mAP is already ~0 change neither mAP nor the count of images off, but they do change this)
@@ -382,7 +386,7 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
     onnx.checker.check_model(str(dst))
     verified = verify_against_paddle(parent_export, dst, _verification_images(spec, calib_images), tol.min_score,
                                      source)
-    log.info("ort-int8 vs paddle.inference FP32: %s", verified.get("summary", verified.get("skipped")))
+    log.info("%s vs paddle.inference FP32: %s", name, verified.get("summary", verified.get("skipped")))
     recipe = {
         "tool": f"onnxruntime.quantization {onnxruntime.__version__}", "format": "QDQ", "per_channel": True,
         "activations": "QUInt8", "weights": "QInt8", "ops": list(ops), "calibration_images": len(feeds),
@@ -397,8 +401,8 @@ def quantize_onnx(spec: LineSpec, parent_export: Path, out_dir: Path, calib_imag
     }
     if not dst.stat().st_size:
         raise ModelError(f"onnxruntime wrote an empty {dst}")
-    return Variant(name="ort-int8", method="ptq", parent="fp32", export_dir=out_dir.resolve(), recipe=recipe)
+    return Variant(name=name, method="ptq", parent="fp32", export_dir=out_dir.resolve(), recipe=recipe)
 
 
 __all__ = ["quantize_onnx", "conv_sensitivity", "verify_against_paddle", "fixed_fp32", "tail_fp32", "QUANT_OPS",
-           "FAST_OPS"]
+           "FAST_OPS", "ORT_RECIPES"]

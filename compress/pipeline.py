@@ -212,13 +212,17 @@ def read_golden(path: Path, spec: LineSpec) -> list[Path]:
 
 
 def _ptq(spec: LineSpec, run: RunPaths, parent: Variant, progress: bool) -> list[Variant]:
-    from compress.ort_quant import quantize_onnx
+    from compress.ort_quant import ORT_RECIPES, quantize_onnx
     from compress.ptq import ptq_paddle
 
     c = spec.settings.compress
     calib = calibration_images(spec, c.calib_images)
-    out = [quantize_onnx(spec, parent.export_dir, variant_dir(run.root, "ort-int8"), calib,
-                         max_excluded=c.ort_max_fp32_convs, progress=progress)]
+    out = []
+    for recipe in dict.fromkeys(c.ort_recipes):
+        r = ORT_RECIPES[recipe]
+        out.append(quantize_onnx(spec, parent.export_dir, variant_dir(run.root, r["variant"]), calib,
+                                 max_excluded=c.ort_max_fp32_convs, progress=progress, ops=r["ops"], stem=r["stem"],
+                                 name=r["variant"]))
     out.append(ptq_paddle(spec, parent.export_dir, variant_dir(run.root, "ptq-int8"), calib,
                           algo=c.ptq_algo, max_skipped=c.ptq_max_fp32_convs, progress=progress))
     for v in out:

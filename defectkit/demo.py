@@ -113,11 +113,12 @@ def run_demo(out: Path, count: int = 300, holdout: int = 40, seed: int = 0,
 
     ship = compress_and_bundle(out, run.root, lite=lite, overrides=compress_overrides)
     times["compress"] = time.time() - t
-    print(f"bundle {ship.bundle} ({ship.shipped})")
+    print(f"bundle {ship.bundle} ({' + '.join(ship.shipped)})")
 
     t = _step("5/6 edge runtime on held-back boards (signed bundle, local collector)")
     edge_loop = edge_run(out, ship.bundle, ship.public_key, holdout_dir / "images")
     print(edge_loop["summary"])
+    print(f"the box ran {edge_loop['variant']}: {edge_loop['variant_reason']}")
     preds = Path(edge_loop["predictions"][0])
     edge = verdict_accuracy(preds, holdout_dir / "annotations" / "all.json")
     times["edge"] = time.time() - t

@@ -16,7 +16,7 @@ DEVICE = "demo-box-01"
 class ShipResult:
     table_md: Path
     variants: list[dict[str, Any]]
-    shipped: str
+    shipped: list[str]  # the variants in the bundle: FP32 and every gate-passed ONNX Runtime INT8 variant
     bundle: Path
     public_key: Path
     messages: list[str] = field(default_factory=list)
@@ -24,8 +24,9 @@ class ShipResult:
 
 def compress_and_bundle(out: Path, run_dir: Path, lite: bool = False,
                         overrides: Optional[dict[str, Any]] = None) -> ShipResult:
-    """PTQ (ONNX Runtime INT8 + PaddleSlim INT8), gate, table; bundle the INT8 ONNX if it passed, else FP32."""
-    from compress.bundle_from_run import bundle_from_run
+    """PTQ (ONNX Runtime INT8 recipes + PaddleSlim INT8), gate, table; bundle FP32 and every gate-passed ONNX
+    Runtime variant, as `defectkit bundle RUN` does without --variant: the box times them and runs the fastest."""
+    from compress.bundle_from_run import bundle_from_run, default_variants
     from compress.keys import PRIVATE_NAME, PUBLIC_NAME, init_keys
     from compress.pipeline import compress_layer, compress_run, load_run
     from compress.variants import list_variants
@@ -35,13 +36,12 @@ def compress_and_bundle(out: Path, run_dir: Path, lite: bool = False,
     for msg in result.messages:
         print(msg)
     variants = {v.name: v for v in list_variants(run_dir)}
-    ort = variants.get("ort-int8")
-    shipped = "ort-int8" if ort and ort.gate and ort.gate["passed"] else "fp32"
+    shipped, _left_out = default_variants(run_dir)
     keys = out / "keys"
     if not (keys / PRIVATE_NAME).is_file():
         init_keys(keys)
     store = out / "bundles"
-    bundle = bundle_from_run(run_dir, [shipped], store, keys / PRIVATE_NAME)
+    bundle = bundle_from_run(run_dir, None, store, keys / PRIVATE_NAME)
     summary = [{"name": v.name, "map50_95": v.map50_95, "map50": v.map50, "size_mb": v.size_mb,
                 "latency_ms": v.latency_ms, "gate": None if v.gate is None else v.gate["passed"],
                 "reasons": [] if v.gate is None else v.gate["reasons"]} for v in variants.values()]
@@ -51,7 +51,7 @@ def compress_and_bundle(out: Path, run_dir: Path, lite: bool = False,
 def edge_run(out: Path, bundle: Path, public_key: Path, images: Path) -> dict[str, Any]:
     """``edge_runtime run`` on the held-back boards, reporting to a collector this process starts itself; the box
     runs on the line's settings from the bundle manifest."""
-    from edge_runtime.run import Inspector
+    from edge_runtime.run import EFFECTIVE_SETTINGS, Inspector
     from edge_runtime.runconfig import RunOptions
     from fleet.collector import CollectorThread
     from fleet.settings import CollectorSettings
@@ -72,10 +72,14 @@ def edge_run(out: Path, bundle: Path, public_key: Path, images: Path) -> dict[st
     finally:
         collector.stop()
     predictions = sorted((edge / "box" / "predictions").glob("*.jsonl"))
+    shown = json.loads((options.state_dir / EFFECTIVE_SETTINGS).read_text())
+    choice = shown.get("variant") or {}  # what the box timed on this CPU and ran (None: a one-variant bundle)
     return {"summary": summary.line(), "backend": summary.backend, "bundle_version": summary.bundle_version,
             "frames": summary.frames, "ng": summary.ng, "ok": summary.ok, "errors": summary.errors,
             "predictions": [str(p) for p in predictions], "collector_reports": reports["count"],
-            "collector_frames": sum(r["counts"]["frames"] for r in reports["reports"])}
+            "collector_frames": sum(r["counts"]["frames"] for r in reports["reports"]),
+            "variant": choice.get("variant", "fp32"), "variant_reason": choice.get("reason", "the only variant"),
+            "variant_medians_ms": choice.get("medians_ms", {})}
 
 
 def _collector_reports(url: str, admin: str) -> dict[str, Any]:

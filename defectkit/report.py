@@ -23,8 +23,11 @@ def _compress_section(out: Path, figures: dict[str, Any]) -> str:
     body = table.read_text().split("\n", 2)[-1] if table.is_file() else ""
     png = table.with_suffix(".png")
     pic = f"\n![compression table]({os.path.relpath(png, out)})\n" if png.is_file() else ""
-    return (f"{body.strip()}\n{pic}\nShipped **{c['shipped']}** in the signed bundle "
-            f"`{os.path.relpath(c['bundle'], out)}` (public key `{os.path.relpath(c['public_key'], out)}`).")
+    loop = figures.get("edge_loop") or {}
+    ran = (f" The box timed them on its own CPU and ran **{loop['variant']}** ({loop['variant_reason']})."
+           if loop.get("variant") else "")
+    return (f"{body.strip()}\n{pic}\nShipped **{' + '.join(c['shipped'])}** in the signed bundle "
+            f"`{os.path.relpath(c['bundle'], out)}` (public key `{os.path.relpath(c['public_key'], out)}`).{ran}")
 
 
 def write_demo_report(out: Path, figures: dict[str, Any]) -> tuple[Path, Path]:

@@ -165,6 +165,7 @@ class CompressSettings:
     calib_images: int = 32
     ptq_algo: str = "KL"
     ort_max_fp32_convs: int = 16
+    ort_recipes: tuple = ("default", "fast")
     ptq_max_fp32_convs: int = 8
     prune_flops: float = 0.3
     prune_criterion: str = "fpgm"
@@ -183,6 +184,10 @@ class CompressSettings:
     def validate(self, where: str) -> None:
         if self.max_map_drop < 0:
             raise ConfigError(f"{where}: compress.max_map_drop must be >= 0 points, got {self.max_map_drop}.")
+        unknown = [r for r in self.ort_recipes if r not in ("default", "fast")]
+        if unknown or not self.ort_recipes:
+            raise ConfigError(f"{where}: compress.ort_recipes must list one or both of default, fast; got "
+                              f"{list(self.ort_recipes)}.")
         if self.prune_criterion not in ("fpgm", "l1"):
             raise ConfigError(f"{where}: compress.prune_criterion must be fpgm or l1, got '{self.prune_criterion}'.")
         if not 0.0 < self.qat_lr_factor <= 1.0:

@@ -414,9 +414,10 @@ def test_compress_ptq_with_defaults_skips_lite_with_one_warning_and_keeps_everyt
         warnings[0].endswith("every other result is kept") and "empty_cache" in warnings[0]
     comp = work / "runs/line7/first/compress"
     variants = {}
-    for name in ("fp32", "ort-int8", "ptq-int8"):
+    for name in ("fp32", "ort-int8", "ort-int8-fast", "ptq-int8"):  # compress.ort_recipes: default and fast
         variants[name] = json.loads((comp / name / "variant.json").read_text())
-    for name in ("ort-int8", "ptq-int8"):
+    assert variants["ort-int8-fast"]["recipe"]["ops"] != variants["ort-int8"]["recipe"]["ops"] == ["Conv"]
+    for name in ("ort-int8", "ort-int8-fast", "ptq-int8"):
         gate = variants[name]["gate"]
         verdict = "PASSED" if gate["passed"] else "REFUSED"
         assert any(x.startswith(f"gate {verdict} for {name}:") for x in out.splitlines()), out[-3000:]
@@ -425,7 +426,7 @@ def test_compress_ptq_with_defaults_skips_lite_with_one_warning_and_keeps_everyt
     for suffix in ("md", "csv", "png"):
         assert (comp / f"table.{suffix}").stat().st_size > 200
     rows = {r["variant"]: r for r in csv.DictReader((comp / "table.csv").open())}
-    assert {"fp32", "ort-int8", "ptq-int8"} <= set(rows)
+    assert {"fp32", "ort-int8", "ort-int8-fast", "ptq-int8"} <= set(rows)
     table = (comp / "table.md").read_text()
     assert "| ort-int8 | ptq |" in table and table in out
 

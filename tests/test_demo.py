@@ -28,7 +28,10 @@ def test_demo_chain_writes_report_with_map_onnx_and_edge_predictions(tmp_path):
     # compressed behind the gate, shipped as a signed bundle, inspected by the edge loop, reported back
     c = figures["compress"]
     names = {v["name"] for v in c["variants"]}
-    assert {"fp32", "ort-int8", "ptq-int8"} <= names and c["shipped"] in names
+    assert {"fp32", "ort-int8", "ort-int8-fast", "ptq-int8"} <= names
+    # the bundle holds FP32 and exactly the ONNX Runtime variants the gate passed; the box ran one of them
+    passed = {v["name"] for v in c["variants"] if v["gate"] and v["name"].startswith("ort-")}
+    assert c["shipped"][0] == "fp32" and set(c["shipped"]) == {"fp32", *passed}
     assert "## Compression" in md and "| fp32 | fp32 |" in md
     from edge_runtime.bundle import verify_bundle
 
@@ -41,3 +44,5 @@ def test_demo_chain_writes_report_with_map_onnx_and_edge_predictions(tmp_path):
     assert run_spec.settings.train.epochs == 1 and run_spec.cli["train"]["epochs"] == 1  # the demo's overrides
     loop = figures["edge_loop"]
     assert loop["frames"] == 5 and loop["collector_frames"] == 5 and loop["errors"] == 0
+    assert {m.variant for m in man.models} == set(c["shipped"])
+    assert loop["variant"] in c["shipped"] and f"ran **{loop['variant']}**" in md

@@ -82,6 +82,9 @@ def _spec_dict(**sections) -> dict:
     (_spec_dict(train={"ema": "yes"}), r"'train.ema' must be true or false"),
     (_spec_dict(train={"hsv": 0.5}), r"'train.hsv' must be a list"),
     (_spec_dict(data={"box_tolerance_px": -1.0}), r"data.box_tolerance_px must be >= 0"),
+    (_spec_dict(compress={"ort_recipes": ["default", "fastest"]}),
+     r"compress.ort_recipes must list one or both of default, fast; got \['default', 'fastest'\]"),
+    (_spec_dict(compress={"ort_recipes": []}), r"compress.ort_recipes must list one or both of default, fast"),
 ])
 def test_bad_spec_values_are_refused_with_the_key_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
