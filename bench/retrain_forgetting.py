@@ -17,10 +17,13 @@ of it for the new-class AP50, from one pool, so every row and every k is scored 
 - (b) naive: ``train --pretrained PARENT`` on the new images only (ppdet re-initialises the mismatched class head),
   the kit's epochs, lr and freeze;
 - (c) kit: ``defectkit retrain`` with no flag (replay ``retrain.replay`` of the parent's images, head grown keeping
-  old rows, backbone frozen, the parent as a frozen teacher, epochs from the new data's share, lr x 0.2, early stop);
+  old rows, backbone frozen, the parent as a frozen teacher, an EWC penalty (``retrain.ewc`` 10), epochs from the
+  new data's share, lr x 0.2, early stop);
 - (c1) kit with every parent image replayed (``--replay 1``, the previous default): what the replay share saves;
 - (d) kit without the teacher (``--distill 0 --set distill_dfl=0``);
-- (e) kit with EWC (``--ewc``; Fisher computed once in the parent's run, its cost in the first seed's row);
+- (e) kit without EWC (``--ewc 0``, the default before 2026-12-01). The kit's default EWC penalty needs the parent's
+  Fisher information, computed once per parent and kept in its run: any Fisher file left in ``--workdir`` by an
+  earlier run is deleted at the start, so the first kit row of seed 0 pays for it;
 - k-shot: (c) with only k new training images (``--k-shot``).
 
 Every model is judged by the retrain's own gate code on the parent's validation set (old classes) and on the merged
@@ -50,7 +53,7 @@ NEW_VAL = 20
 ROWS = ("a", "b", "c", "c1", "d", "e")
 NAMES = {"a": "(a) full retrain from the base, all data", "b": "(b) naive fine-tune, new data only",
          "c": "(c) kit defaults, no flag", "c1": "(c1) kit, --replay 1 (previous default)",
-         "d": "(d) kit without the teacher", "e": "(e) kit with EWC"}
+         "d": "(d) kit without the teacher", "e": "(e) kit without EWC (--ewc 0)"}
 
 
 def _folder(src, dst: Path, train_ids: list[int]) -> Path:
@@ -165,11 +168,11 @@ def plain_row(ctx, tmp: Path, name: str, seed: int, kit_run: Path) -> dict:
     return finish_row(wall, cpu, result.metrics, verdict, spec.settings.train.epochs)
 
 
-def kit_row(ctx, name: str, seed: int, k: int, ewc: float) -> dict:
+def kit_row(ctx, name: str, seed: int, k: int) -> dict:
     from detect.retrain import retrain
 
     layers = {"c": {}, "c1": {"retrain": {"replay": 1.0}}, "d": {"retrain": {"distill": 0.0, "distill_dfl": 0.0}},
-              "e": {"retrain": {"ewc": ewc}}}[name]
+              "e": {"retrain": {"ewc": 0.0}}}[name]
     cli = {**layers, "train": {"seed": seed}}
     run = ctx["parent"].root.parent / f"{name}-k{k}-s{seed}"
     shutil.rmtree(run, ignore_errors=True)  # a reused --workdir: the row runs again
@@ -237,7 +240,6 @@ def main() -> int:
     ap.add_argument("--new-images", type=int, default=20)
     ap.add_argument("--parent-epochs", type=int, default=12, help="parent fine-tune and (a): most epochs")
     ap.add_argument("--patience", type=int, default=3, help="parent fine-tune and (a): early stopping patience")
-    ap.add_argument("--ewc", type=float, default=10.0, help="retrain.ewc of row (e)")
     ap.add_argument("--workdir", type=Path, help="keep data, parent and runs here (reused by a later run: the parent "
                                                   "is not trained again)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrain_forgetting.json")
@@ -255,6 +257,10 @@ def main() -> int:
         tmp = args.workdir or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
         ctx = setup(tmp, args)
+        from detect.ewc import fisher_files
+
+        for f in fisher_files(ctx["parent"].root):  # an earlier run's: the Fisher's cost belongs in this run
+            f.unlink(missing_ok=True)
         save = lambda: write(args, rows, ctx, start)  # noqa: E731  -- after every row: a late crash keeps the rest
         ctx["k"] = args.new_images
         for seed in range(args.seeds):
@@ -263,11 +269,11 @@ def main() -> int:
                     kit_run = next((Path(r[-1]["run"]) for n, r in rows.items() if n in ("c", "c1", "d", "e") and r),
                                    None)
                     if kit_run is None:
-                        kit_row_ = kit_row(ctx, "c", seed, args.new_images, args.ewc)
+                        kit_row_ = kit_row(ctx, "c", seed, args.new_images)
                         kit_run = Path(kit_row_["run"])
                     row = plain_row(ctx, tmp, name, seed, kit_run)
                 else:
-                    row = kit_row(ctx, name, seed, args.new_images, args.ewc)
+                    row = kit_row(ctx, name, seed, args.new_images)
                 rows[name].append(row)
                 save()
                 print(f"seed {seed} {name}", json.dumps({k: row[k] for k in ("seconds", "cpu_seconds", "epochs_run",
@@ -276,7 +282,7 @@ def main() -> int:
             for k in args.k_list:
                 if k == args.new_images:
                     continue
-                rows[f"c@{k}"].append(kit_row(ctx, "c", seed, k, args.ewc))
+                rows[f"c@{k}"].append(kit_row(ctx, "c", seed, k))
                 save()
                 print(f"seed {seed} k={k}", json.dumps({key: rows[f'c@{k}'][-1][key] for key in (
                     "seconds", "epochs_run", "change_points", "new_ap50", "passed")}), flush=True)

@@ -41,34 +41,46 @@ def fisher_files(parent_run: Path) -> tuple[Path, Path]:
     return Path(parent_run) / FISHER, Path(parent_run) / FISHER_META
 
 
-def ensure_fisher(parent, batches: int, quiet: bool = False) -> tuple[Path, str]:
-    """The parent's Fisher file, computed now if it is missing or was made for other weights / batches.
-    Returns (path, note) where the note says whether it was reused or computed."""
+def ensure_fisher(parent, batches: int, quiet: bool = False, freeze: str = "none") -> tuple[Path, str]:
+    """The parent's Fisher file, computed now if it is missing or was made for other weights / batches / frozen
+    layers. ``freeze``: what the retrain keeps frozen (``retrain.freeze``, or "none" when it thaws layers later): a
+    frozen tensor cannot drift, so it needs no Fisher, and its backward pass is skipped (measured on PP-YOLOE+ tiny:
+    the backward through the backbone was most of the Fisher's cost). Returns (path, note) where the note says
+    whether it was reused or computed."""
     path, meta_path = fisher_files(parent.run.root)
     weights_sha = _sha256(parent.weights)
     if path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("weights_sha256") == weights_sha and meta.get("batches") == batches:
+        if (meta.get("weights_sha256"), meta.get("batches"), meta.get("freeze", "none")) == (weights_sha, batches,
+                                                                                             str(freeze)):
             return path, f"reused {path} (computed {meta.get('created')})"
     if not quiet:
         print(f"EWC: no Fisher information for {parent.weights} yet: computing it on {batches} batches of the "
               f"parent's training data (once; kept in {path})")
-    fisher, used = compute_fisher(parent.spec, parent.weights, batches)
+    fisher, used = compute_fisher(parent.spec, parent.weights, batches, freeze)
     from detect.callbacks import save_state_atomic
     from detect.heavy import paddle_stack
 
     paddle = paddle_stack().paddle
     save_state_atomic({k: paddle.to_tensor(v) for k, v in fisher.items()}, path)
     atomic_write_json(meta_path, {"weights": str(parent.weights), "weights_sha256": weights_sha, "batches": batches,
-                                  "batches_used": used, "tensors": len(fisher),
-                                  "normalisation": "divided by the mean over all tensors",
+                                  "batches_used": used, "tensors": len(fisher), "freeze": str(freeze),
+                                  "normalisation": "divided by the mean over all tensors (the trainable ones)",
                                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return path, f"computed {path} on {used} batches"
 
 
-def compute_fisher(spec, weights: Path, batches: int) -> tuple[dict[str, np.ndarray], int]:
-    """Mean squared batch gradient of the detection loss per tensor of ``weights`` on ``spec``'s training data."""
+def compute_fisher(spec, weights: Path, batches: int, freeze: str = "none") -> tuple[dict[str, np.ndarray], int]:
+    """Mean squared batch gradient of the detection loss per tensor of ``weights`` on ``spec``'s training data
+    (the tensors ``freeze`` leaves trainable)."""
+    from detect.freeze import apply_freeze, parse_freeze
     from detect.heavy import paddle_stack
+    from detect.session import prefer_mkl_avx2
+
+    # the retrain computes this before its training session starts: MKL picks its kernels at its first call, so
+    # the session's AVX2 switch must come first here, or the whole process keeps MKL's slow generic path on AMD
+    # (measured: every later training of the process 1.5x slower)
+    prefer_mkl_avx2(spec.settings.train.mkl_avx2_on_amd)
     from detect.ppyoloe import RunPaths, activate, build_config
     from detect.seeded_loader import install_seeded_loader
 
@@ -85,6 +97,7 @@ def compute_fisher(spec, weights: Path, batches: int) -> tuple[dict[str, np.ndar
         loader = install_seeded_loader(trainer, train.seed)
         model = trainer.model
         load_pretrain_weight(model, str(weights)[: -len(".pdparams")])
+        apply_freeze(model, parse_freeze(freeze, "retrain.freeze"))
         model.train()
         for bn in [m for m in model.sublayers() if isinstance(m, paddle.nn.layer.norm._BatchNormBase)]:
             bn.eval()  # the parent as it runs: running statistics

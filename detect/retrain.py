@@ -165,7 +165,9 @@ def retrain(parent_dir: Path | str, adds: Sequence[Path | str], spec: LineSpec |
         if r.ewc > 0:
             from detect.ewc import ensure_fisher
 
-            fisher, note = ensure_fisher(parent, r.ewc_batches, quiet)
+            # frozen for the whole retrain: no Fisher needed for those tensors (thawed later: all of them)
+            frozen = r.freeze if not base.settings.train.unfreeze_at_epoch else "none"
+            fisher, note = ensure_fisher(parent, r.ewc_batches, quiet, frozen)
             ewc = {"fisher": str(fisher), "weight": r.ewc, "note": note}
             notes.append(f"EWC: {note}")
     except BaseException:

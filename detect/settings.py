@@ -114,7 +114,7 @@ class RetrainSettings:
     distill: float = 1.0
     distill_dfl: float = 0.5
     distill_temperature: float = 2.0
-    ewc: float = 0.0
+    ewc: float = 10.0
     ewc_batches: int = 16
     max_class_drop: float = 5.0
     max_map_drop: float = 1.0

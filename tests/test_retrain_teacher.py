@@ -173,9 +173,13 @@ def test_teacher_in_the_training_step_is_zero_for_the_parent_and_trains_only_the
 def test_a_retrain_run_trains_with_the_teacher_and_records_it(retrained):
     record = json.loads((retrained.run.root / "retrain.json").read_text())
     assert record["teacher"]["old_classes"] == 5 and Path(record["teacher"]["weights"]).is_file()
-    assert record["teacher"]["distill"] == 1.0 and record["ewc"] is None
+    assert record["teacher"]["distill"] == 1.0
+    # EWC is on by default (retrain.ewc 10): the parent's Fisher was computed into the parent's run, once
+    assert record["ewc"]["weight"] == 10.0 and Path(record["ewc"]["fisher"]).is_file()
+    assert "computed" in record["ewc"]["note"]
     log = (retrained.run.root / "train.log").read_text()
     assert "loss_distill_cls" in log and "loss_distill_dfl" in log  # ppdet's own step logged the teacher's terms
+    assert "loss_ewc" in log
 
 
 def test_a_teacher_whose_classes_are_not_the_first_of_the_run_is_refused(retrained, tmp_path):
@@ -186,8 +190,8 @@ def test_a_teacher_whose_classes_are_not_the_first_of_the_run_is_refused(retrain
         _session(retrained, tmp_path, record_update={"parent": {**record["parent"], "classes": swapped}})
 
 
-def test_distillation_off_installs_nothing(retrained, tmp_path):
-    session = _session(retrained, tmp_path, {"retrain": {"distill": 0.0, "distill_dfl": 0.0}})
+def test_distillation_and_ewc_off_install_nothing(retrained, tmp_path):
+    session = _session(retrained, tmp_path, {"retrain": {"distill": 0.0, "distill_dfl": 0.0, "ewc": 0.0}})
     assert getattr(session.trainer, "retrain_terms", None) is None
     out = session.trainer.model(_batch(session))
     assert not any(k.startswith("loss_distill") for k in out)
