@@ -75,7 +75,7 @@ def compute_fisher(spec, weights: Path, batches: int, freeze: str = "none") -> t
     (the tensors ``freeze`` leaves trainable)."""
     from detect.freeze import apply_freeze, parse_freeze
     from detect.heavy import paddle_stack
-    from detect.session import prefer_mkl_avx2
+    from detect.mkl import prefer_mkl_avx2
 
     # the retrain computes this before its training session starts: MKL picks its kernels at its first call, so
     # the session's AVX2 switch must come first here, or the whole process keeps MKL's slow generic path on AMD

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from detect.infer import evaluate_weights
+from detect.mkl import prefer_mkl_avx2
 from detect.linespec import LineSpec
 from detect.ppyoloe import RunPaths, activate, build_config
 from detect.run_settings import write_run_settings
@@ -53,25 +54,6 @@ def process_rank() -> tuple[int, int]:
     import os
 
     return int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
-
-
-def prefer_mkl_avx2(enabled: bool = True) -> bool:
-    """On an AMD CPU with AVX2, ask paddle's MKL for its AVX2 kernels (``MKL_DEBUG_CPU_TYPE=5``).
-
-    MKL dispatches on the CPU vendor and runs a generic path on non-Intel CPUs; paddle's CPU convolutions and
-    matrix products go through it. MKL reads the variable at its first call, so this must happen before any
-    paddle computation of the process (a later call changes nothing); a value already set is left alone.
-    Returns whether the variable is now 5."""
-    import os
-
-    if enabled and "MKL_DEBUG_CPU_TYPE" not in os.environ:
-        try:
-            info = open("/proc/cpuinfo", encoding="utf-8").read(8192)
-        except OSError:
-            info = ""
-        if "AuthenticAMD" in info and " avx2" in info:
-            os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
-    return os.environ.get("MKL_DEBUG_CPU_TYPE") == "5"
 
 
 def set_device(device: str) -> str:

@@ -200,7 +200,7 @@ def test_distillation_and_ewc_off_install_nothing(retrained, tmp_path):
 @pytest.mark.timeout(300)
 def test_ewc_fisher_is_computed_once_in_the_parent_run_and_penalises_drift(parent, retrained, tmp_path, capsys,
                                                                             monkeypatch):
-    import detect.session
+    import detect.mkl
     from detect.ewc import ensure_fisher, fisher_files
     from detect.heavy import paddle_stack
     from detect.retrain_data import load_parent
@@ -210,8 +210,8 @@ def test_ewc_fisher_is_computed_once_in_the_parent_run_and_penalises_drift(paren
     path, meta = fisher_files(parent.root)
     path.unlink(missing_ok=True)
     switched = []  # the retrain computes the Fisher before its session: MKL's kernel switch must come first
-    real_switch = detect.session.prefer_mkl_avx2
-    monkeypatch.setattr(detect.session, "prefer_mkl_avx2", lambda on=True: switched.append(on) or real_switch(on))
+    real_switch = detect.mkl.prefer_mkl_avx2
+    monkeypatch.setattr(detect.mkl, "prefer_mkl_avx2", lambda on=True: switched.append(on) or real_switch(on))
     got, note = ensure_fisher(p, 2)
     assert got == path and path.is_file() and "computed" in note and "computing it" in capsys.readouterr().out
     assert switched == [p.spec.settings.train.mkl_avx2_on_amd]

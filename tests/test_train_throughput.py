@@ -82,7 +82,7 @@ def test_credit_rule_keeps_evaluation_within_its_share():
 def test_mkl_avx2_is_asked_for_on_amd_cpus_only_and_an_existing_choice_wins(monkeypatch):
     from pathlib import Path
 
-    from detect.session import prefer_mkl_avx2
+    from detect.mkl import prefer_mkl_avx2
 
     info = Path("/proc/cpuinfo").read_text()[:8192]
     amd_avx2 = "AuthenticAMD" in info and " avx2" in info
