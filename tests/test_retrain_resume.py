@@ -141,9 +141,11 @@ def test_a_killed_retrain_resumes_with_its_teacher_and_equals_the_uninterrupted_
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     assert all(h["loss_distill_cls"] > 0 and h["loss_distill_dfl"] > 0 for h in history)
     # same losses (the teacher's and EWC's too), same mAP, epoch by epoch: to float32 rounding, because the killed
-    # run's first epoch ran in another kind of process (see below; a total loss 1e-6 apart was seen once EWC was on)
+    # run's first epoch ran in another kind of process (see below). history.jsonl rounds to 6 decimals, so a value
+    # on a rounding edge differs by one unit of the last digit (1e-6 apart seen in loss and loss_iou once EWC was
+    # on): the tolerance is ten such units; a resume that loses state moves the losses by 1e-3 and more
     assert [h.keys() for h in history] == [h.keys() for h in expected]
-    assert history == [{k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in h.items()} for h in expected]
+    assert history == [{k: pytest.approx(v, rel=1e-5, abs=1e-5) for k, v in h.items()} for h in expected]
     a, b = paddle.load(str(straight.run.best_weights)), paddle.load(str(run / "weights" / "best.pdparams"))
     assert a.keys() == b.keys()
     # Not bit-exact here: the killed run's first epoch ran in a fresh `defectkit` process, the uninterrupted one in
