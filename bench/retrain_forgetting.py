@@ -1,7 +1,7 @@
 """Does a retrain that adds a defect class forget the old ones, and what does it cost? All strategies, one run.
 
-    python bench/retrain_forgetting.py                       # 3 seeds, rows a-e (+ c1), k-shot 5 and 10
-    python bench/retrain_forgetting.py --seeds 1 --k-shot ""  # one seed of rows a-e (+ c1)
+    python bench/retrain_forgetting.py                       # 3 seeds, rows a-e (+ c1, c2), k-shot 5 and 10
+    python bench/retrain_forgetting.py --seeds 1 --k-shot ""  # one seed of rows a-e (+ c1, c2)
     python bench/retrain_forgetting.py --quick               # small development run (minutes)
 
 Setting (the issue's): a five-class synthetic line (``--old-images``, 30 % held out: 60 validation images at the
@@ -19,7 +19,8 @@ of it for the new-class AP50, from one pool, so every row and every k is scored 
 - (c) kit: ``defectkit retrain`` with no flag (replay ``retrain.replay`` of the parent's images, head grown keeping
   old rows, backbone frozen, the parent as a frozen teacher, an EWC penalty (``retrain.ewc`` 10), epochs from the
   new data's share, lr x 0.2, early stop);
-- (c1) kit with every parent image replayed (``--replay 1``, the previous default): what the replay share saves;
+- (c1) kit with half the parent's images replayed (``--replay 0.5``, the default before 2026-12-01) and (c2) with a
+  tenth (``--replay 0.1``): what the replay share buys and costs;
 - (d) kit without the teacher (``--distill 0 --set distill_dfl=0``);
 - (e) kit without EWC (``--ewc 0``, the default before 2026-12-01). The kit's default EWC penalty needs the parent's
   Fisher information, computed once per parent and kept in its run: any Fisher file left in ``--workdir`` by an
@@ -50,9 +51,10 @@ import zlib  # noqa: E402,F401  -- before paddle (import-order segfault, STACK.m
 
 BASE = ROOT / "base_weights" / "pcb-base-tiny-320.pdparams"
 NEW_VAL = 20
-ROWS = ("a", "b", "c", "c1", "d", "e")
+ROWS = ("a", "b", "c", "c1", "c2", "d", "e")
 NAMES = {"a": "(a) full retrain from the base, all data", "b": "(b) naive fine-tune, new data only",
-         "c": "(c) kit defaults, no flag", "c1": "(c1) kit, --replay 1 (previous default)",
+         "c": "(c) kit defaults, no flag", "c1": "(c1) kit, --replay 0.5 (previous default)",
+         "c2": "(c2) kit, --replay 0.1",
          "d": "(d) kit without the teacher", "e": "(e) kit without EWC (--ewc 0)"}
 
 
@@ -171,7 +173,8 @@ def plain_row(ctx, tmp: Path, name: str, seed: int, kit_run: Path) -> dict:
 def kit_row(ctx, name: str, seed: int, k: int) -> dict:
     from detect.retrain import retrain
 
-    layers = {"c": {}, "c1": {"retrain": {"replay": 1.0}}, "d": {"retrain": {"distill": 0.0, "distill_dfl": 0.0}},
+    layers = {"c": {}, "c1": {"retrain": {"replay": 0.5}}, "c2": {"retrain": {"replay": 0.1}},
+              "d": {"retrain": {"distill": 0.0, "distill_dfl": 0.0}},
               "e": {"retrain": {"ewc": 0.0}}}[name]
     cli = {**layers, "train": {"seed": seed}}
     run = ctx["parent"].root.parent / f"{name}-k{k}-s{seed}"
@@ -219,7 +222,7 @@ def table(rows: dict[str, list[dict]], k_default: int) -> list[str]:
         label = NAMES.get(name.split("@")[0], name)
         if "@" in name:
             label = f"(c) kit defaults, k = {name.split('@')[1]} new images"
-        elif name in ("c", "c1", "d", "e", "b"):
+        elif name in ("c", "c1", "c2", "d", "e", "b"):
             label += f" (k = {k_default})"
         out.append(f"| {label} | {len(runs)} | {spread([r['change_points'] for r in runs])} | {worst['worst_class']} "
                    f"{worst['worst_change']:+.2f} | {new_text} | {sum(r['passed'] for r in runs)}/{len(runs)} | "
@@ -249,7 +252,7 @@ def main() -> int:
         args.k_shot = "5" if args.k_shot == "5,10" else args.k_shot
     args.k_list = [int(k) for k in args.k_shot.split(",") if k.strip()]
     wanted = [r for r in args.rows.split(",") if r]
-    order = [r for r in ("c", "a", "b", "c1", "d", "e") if r in wanted]  # (a), (b) reuse a kit row's merged data
+    order = [r for r in ("c", "a", "b", "c1", "c2", "d", "e") if r in wanted]  # (a), (b) reuse a kit row's merged data
     rows: dict[str, list[dict]] = {r: [] for r in ROWS if r in wanted}
     rows.update({f"c@{k}": [] for k in args.k_list if k != args.new_images})
     start = time.time()
@@ -266,7 +269,7 @@ def main() -> int:
         for seed in range(args.seeds):
             for name in order:
                 if name in ("a", "b"):
-                    kit_run = next((Path(r[-1]["run"]) for n, r in rows.items() if n in ("c", "c1", "d", "e") and r),
+                    kit_run = next((Path(r[-1]["run"]) for n, r in rows.items() if n in ("c", "c1", "c2", "d", "e") and r),
                                    None)
                     if kit_run is None:
                         kit_row_ = kit_row(ctx, "c", seed, args.new_images)

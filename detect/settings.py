@@ -109,7 +109,7 @@ class RetrainSettings:
     epochs: int = 0
     lr_factor: float = 0.2
     freeze: str = "backbone"
-    replay: float = 0.5
+    replay: float = 0.25
     patience: int = 2
     distill: float = 1.0
     distill_dfl: float = 0.5
