@@ -278,22 +278,32 @@ def measure(info: dict[str, Any], work: Path, rounds: int, warmup: int, repeats:
 
 def box_choice(fp32: str, int8: str, images: list[str], threads: int = 2, int8_fast: Optional[str] = None
                ) -> dict[str, Any]:
-    """What the box itself would run on this CPU given a bundle with FP32 and both INT8 recipes: the same timing and
-    decision as at install (``edge_runtime.variant_choice``: seeded warm-up, interleaved rounds, medians, FP32
-    unless >= 5 % faster)."""
-    from ort_profile import image_feeds
+    """What the box itself would run on this CPU given a bundle with FP32 and both INT8 recipes: the install's own
+    timing and decision (``edge_runtime.variant_load.timed_choice``: each variant at the configured thread count and
+    at 1 thread, seeded warm-up, interleaved rounds, medians, the fewest threads within 5 % of the fastest, FP32
+    unless a variant is >= 5 % faster)."""
+    import cv2
 
     from edge_runtime.predict import Detector
-    from edge_runtime.variant_choice import ROUNDS, WARMUP, decide, median_ms, time_interleaved
+    from edge_runtime.variant_choice import ROUNDS, WARMUP
+    from edge_runtime.variant_load import timed_choice
 
-    dets = {"fp32": Detector.from_model(fp32, backend="onnxruntime", threads=threads),
-            "ort-int8": Detector.from_model(int8, backend="onnxruntime", threads=threads)}
-    if int8_fast:
-        dets["ort-int8-fast"] = Detector.from_model(int8_fast, backend="onnxruntime", threads=threads)
-    feeds = image_feeds(fp32, images)
-    times = time_interleaved({k: (lambda i, d=d: d.infer(feeds[i % len(feeds)])) for k, d in dets.items()})
-    d = decide(median_ms(times), "fp32")
-    return {"variant": d.variant, "reason": d.reason, "threads": threads, "warmup": WARMUP, "rounds": ROUNDS}
+    paths = {"fp32": fp32, "ort-int8": int8, **({"ort-int8-fast": int8_fast} if int8_fast else {})}
+    load = lambda name, t: Detector.from_model(paths[name], backend="onnxruntime", threads=t)  # noqa: E731
+    dets = {name: load(name, threads) for name in paths}
+    fields, _ = timed_choice(dets, threads, [cv2.imread(p, cv2.IMREAD_COLOR) for p in images], load, "fp32")
+    return {"variant": fields["variant"], "reason": fields["reason"], "threads": threads,
+            "run_threads": fields["run_threads"], "thread_medians_ms": fields["thread_medians_ms"],
+            "warmup": WARMUP, "rounds": ROUNDS}
+
+
+def _box_choice_lines(c: Optional[dict[str, Any]]) -> list[str]:
+    if not c:
+        return []
+    return [f"The box's own choice on this CPU (`edge_runtime.variant_load.timed_choice`, as at install: {c['warmup']} "
+            f"warm-up + {c['rounds']} timed calls per variant and thread count, seeded interleaving, {c['threads']} "
+            f"threads configured, each variant also timed at 1): **{c['variant']}** at "
+            f"{c.get('run_threads', c['threads'])} thread(s) — {c['reason']}.", ""]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -414,10 +424,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"ONNX Runtime INT8/FP32: {verdict}.",
         "",
         *_profile_lines(res.get("profile")),
-        *([f"The box's own choice on this CPU (`edge_runtime.variant_choice`, as at install: {res['box_choice']['warmup']} "
-           f"warm-up + {res['box_choice']['rounds']} timed calls per variant, seeded interleaving, "
-           f"{res['box_choice']['threads']} threads): **{res['box_choice']['variant']}** — {res['box_choice']['reason']}.", ""]
-          if res.get("box_choice") else []),
+        *_box_choice_lines(res.get("box_choice")),
         *_history_lines(res.get("history", [])),
         "- Paddle Lite x86's Python API has no thread setting (STACK.md): its two rows run the same configuration, "
         "their difference is noise.",

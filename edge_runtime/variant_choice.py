@@ -12,6 +12,12 @@ flags seen are recorded (:class:`VariantChoice`) in ``state/variant_choice.json`
 the bundle, the CPU and the thread count are the same, so a restart neither re-times nor flips), in /healthz and
 state/effective_settings.json, and in the report's health (``bundle_variant``).
 
+The thread count is timed too: with ``threads`` above 1 each variant is also timed at 1 thread, and it runs with
+the fewest threads unless more are at least :data:`THREAD_GAIN` (20 %) faster (:func:`fewest_threads`). Why: on a 2-core box
+the core the model leaves free runs the rest of the loop (reading, post-processing, writing), and ONNX Runtime's
+INT8 graphs barely use a second thread (PP-YOLOE+ s, AVX-512 VNNI: 12.2 ms at 1 thread, 11.5 at 2, while FP32 went
+from 21.0 to 15.5 ms; docs/benchmarks.md "Edge latency"). Variants are then compared each at its own thread count.
+
 :func:`decide` is pure (timings in, a name and a reason out); the rest is measurement and bookkeeping.
 """
 from __future__ import annotations
@@ -34,6 +40,12 @@ log = logging.getLogger("defectkit.variant_choice")
 
 BASELINE = "fp32"
 MIN_GAIN = 0.05  # a variant must be at least 5 % faster than FP32 (median) to replace it: timing noise is ~2-3 %
+# more intra-op threads must cut a variant's median by at least 20 %: a core the model takes is a core the rest of the
+# loop (reading, post-processing, writing: ~3 ms CPU a frame) no longer has. Measured on 2 idle cores
+# (bench/edge_loop.py, docs/benchmarks.md "Edge loop"): the base tiny FP32 ran alone at 6.7 ms with 2 threads vs
+# 8.0 with 1 (0.84x), yet the loop ran 121 frames/s with 2 threads and 122 with 1. ONNX Runtime INT8 (PP-YOLOE+ s):
+# 12.2 -> 11.5 ms (0.94x); FP32 21.0 -> 15.5 ms (0.74x: 2 threads)
+THREAD_GAIN = 0.2
 WARMUP = 3  # calls per variant before timing (first calls allocate and pick kernels)
 ROUNDS = 12  # timed calls per variant
 SEED = 14
@@ -82,6 +94,20 @@ def decide(medians_ms: Mapping[str, float], baseline: Optional[str], excluded: M
         return Decision(baseline, f"{best} is {ratio:.2f}x {baseline}, not at most {1 - min_gain:.2f}x: {baseline} runs "
                                   f"({_ms(usable)}){note}")
     return Decision(best, f"{best} is {ratio:.2f}x {baseline} on this CPU ({_ms(usable)}){note}")
+
+
+def fewest_threads(medians_by_threads: Mapping[int, float], min_gain: float = THREAD_GAIN) -> int:
+    """The thread count a variant runs with, from its median latency (ms) per thread count measured side by side:
+    the fewest, unless more threads are at least ``min_gain`` faster (a core the model does not need is a core for
+    the rest of the loop)."""
+    if not medians_by_threads:
+        raise ValueError("nothing was timed")
+    counts = sorted(medians_by_threads)
+    best = counts[0]
+    for t in counts[1:]:
+        if medians_by_threads[t] <= (1.0 - min_gain) * medians_by_threads[best]:
+            best = t
+    return best
 
 
 def _ms(medians: Mapping[str, float]) -> str:
@@ -143,6 +169,13 @@ class VariantChoice:
     forced: Optional[str] = None
     cpu: dict[str, Any] = field(default_factory=dict)
     measured: str = ""  # UTC time of the measurement
+    run_threads: int = 0  # the threads the chosen variant runs with (fewest_threads); 0 = ``threads`` (older files)
+    thread_medians_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> {threads: median ms}
+
+    @property
+    def inference_threads(self) -> int:
+        """The intra-op threads the box runs the chosen variant with."""
+        return self.run_threads or self.threads
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +183,7 @@ class VariantChoice:
     def line(self) -> str:
         flags = self.cpu.get("flags", {})
         seen = ", ".join(f for f in ("avx512_vnni", "avx_vnni", "avx2") if flags.get(f)) or "no avx2/vnni"
-        return f"variant {self.variant}: {self.reason}; {self.threads} threads; CPU {seen}"
+        return f"variant {self.variant}: {self.reason}; {self.inference_threads} of {self.threads} threads; CPU {seen}"
 
     def fits(self, version: str, backend: str, threads: int, files: Mapping[str, str], forced: Optional[str],
              cpu: Mapping[str, Any]) -> bool:
@@ -204,5 +237,5 @@ def check_forced(name: Optional[str]) -> Optional[str]:
     return name
 
 
-__all__ = ["Decision", "decide", "time_interleaved", "median_ms", "cpu_features", "VariantChoice", "load_choices",
-           "save_choice", "check_forced", "health_fields", "BASELINE", "MIN_GAIN"]
+__all__ = ["Decision", "decide", "fewest_threads", "time_interleaved", "median_ms", "cpu_features", "VariantChoice",
+           "load_choices", "save_choice", "check_forced", "health_fields", "BASELINE", "MIN_GAIN", "THREAD_GAIN"]

@@ -19,6 +19,9 @@ class Backend(ABC):
     """Load a model file, then run it: ``infer({name: array}) -> [outputs in output_names order]``."""
 
     name: ClassVar[str] = "?"
+    # whether load()'s ``threads`` changes anything (Paddle Lite's x86 wheels have no thread setting): the box times
+    # thread counts only where it does (edge_runtime.variant_load)
+    threads_settable: bool = True
     # set by load(): the model's feed names (model order) and output names (the order infer returns)
     _inputs: list[str]
     _outputs: list[str]

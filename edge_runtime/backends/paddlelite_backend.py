@@ -111,7 +111,8 @@ class PaddleLiteBackend(Backend):
         lite = require("paddlelite.lite", "edge", "The Paddle Lite backend")
         config = lite.MobileConfig()
         config.set_model_from_file(str(path))
-        if hasattr(config, "set_threads"):  # ARM builds only; the x86 wheels have no thread setting
+        self.threads_settable = hasattr(config, "set_threads")  # ARM builds only; the x86 wheels have none
+        if self.threads_settable:
             config.set_threads(int(threads))
         try:
             self._predictor = lite.create_paddle_predictor(config)
