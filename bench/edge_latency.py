@@ -280,8 +280,8 @@ def box_choice(fp32: str, int8: str, images: list[str], threads: int = 2, int8_f
                ) -> dict[str, Any]:
     """What the box itself would run on this CPU given a bundle with FP32 and both INT8 recipes: the install's own
     timing and decision (``edge_runtime.variant_load.timed_choice``: each variant at the configured thread count and
-    at 1 thread, seeded warm-up, interleaved rounds, medians, the fewest threads within 5 % of the fastest, FP32
-    unless a variant is >= 5 % faster)."""
+    at 1 thread, seeded warm-up, interleaved rounds, medians, the fewest threads unless more are >= 20 % faster,
+    FP32 unless a variant is >= 5 % faster)."""
     import cv2
 
     from edge_runtime.predict import Detector

@@ -51,7 +51,8 @@ import zlib  # noqa: E402,F401  -- before paddle (import-order segfault, STACK.m
 
 BASE = ROOT / "base_weights" / "pcb-base-tiny-320.pdparams"
 NEW_VAL = 20
-ROWS = ("a", "b", "c", "c1", "c2", "d", "e")
+KIT_ROWS = ("c", "c1", "c2", "d", "e")  # `defectkit retrain` with the layers of kit_row; (a), (b) are plain trains
+ROWS = ("a", "b", *KIT_ROWS)
 NAMES = {"a": "(a) full retrain from the base, all data", "b": "(b) naive fine-tune, new data only",
          "c": "(c) kit defaults, no flag", "c1": "(c1) kit, --replay 0.5 (previous default)",
          "c2": "(c2) kit, --replay 0.1",
@@ -222,7 +223,7 @@ def table(rows: dict[str, list[dict]], k_default: int) -> list[str]:
         label = NAMES.get(name.split("@")[0], name)
         if "@" in name:
             label = f"(c) kit defaults, k = {name.split('@')[1]} new images"
-        elif name in ("c", "c1", "c2", "d", "e", "b"):
+        elif name in KIT_ROWS or name == "b":
             label += f" (k = {k_default})"
         out.append(f"| {label} | {len(runs)} | {spread([r['change_points'] for r in runs])} | {worst['worst_class']} "
                    f"{worst['worst_change']:+.2f} | {new_text} | {sum(r['passed'] for r in runs)}/{len(runs)} | "
@@ -252,7 +253,7 @@ def main() -> int:
         args.k_shot = "5" if args.k_shot == "5,10" else args.k_shot
     args.k_list = [int(k) for k in args.k_shot.split(",") if k.strip()]
     wanted = [r for r in args.rows.split(",") if r]
-    order = [r for r in ("c", "a", "b", "c1", "c2", "d", "e") if r in wanted]  # (a), (b) reuse a kit row's merged data
+    order = [r for r in ("c", "a", "b", *KIT_ROWS[1:]) if r in wanted]  # (a), (b) reuse a kit row's merged data
     rows: dict[str, list[dict]] = {r: [] for r in ROWS if r in wanted}
     rows.update({f"c@{k}": [] for k in args.k_list if k != args.new_images})
     start = time.time()
@@ -269,8 +270,7 @@ def main() -> int:
         for seed in range(args.seeds):
             for name in order:
                 if name in ("a", "b"):
-                    kit_run = next((Path(r[-1]["run"]) for n, r in rows.items() if n in ("c", "c1", "c2", "d", "e") and r),
-                                   None)
+                    kit_run = next((Path(r[-1]["run"]) for n, r in rows.items() if n in KIT_ROWS and r), None)
                     if kit_run is None:
                         kit_row_ = kit_row(ctx, "c", seed, args.new_images)
                         kit_run = Path(kit_row_["run"])

@@ -13,10 +13,11 @@ the bundle, the CPU and the thread count are the same, so a restart neither re-t
 state/effective_settings.json, and in the report's health (``bundle_variant``).
 
 The thread count is timed too: with ``threads`` above 1 each variant is also timed at 1 thread, and it runs with
-the fewest threads unless more are at least :data:`THREAD_GAIN` (20 %) faster (:func:`fewest_threads`). Why: on a 2-core box
-the core the model leaves free runs the rest of the loop (reading, post-processing, writing), and ONNX Runtime's
-INT8 graphs barely use a second thread (PP-YOLOE+ s, AVX-512 VNNI: 12.2 ms at 1 thread, 11.5 at 2, while FP32 went
-from 21.0 to 15.5 ms; docs/benchmarks.md "Edge latency"). Variants are then compared each at its own thread count.
+the fewest threads unless more are at least :data:`THREAD_GAIN` (20 %) faster (:func:`fewest_threads`). Why: on a
+2-core box the core the model leaves free runs the rest of the loop (reading, post-processing, writing), and ONNX
+Runtime's INT8 graphs barely use a second thread (PP-YOLOE+ s, AVX-512 VNNI: 12.2 ms at 1 thread, 11.5 at 2, while
+FP32 went from 21.0 to 15.5 ms; docs/benchmarks.md "Edge latency"). Variants are then compared each at its own
+thread count.
 
 :func:`decide` is pure (timings in, a name and a reason out); the rest is measurement and bookkeeping.
 """

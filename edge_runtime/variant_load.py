@@ -2,19 +2,19 @@
 
 The bundle manager calls :func:`load_variants` when it loads a bundle (at install, at start, before a swap). A
 bundle with one model for the backend is loaded and self-tested as before, and timed only for its thread count
-(below). With several variants
-(``ModelEntry.variant``: fp32, ort-int8, ...) each is loaded with the box's thread setting; the golden self-test
-runs on all of them; a variant that does not load or fails its self-test is excluded (its failures leave the
-report and are listed in ``skipped``), except the FP32 baseline, whose failure still refuses the bundle (the golden
-expectations come from it: when it fails, the runtime itself is suspect). The survivors are timed on the golden
-images and :func:`edge_runtime.variant_choice.decide` picks one; the choice is recorded in the state directory and
-reused while the bundle, the CPU, the backend, the thread count and the override are unchanged.
+(below). With several variants (``ModelEntry.variant``: fp32, ort-int8, ...) each is loaded with the box's thread
+setting; the golden self-test runs on all of them; a variant that does not load or fails its self-test is excluded
+(its failures leave the report and are listed in ``skipped``), except the FP32 baseline, whose failure still
+refuses the bundle (the golden expectations come from it: when it fails, the runtime itself is suspect). The
+survivors are timed on the golden images and :func:`edge_runtime.variant_choice.decide` picks one; the choice is
+recorded in the state directory and reused while the bundle, the CPU, the backend, the thread count and the
+override are unchanged.
 
 With a thread setting above 1 (and a backend that applies it), every surviving variant, a bundle's only one too, is
-also loaded and timed at 1 thread, in the same interleaved rounds; each runs with the fewest threads unless more are :data:`THREAD_GAIN`
-faster (:func:`edge_runtime.variant_choice.fewest_threads`), and the variants are compared each at its
-own thread count. The self-test runs at the configured thread count only (thread count changes the order of float
-sums, not what the model detects).
+also loaded and timed at 1 thread, in the same interleaved rounds; each runs with the fewest threads unless more are
+:data:`THREAD_GAIN` faster (:func:`edge_runtime.variant_choice.fewest_threads`), and the variants are compared each
+at its own thread count. The self-test runs at the configured thread count only (thread count changes the order of
+float sums, not what the model detects).
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def load_variants(manifest: Manifest, backend: str, threads: int, *, state_dir: 
 def thread_counts(dets: dict[str, Detector], threads: int) -> list[int]:
     """The thread counts to time: the configured one, and 1 when it is larger and the backend applies a thread
     setting (Paddle Lite's x86 wheels have none: both counts would time the same thing)."""
-    settable = all(getattr(d.backend, "threads_settable", True) for d in dets.values())
+    settable = all(d.backend.threads_settable for d in dets.values())
     return sorted({threads, 1}) if threads > 1 and settable else [threads]
 
 
