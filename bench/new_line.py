@@ -2,6 +2,7 @@
 
     python bench/new_line.py                          # 3 lines x 20 min, both cores, ~70 min; table, JSON, PNG
     python bench/new_line.py --minutes 2 --lines a    # a quick one
+    python bench/new_line.py --lines b,c --against-kit train.assign_center_radius=0   # kit vs kit (an ablation)
 
 Lines the kit's base never saw (``bench/lines``: no code or texture shared with the pretrain corpora):
 a = stone (scikit-image photographs, colour 640x480, COCO), b = strip (line-scan metal, 16-bit grayscale 800x200,
@@ -12,6 +13,8 @@ train/val split. Per line, in one run, at the same time, each pinned to its own 
   ``defectkit eval --run`` on the best weights;
 - YOLO11n: ``yolo11n.yaml`` (random init, offline) in the bench's own venv, ultralytics' defaults, ``time=M/60``
   hours, ``imgsz`` = the kit spec's input size, on the imported images and split.
+``--against-kit KEY=VALUE...`` replaces the YOLO11n arm by a second kit arm trained with those ``--set`` overrides
+(arm ``kit_b``): a default measured against its alternative side by side, on the same lines and cores.
 Both are scored by the kit's pycocotools evaluator (``detect.evaluate.coco_eval``) on the same val annotations.
 images/s = epochs x train images / training seconds (kit: its metrics' train_minutes, evaluation every epoch
 inside; YOLO: first to last epoch end, its per-epoch val inside).
@@ -50,6 +53,7 @@ from bench.lines.bench_venv import bench_python, versions  # noqa: E402
 from bench.lines.yolo_data import write_yolo_dataset  # noqa: E402
 
 LINES = {"a": "stone", "b": "strip", "c": "weave"}
+ARM_LABELS = {"kit": "kit (README path)", "yolo11n": "YOLO11n from scratch", "kit_b": "kit with --against-kit"}
 
 
 def run(cmd: list, log: Path, cpu: int | None = None, cwd: Path = REPO) -> float:
@@ -73,12 +77,16 @@ def run(cmd: list, log: Path, cpu: int | None = None, cwd: Path = REPO) -> float
     return round(usage.ru_utime + usage.ru_stime, 1)
 
 
-def kit_arm(spec: Path, work: Path, minutes: float, cpu: int, out: dict) -> None:
-    """The README path after the import: train with defaults and the budget, then the kit's own eval."""
+def kit_arm(spec: Path, work: Path, minutes: float, cpu: int, out: dict, arm: str = "kit",
+            overrides: tuple[str, ...] = ()) -> None:
+    """The README path after the import: train with defaults (and ``overrides``, ``--set`` each) and the budget,
+    then the kit's own eval."""
     dk = Path(sys.executable).parent / "defectkit"
-    runs, log = work / "runs", work / "kit.log"
+    runs, log = work / ("runs" if arm == "kit" else f"runs-{arm}"), work / f"{arm}.log"
+    sets = [a for kv in overrides for a in ("--set", kv)]
     t0 = time.time()
-    cpu_s = run([dk, "train", spec, "--name", "first", "--runs", runs, "--time-budget-min", minutes], log, cpu)
+    cpu_s = run([dk, "train", spec, "--name", "first", "--runs", runs, "--time-budget-min", minutes, *sets], log,
+                cpu)
     t1 = time.time()
     run_dir = next(runs.glob("*/first"))
     run([dk, "eval", "--run", run_dir, "--out", run_dir / "eval" / "bench"], log, cpu)
@@ -126,9 +134,17 @@ def one_line(key: str, py: Path, args, root: Path) -> dict:
     run(imp, work / "import.log")
     import_notes = [ln for ln in (work / "import.log").read_text().splitlines()[1:] if ln.startswith(("note", "warn"))]
     spec = LineSpec.load(data_dir / f"{name}.yaml")
-    data_yaml, val_map = write_yolo_dataset(data_dir, work / "yolo_data")
-    (work / "val_map.json").write_text(json.dumps(val_map))
-    kit, yolo = {}, {}
+    kit, other = {}, {}
+    if args.against_kit:
+        other_name = "kit_b"
+        second = (kit_arm, data_dir / f"{name}.yaml", work, args.minutes, args.cores[1], other, other_name,
+                  tuple(args.against_kit))
+    else:
+        other_name = "yolo11n"
+        data_yaml, val_map = write_yolo_dataset(data_dir, work / "yolo_data")
+        (work / "val_map.json").write_text(json.dumps(val_map))
+        second = (yolo_arm, py, data_yaml, work / "val_map.json", args.minutes, spec.image_size, work, args.cores[1],
+                  other)
     errors: list[BaseException] = []
 
     def guard(fn, *a):
@@ -137,12 +153,11 @@ def one_line(key: str, py: Path, args, root: Path) -> dict:
         except BaseException as exc:  # reported after both finished
             errors.append(exc)
 
-    print(f"== line {key} ({name}): {args.minutes:g} min each, kit on core {args.cores[0]}, YOLO11n on core "
+    print(f"== line {key} ({name}): {args.minutes:g} min each, kit on core {args.cores[0]}, {other_name} on core "
           f"{args.cores[1]}", flush=True)
     threads = [threading.Thread(target=guard, args=(kit_arm, data_dir / f"{name}.yaml", work, args.minutes,
                                                     args.cores[0], kit)),
-               threading.Thread(target=guard, args=(yolo_arm, py, data_yaml, work / "val_map.json", args.minutes,
-                                                    spec.image_size, work, args.cores[1], yolo))]
+               threading.Thread(target=guard, args=second)]
     for t in threads:
         t.start()
     for t in threads:
@@ -153,8 +168,10 @@ def one_line(key: str, py: Path, args, root: Path) -> dict:
     n_val = len(json.loads(spec.paths.val.read_text())["images"])
     row = {"line": key, "name": name, "classes": spec.classes, "train_images": n_train, "val_images": n_val,
            "import_command": " ".join(str(c) for c in imp[1:]), "import_notes": import_notes,
-           "image_size": spec.image_size}
-    for arm, res in (("kit", kit), ("yolo11n", yolo)):
+           "image_size": spec.image_size, "arms": ["kit", other_name]}
+    if args.against_kit:
+        row["kit_b_overrides"] = list(args.against_kit)
+    for arm, res in (("kit", kit), (other_name, other)):
         dets = res.pop("detections")
         res.update(score(spec.paths.val, dets))
         res["images_per_s"] = round(res["epochs"] * n_train / max(1e-9, res["train_seconds"]), 2)
@@ -169,10 +186,10 @@ def table(rows: list[dict]) -> str:
            "images/s without eval | CPU s of the train command | images per CPU s |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for arm in ("kit", "yolo11n"):
+        for arm in r.get("arms", ["kit", "yolo11n"]):
             a = r[arm]
             pc = ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in a["per_class_ap50"].items())
-            out.append(f"| {r['line']} {r['name']} | {'kit (README path)' if arm == 'kit' else 'YOLO11n scratch'} | "
+            out.append(f"| {r['line']} {r['name']} | {ARM_LABELS[arm]} | "
                        f"{a['map50']:.3f} | {a['map50_95']:.3f} | {pc} | {a['epochs']} | {a['train_seconds']:.0f} | "
                        f"{a['images_per_s']} | {a['images_per_fit_s']} | {a['cpu_s']:.0f} | {a['images_per_cpu_s']} |")
     return "\n".join(out)
@@ -188,9 +205,8 @@ def chart(rows: list[dict], path: Path, minutes: float) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     x = np.arange(len(rows))
     for ax, (key, label) in zip(axes, [("map50", "mAP50"), ("map50_95", "mAP50-95"), ("images_per_s", "train images/s")]):
-        for k, (arm, colour) in enumerate((("kit", "tab:blue"), ("yolo11n", "tab:orange"))):
-            ax.bar(x + (k - 0.5) * 0.38, [r[arm][key] for r in rows], 0.38, color=colour,
-                   label="kit (README path)" if arm == "kit" else "YOLO11n from scratch")
+        for k, (arm, colour) in enumerate(zip(rows[0].get("arms", ["kit", "yolo11n"]), ("tab:blue", "tab:orange"))):
+            ax.bar(x + (k - 0.5) * 0.38, [r[arm][key] for r in rows], 0.38, color=colour, label=ARM_LABELS[arm])
         ax.set_xticks(x, [f"{r['line']} {r['name']}" for r in rows])
         ax.set_title(label)
         if key != "images_per_s":
@@ -217,6 +233,8 @@ def main() -> int:
     ap.add_argument("--cores", default="0,1", help="core of the kit, core of YOLO (0,1)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "defectkit" / "bench-new-line")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "new_line.json")
+    ap.add_argument("--against-kit", nargs="+", metavar="KEY=VALUE",
+                    help="second arm = the kit with these --set overrides instead of YOLO11n (an ablation)")
     args = ap.parse_args()
     _in_kit_venv()
     keys = [k.strip() for k in args.lines.split(",") if k.strip()]

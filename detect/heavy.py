@@ -38,6 +38,8 @@ def paddle_stack() -> types.SimpleNamespace:
             ppdet = require("ppdet", "train", "Training and export")
             import ppdet.engine  # noqa: F401
             import ppdet.modeling  # noqa: F401
+
+            import detect.assigner  # noqa: F401  -- registers the kit's assigner with ppdet's workspace
         logging.getLogger("ppdet").setLevel(logging.WARNING)
         _STACK = types.SimpleNamespace(paddle=paddle, ppdet=ppdet)
     return _STACK

@@ -195,11 +195,13 @@ def build_config(spec: LineSpec, run: RunPaths, steps_per_epoch_hint: int = 0,
         "PPYOLOEHead": {
             "fpn_strides": [32, 16, 8], "grid_cell_scale": 5.0, "grid_cell_offset": 0.5,
             "static_assigner_epoch": (int(static_assigner_epoch) if static_assigner_epoch is not None
-                                      else max(1, min(30, epochs // 4))),
+                                      else atss_epochs(train)),
             "use_varifocal_loss": True, "loss_weight": {"class": 1.0, "iou": 2.5, "dfl": 0.5},
             # ATSS takes topk anchors per level: the stride-32 level has only (size/32)^2 (4 at 64 px)
             "static_assigner": {"name": "ATSSAssigner", "topk": min(9, (size // 32) ** 2)},
-            "assigner": {"name": "TaskAlignedAssigner", "topk": 13, "alpha": 1.0, "beta": 6.0},
+            # ppdet's task-aligned assigner, thin boxes given anchors near their centre (detect/assigner.py)
+            "assigner": {"name": "NearCentreTaskAlignedAssigner", "topk": 13, "alpha": 1.0, "beta": 6.0,
+                         "center_radius": train.assign_center_radius, "fpn_strides": [32, 16, 8]},
             "nms": {"name": "MultiClassNMS", "nms_top_k": export.nms_top_k,
                     "keep_top_k": export.keep_top_k,
                     "score_threshold": export.score_threshold,
@@ -228,6 +230,14 @@ def build_config(spec: LineSpec, run: RunPaths, steps_per_epoch_hint: int = 0,
     if train.clip_grad_norm > 0:
         cfg["OptimizerBuilder"]["clip_grad_by_norm"] = train.clip_grad_norm
     return cfg
+
+
+def atss_epochs(train: TrainSettings) -> int:
+    """Epochs of ATSS assignment before the task-aligned one: ``train.atss_epochs``, or with -1 none from
+    pretrained weights (their boxes already mean something) and a quarter of the epochs (at most 30) else."""
+    if train.atss_epochs >= 0:
+        return train.atss_epochs
+    return 0 if train.pretrained else max(1, min(30, train.epochs // 4))
 
 
 def visualdl_available() -> bool:

@@ -65,6 +65,8 @@ class TrainSettings:
     mixup: float = 0.0
     hsv: tuple = (0.015, 0.5, 0.3)
     multiscale: bool = True
+    assign_center_radius: float = 1.0
+    atss_epochs: int = -1
     workers: int = 0
     seed: int = 0
     pretrained: str = ""
@@ -98,6 +100,11 @@ class TrainSettings:
         if not ok or any(g < 0 for g in self.hsv):
             raise ConfigError(f"{where}: train.hsv must be three non-negative gains [hue, saturation, value], "
                               f"got {list(self.hsv)}.")
+        if self.assign_center_radius < 0:
+            raise ConfigError(f"{where}: train.assign_center_radius must be >= 0 strides (0 = off), "
+                              f"got {self.assign_center_radius}.")
+        if self.atss_epochs < -1:
+            raise ConfigError(f"{where}: train.atss_epochs must be >= 0 epochs, or -1 (auto), got {self.atss_epochs}.")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"{where}: train.device must be auto, cpu or gpu, got '{self.device}'.")
 

@@ -41,6 +41,19 @@ def test_stats_text_and_png(line: Path, tmp_path: Path, capsys) -> None:
     assert img is not None and img.shape[1] > 600
 
 
+def test_stats_count_boxes_thinner_than_the_stride_at_the_model_input(capsys, tmp_path: Path) -> None:
+    """A 10 px wide pit on a 640 px wide frame is 5 px at a 320 px input: thinner than the 8 px stride."""
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 640, "height": 160}],
+            "categories": [{"id": 1, "name": "pit"}, {"id": 2, "name": "stain"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 60]},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [100, 10, 20, 60]},
+                            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [200, 10, 40, 5]}]}
+    st = dataset_stats(coco, input_size=320)
+    assert st.thin == {"pit": 1, "stain": 0}  # the stain is 5 px tall on the frame, 10 px at the input
+    assert "thin at 320 px" in st.format() and "1 box(es) narrower than the 8 px stride" in st.format()
+    assert dataset_stats(coco).thin == {} and "thin" not in dataset_stats(coco).format()
+
+
 def test_stats_foreign_mixed_sizes(tmp_path: Path) -> None:
     spec = make_foreign_coco(tmp_path / "f")
     st = dataset_stats(tmp_path / "f" / "annotations" / "all.json", ["scratch", "dent", "stain"])

@@ -120,10 +120,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .stats import dataset_stats, resolve_annotations
+    from .stats import dataset_stats
+    from .target import resolve_target
 
-    ann, images, classes = resolve_annotations(args.target)
-    stats = dataset_stats(ann, classes)
+    target = resolve_target(args.target)
+    stats = dataset_stats(target.main_ann, target.classes, input_size=target.spec.image_size if target.spec else None)
     print(stats.format())
     if args.out:
         stats.plot(args.out)
