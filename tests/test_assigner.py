@@ -100,7 +100,8 @@ def test_the_model_trains_with_the_kit_assigner_and_no_atss_phase_from_pretraine
     pretrained = tiny_spec.with_settings(tiny_spec.settings.with_values("train", pretrained="base.pdparams"))
     cfg = build_config(pretrained, RunPaths(Path("x")))
     assert cfg["PPYOLOEHead"]["static_assigner_epoch"] == 0  # ATSS only before predictions mean anything
-    scratch = build_config(tiny_spec, RunPaths(Path("x")))
+    scratch = build_config(tiny_spec.with_settings(tiny_spec.settings.with_values("train", pretrained="")),
+                           RunPaths(Path("x")))
     assert scratch["PPYOLOEHead"]["static_assigner_epoch"] == tiny_spec.settings.train.epochs // 4
     pinned = tiny_spec.with_settings(tiny_spec.settings.with_values("train", atss_epochs=3,
                                                                     pretrained="base.pdparams"))
