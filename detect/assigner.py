@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import paddle
-import paddle.nn.functional as F
-from ppdet.core.workspace import register
-from ppdet.modeling.assigners.task_aligned_assigner import TaskAlignedAssigner
-from ppdet.modeling.assigners.utils import (check_points_inside_bboxes, compute_max_iou_anchor,
+from detect.heavy import paddle_stack
+
+paddle_stack()  # paddle only after zlib (import-order segfault, STACK.md); it imports this module back, harmlessly
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+from ppdet.core.workspace import register  # noqa: E402
+from ppdet.modeling.assigners.task_aligned_assigner import TaskAlignedAssigner  # noqa: E402
+from ppdet.modeling.assigners.utils import (check_points_inside_bboxes, compute_max_iou_anchor,  # noqa: E402
                                             gather_topk_anchors)
-from ppdet.modeling.bbox_utils import batch_iou_similarity
+from ppdet.modeling.bbox_utils import batch_iou_similarity  # noqa: E402
 
 
 def candidate_anchors(anchor_points: paddle.Tensor, strides: paddle.Tensor, gt_bboxes: paddle.Tensor,
