@@ -101,10 +101,10 @@ def test_qat_variant_is_gated(run_copy):
     (v,) = res.variants
     _check_measured(v, res.parent, run_copy)
     assert v.name == "qat-int8" and v.method == "qat"
-    # one QAT epoch keeps the golden detections within the self-test tolerance but loses 1.9 points of mAP50-95
-    # (measured 0.723 -> 0.704; the demo line's 2 epochs lost 1.2): refused for accuracy alone
-    _refused_for_accuracy(v, res)
-    assert len(v.gate["reasons"]) == 1 and v.gate["golden"]["mismatched"] == {}
+    # one QAT epoch from the parent's weights keeps the golden detections within the self-test tolerance and the
+    # mAP50-95 (measured 0.723 -> 0.733 since QAT's step assigns task-aligned from its first step, near-centre
+    # anchors for thin boxes; it lost 1.9 points with the ATSS phase and ppdet's rule): passed
+    _passed(v)
     assert v.settings["train"]["lr"] == pytest.approx(0.01 * 0.1)  # the run's train.lr x compress.qat_lr_factor
 
 

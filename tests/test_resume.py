@@ -16,7 +16,8 @@ from edge_runtime.errors import ConfigError
 
 RECIPE = {"epochs": 4, "batch_size": 4, "warmup_steps": 2, "lr": 0.01, "eval_interval": 2, "visualdl": False,
           "multiscale": True, "mosaic": 0.5, "mixup": 0.5, "close_mosaic": 1, "flip": 0.5,
-          "hsv": [0.015, 0.5, 0.3], "freeze": "2", "unfreeze_at_epoch": 3, "seed": 7}
+          "hsv": [0.015, 0.5, 0.3], "freeze": "2", "unfreeze_at_epoch": 3, "seed": 7,
+          "pretrained": ""}  # from random init: the ATSS phase (a quarter of the epochs) is what a resume must keep
 
 
 class Crash(Exception):
