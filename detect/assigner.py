@@ -16,11 +16,9 @@ with an anchor inside are assigned exactly as by ppdet.
 """
 from __future__ import annotations
 
+import zlib  # noqa: F401  -- before paddle (import-order segfault, STACK.md); detect.heavy imports this module
 from typing import Sequence
 
-from detect.heavy import paddle_stack
-
-paddle_stack()  # paddle only after zlib (import-order segfault, STACK.md); it imports this module back, harmlessly
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 from ppdet.core.workspace import register  # noqa: E402
