@@ -75,7 +75,7 @@ class NearCentreTaskAlignedAssigner(TaskAlignedAssigner):
         no_anchor_inside = inside.sum(-1, keepdim=True) == 0  # [B, n, 1]
         candidates = paddle.where(no_anchor_inside, near, inside)
         # near-centre candidates rank first (metric <= 1): early on their predicted boxes may not overlap yet
-        ranked = metrics * candidates + paddle.where(no_anchor_inside, near, paddle.zeros_like(near))
+        ranked = (metrics + no_anchor_inside.astype(metrics.dtype)) * candidates
         positive = gather_topk_anchors(ranked, self.topk, topk_mask=pad_gt_mask) * candidates * pad_gt_mask
 
         positives_per_anchor = positive.sum(axis=-2)

@@ -18,6 +18,8 @@ from edge_runtime.modelspec import InputSpec
 from edge_runtime.preprocess import ppdet_test_transforms
 from detect.settings import TrainSettings
 
+FPN_STRIDES = (32, 16, 8)  # PP-YOLOE's feature levels, coarsest first: anchor points every 8 px at the finest
+
 # depth and width multipliers of CSPResNet + CustomCSPPAN (PP-YOLOE+ s/m/l/x; "tiny" for tests and demos)
 MODEL_MULTIPLIERS: dict[str, tuple[float, float]] = {
     "tiny": (0.33, 0.25),
@@ -193,7 +195,7 @@ def build_config(spec: LineSpec, run: RunPaths, steps_per_epoch_hint: int = 0,
         "CustomCSPPAN": {"out_channels": [768, 384, 192], "stage_num": 1, "block_num": 3,
                          "act": "swish", "spp": True, "depth_mult": depth, "width_mult": width},
         "PPYOLOEHead": {
-            "fpn_strides": [32, 16, 8], "grid_cell_scale": 5.0, "grid_cell_offset": 0.5,
+            "fpn_strides": list(FPN_STRIDES), "grid_cell_scale": 5.0, "grid_cell_offset": 0.5,
             "static_assigner_epoch": (int(static_assigner_epoch) if static_assigner_epoch is not None
                                       else atss_epochs(train)),
             "use_varifocal_loss": True, "loss_weight": {"class": 1.0, "iou": 2.5, "dfl": 0.5},
@@ -201,7 +203,7 @@ def build_config(spec: LineSpec, run: RunPaths, steps_per_epoch_hint: int = 0,
             "static_assigner": {"name": "ATSSAssigner", "topk": min(9, (size // 32) ** 2)},
             # ppdet's task-aligned assigner, thin boxes given anchors near their centre (detect/assigner.py)
             "assigner": {"name": "NearCentreTaskAlignedAssigner", "topk": 13, "alpha": 1.0, "beta": 6.0,
-                         "center_radius": train.assign_center_radius, "fpn_strides": [32, 16, 8]},
+                         "center_radius": train.assign_center_radius, "fpn_strides": list(FPN_STRIDES)},
             "nms": {"name": "MultiClassNMS", "nms_top_k": export.nms_top_k,
                     "keep_top_k": export.keep_top_k,
                     "score_threshold": export.score_threshold,

@@ -15,10 +15,12 @@ import numpy as np
 
 from edge_runtime.fileio import atomic_write_bytes
 
+from detect.ppyoloe import FPN_STRIDES
+
 from .coco import class_names, load_coco
 
 BOX_BINS = (0, 8, 16, 24, 32, 48, 64, 96, 128, 256, 100000)
-FINEST_STRIDE = 8  # PP-YOLOE's finest feature level: anchor points every 8 px of the model input
+FINEST_STRIDE = min(FPN_STRIDES)  # anchor points every 8 px of the model input
 
 
 @dataclass
@@ -38,10 +40,8 @@ class DatasetStats:
                  f"{'class':<24}{'boxes':>8}{'images':>8}"]
         if self.input_size:
             lines[-1] += f"{f'thin at {self.input_size} px':>18}"
-            lines += [f"{c:<24}{self.instances.get(c, 0):>8}{self.images_with.get(c, 0):>8}"
-                      f"{self.thin.get(c, 0):>18}" for c in self.classes]
-        else:
-            lines += [f"{c:<24}{self.instances.get(c, 0):>8}{self.images_with.get(c, 0):>8}" for c in self.classes]
+        lines += [f"{c:<24}{self.instances.get(c, 0):>8}{self.images_with.get(c, 0):>8}"
+                  + (f"{self.thin.get(c, 0):>18}" if self.input_size else "") for c in self.classes]
         if self.box_sizes:
             sizes = np.asarray(self.box_sizes)
             lines.append(f"box size sqrt(w*h) px: min {sizes.min():.1f}, median {np.median(sizes):.1f}, max {sizes.max():.1f}")
